@@ -1,0 +1,58 @@
+"""entreg: entropy as a first-class training signal for models beyond LLMs.
+
+The math layer (:mod:`entreg.entropy`) needs only torch; everything else is imported lazily on
+first use, so ``import entreg`` stays fast.
+
+Example:
+    >>> import torch, entreg
+    >>> entreg.categorical_entropy(torch.zeros(1, 2))
+    tensor([0.6931])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from entreg.entropy import (
+    attention_entropy,
+    categorical_entropy,
+    gaussian_entropy,
+    marginal_entropy,
+    von_neumann_entropy,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ERA": "entreg.nn",
+    "GaussianERA": "entreg.nn",
+    "ConfidencePenalty": "entreg.nn",
+    "era_logits": "entreg.nn",
+    "build_backbone": "entreg.nn",
+    "PredictiveEntropy": "entreg.metrics",
+    "ClassificationMetrics": "entreg.metrics",
+    "ClassificationModule": "entreg.modules",
+    "DigitsDataModule": "entreg.data",
+    "CIFAR10DataModule": "entreg.data",
+    "ImageFolderDataModule": "entreg.data",
+}
+
+__all__ = [
+    "attention_entropy",
+    "categorical_entropy",
+    "gaussian_entropy",
+    "marginal_entropy",
+    "von_neumann_entropy",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'entreg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,75 @@
+"""Hydra entry points. Configs live in the top-level ``configs/`` folder, installed as the
+``entreg.configs`` package so that they are found from any install.
+
+Heavy imports (lightning, torch models) happen inside the functions so that ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_PATH = "pkg://entreg.configs"
+REPORTED_TEST_METRICS = {"test/acc": "accuracy", "test/nll": "NLL", "test/ece": "ECE", "test/entropy_mean": "mean entropy (nats)"}
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group made of named ``_target_`` nodes (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(node, _convert_="all") for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def print_results(metrics: dict[str, float], title: str, extra: dict[str, str]) -> None:
+    """Print the reported metrics as a table, then ``extra`` lines (paths) in full."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label in REPORTED_TEST_METRICS.items():
+        if key in metrics:
+            table.add_row(label, f"{metrics[key]:.4f}")
+    console = Console()
+    console.print(table)
+    for label, value in extra.items():
+        console.print(f"{label}: {value}", soft_wrap=True)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit ``cfg.model`` on ``cfg.data``, test the best checkpoint, print and return test metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not cfg.get("test", True):
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        extra = {"checkpoint": best or "(none)"}
+        if trainer.logger is not None and trainer.logger.log_dir:
+            extra["logs"] = str(trainer.logger.log_dir)
+        print_results(metrics, f"entreg {cfg.task_name}: test results", extra)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    """``entreg-train``: returns ``cfg.optimized_metric`` when set (for Hydra sweepers)."""
+    metrics = train(cfg)
+    key = cfg.get("optimized_metric")
+    return metrics.get(key) if key else None

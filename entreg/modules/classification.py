@@ -1,0 +1,180 @@
+"""Image classification with entropy-aware outputs and regularizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from entreg.entropy import categorical_entropy
+from entreg.metrics import ClassificationMetrics
+from entreg.nn.backbones import build_backbone
+from entreg.nn.output import build_output_activation
+from entreg.nn.penalties import ConfidencePenalty
+from entreg.tensorboard import log_histogram
+
+__all__ = ["ClassificationModule"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+STAGES = ("train", "val", "test")
+
+
+class ClassificationModule(L.LightningModule):
+    """A classifier = backbone (by name) + output activation (none or ERA) + cross-entropy with
+    optional label smoothing and confidence penalty.
+
+    Logs per stage (``train/``, ``val/``, ``test/``): accuracy, NLL, ECE (15 bins) and predictive
+    entropy (mean/min/max) of the output distribution, plus a TensorBoard histogram of the
+    validation entropies every validation epoch. A training batch whose loss is not finite is
+    skipped with a warning (no optimizer step, on every rank) and counted in ``train/skipped_steps``.
+
+    Args:
+        backbone: name for :func:`entreg.nn.build_backbone` (``small_cnn``, ``resnet18``,
+            ``resnet50`` or any timm model).
+        num_classes: number of classes.
+        in_chans: input channels.
+        backbone_kwargs: extra arguments of the backbone (e.g. ``norm``, ``cifar_stem``, ``img_size``).
+        pretrained: load the backbone's published weights (needs a network; off by default).
+        output_activation: ``"none"`` or ``"era"`` (Entropy Regularizing Activation).
+        output_activation_kwargs: its arguments, e.g. ``{"target_entropy": 0.6, "tau": 4.0}``.
+        label_smoothing: epsilon of ``F.cross_entropy(label_smoothing=...)`` (training loss only).
+        confidence_penalty: beta of :class:`entreg.nn.ConfidencePenalty` (0 disables it); the
+            attribute ``confidence_penalty.coef`` can be adapted during training.
+        confidence_hinge: optional hinge threshold Gamma of the confidence penalty.
+        optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_: true``); default AdamW(lr=1e-3).
+        scheduler: optional factory ``optimizer -> LRScheduler``, stepped every epoch.
+        ece_bins: bins of the calibration error.
+
+    Example:
+        >>> model = ClassificationModule("small_cnn", num_classes=10, in_chans=1, output_activation="era")
+        >>> model(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        output_activation: str = "none",
+        output_activation_kwargs: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        confidence_penalty: float = 0.0,
+        confidence_hinge: float | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        ece_bins: int = 15,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.backbone = build_backbone(backbone, num_classes, in_chans, pretrained, **dict(backbone_kwargs or {}))
+        self.output_activation = build_output_activation(
+            output_activation, num_classes, **dict(output_activation_kwargs or {})
+        )
+        self.confidence_penalty = ConfidencePenalty(confidence_penalty, confidence_hinge)
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.train_metrics = ClassificationMetrics(num_classes, ece_bins)
+        self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
+        self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
+        self.skipped_steps = 0
+        self._val_entropies: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Output logits: the backbone's logits after the output activation."""
+        return self.output_activation(self.backbone(x))
+
+    def stage_metrics(self, stage: str) -> ClassificationMetrics:
+        """The metrics of ``stage`` (``train``, ``val`` or ``test``)."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return getattr(self, f"{stage}_metrics")
+
+    def _all_finite(self, value: Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (all ranks must agree to skip a step together)."""
+        bad = (~torch.isfinite(value)).any().float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        return not bool(bad)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x, y = batch
+        logits = self(x)
+        entropy = categorical_entropy(logits)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing) + self.confidence_penalty(entropy)
+        if not self._all_finite(loss):
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"Non-finite training loss at step {self.global_step} (batch {batch_idx}): batch skipped, "
+                f"weights not updated ({self.skipped_steps} skipped so far)."
+            )
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return None
+        self.train_metrics.update(logits, y, entropy)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("train/entropy", entropy.detach().mean(), on_step=True, on_epoch=False, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        if not self._all_finite(logits):
+            rank_zero_warn(f"Non-finite {stage} logits: batch left out of the {stage} metrics.")
+            return logits
+        entropy = categorical_entropy(logits)
+        self.stage_metrics(stage).update(logits, y, entropy)
+        if stage == "val":
+            self._val_entropies.append(entropy.detach())
+        return logits
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    def _log_stage(self, stage: str) -> None:
+        metrics = self.stage_metrics(stage)
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stage("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+        if self._val_entropies and not self.trainer.sanity_checking:
+            values = self.all_gather(torch.cat(self._val_entropies)).reshape(-1)
+            log_histogram(self.trainer, "val/entropy_hist", values)
+        self._val_entropies.clear()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test")
+
+    def configure_optimizers(self) -> Any:
+        make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        optimizer = make_optimizer(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["entreg_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("entreg_skipped_steps", 0))
