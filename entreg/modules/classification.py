@@ -16,6 +16,7 @@ from entreg.metrics import ClassificationMetrics
 from entreg.nn.backbones import build_backbone
 from entreg.nn.output import build_output_activation
 from entreg.nn.penalties import ConfidencePenalty
+from entreg.nn.snapshot import BufferSnapshot
 from entreg.tensorboard import log_histogram
 
 __all__ = ["ClassificationModule"]
@@ -32,7 +33,8 @@ class ClassificationModule(L.LightningModule):
     Logs per stage (``train/``, ``val/``, ``test/``): accuracy, NLL, ECE (15 bins) and predictive
     entropy (mean/min/max) of the output distribution, plus a TensorBoard histogram of the
     validation entropies every validation epoch. A training batch whose loss is not finite is
-    skipped with a warning (no optimizer step, on every rank) and counted in ``train/skipped_steps``.
+    skipped with a warning (no optimizer step, on every rank; the buffers it changed, such as
+    BatchNorm statistics, are restored) and counted in ``train/skipped_steps``.
 
     Args:
         backbone: name for :func:`entreg.nn.build_backbone` (``small_cnn``, ``resnet18``,
@@ -88,6 +90,7 @@ class ClassificationModule(L.LightningModule):
         self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.skipped_steps = 0
+        self._buffer_snapshot = BufferSnapshot(self)
         self._val_entropies: list[Tensor] = []
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,12 +110,20 @@ class ClassificationModule(L.LightningModule):
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         return not bool(bad)
 
+    def compute_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Training loss and per-sample entropy of the output logits: cross-entropy (with label
+        smoothing) plus the confidence penalty."""
+        entropy = categorical_entropy(logits)
+        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing) + self.confidence_penalty(entropy)
+        return loss, entropy
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
+        self._buffer_snapshot.save()
         logits = self(x)
-        entropy = categorical_entropy(logits)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing) + self.confidence_penalty(entropy)
+        loss, entropy = self.compute_loss(logits, y)
         if not self._all_finite(loss):
+            self._buffer_snapshot.restore()  # undo the batch's BatchNorm statistics
             self.skipped_steps += 1
             rank_zero_warn(
                 f"Non-finite training loss at step {self.global_step} (batch {batch_idx}): batch skipped, "
@@ -149,6 +160,11 @@ class ClassificationModule(L.LightningModule):
 
     def _log_stage(self, stage: str) -> None:
         metrics = self.stage_metrics(stage)
+        seen = metrics.entropy.count.clone()
+        if self.trainer.world_size > 1:
+            seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
+        if seen == 0:  # every batch was skipped: nothing to report
+            return
         values = metrics.compute()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
         metrics.reset()

@@ -1,0 +1,231 @@
+"""Speed of ``entreg.entropy.categorical_entropy`` (forward + backward) on CPU, float32.
+
+What is measured: the wall time of one call of ``f(z).sum().backward()`` on logits ``z`` of shape
+(256, 10), (256, 1000) and (64, 32000), for three candidates:
+
+* ``entreg``: ``categorical_entropy(z)`` (custom autograd function),
+* ``Categorical``: ``torch.distributions.Categorical(logits=z).entropy()`` (the usual way),
+* ``floor``: ``torch.log_softmax(z, -1)``: one log-softmax pass, forward and backward. Any entropy
+  needs at least this much work, so entreg/floor says how close to the floor entreg gets.
+
+How: each candidate times an inner loop of ``n`` calls (``n`` calibrated so that one loop lasts at
+least ``--min-loop-ms``, 20 ms by default), with ``z.grad = None`` before every call. Inside each
+repeat the three candidates run round-robin, the starting candidate rotating from repeat to
+repeat, so that slow phases of a shared machine hit all of them alike. The first ``--warmup``
+repeats are dropped. Per shape the table gives the median microseconds per call of each
+candidate, and the ratios entreg/floor and entreg/Categorical as the median (and interquartile
+range) of the per-repeat ratios. Goal: entreg/floor <= 1.3 and entreg/Categorical < 1.
+
+Run:
+    python scripts/bench_entropy.py            # full (about a minute or two on 2 cores)
+    python scripts/bench_entropy.py --quick    # tiny settings, checks that the script works
+
+The raw per-repeat numbers, the settings, the torch version, thread count and date are written to
+``bench_entropy.json`` next to this script (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from entreg.entropy import categorical_entropy
+
+SHAPES: tuple[tuple[int, int], ...] = ((256, 10), (256, 1000), (64, 32000))
+GOAL_FLOOR = 1.3  # entreg/floor must be <= this
+GOAL_CATEGORICAL = 1.0  # entreg/Categorical must be < this
+
+Step = Callable[[torch.Tensor], None]
+
+
+def step_entreg(z: torch.Tensor) -> None:
+    z.grad = None
+    categorical_entropy(z).sum().backward()
+
+
+def step_categorical(z: torch.Tensor) -> None:
+    z.grad = None
+    torch.distributions.Categorical(logits=z).entropy().sum().backward()
+
+
+def step_floor(z: torch.Tensor) -> None:
+    z.grad = None
+    torch.log_softmax(z, -1).sum().backward()
+
+
+CANDIDATES: dict[str, Step] = {"entreg": step_entreg, "Categorical": step_categorical, "floor": step_floor}
+
+
+def time_loop(step: Step, z: torch.Tensor, n: int) -> float:
+    """Seconds per call of ``step(z)`` over a loop of ``n`` calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step(z)
+    return (time.perf_counter() - start) / n
+
+
+def calibrate(step: Step, z: torch.Tensor, min_loop_s: float) -> int:
+    """Smallest power-of-two-ish ``n`` whose loop lasts at least ``min_loop_s`` (with a 1.2x margin)."""
+    step(z)  # first call: allocations, lazy init
+    n = 1
+    while True:
+        per_call = time_loop(step, z, n)
+        if per_call * n >= min_loop_s:
+            return n
+        n = max(n * 2, math.ceil(1.2 * min_loop_s / max(per_call, 1e-9)))
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def check_agreement(z: torch.Tensor) -> dict[str, float]:
+    """Max abs differences of entreg vs Categorical: entropy values and gradients (sanity check)."""
+    a = z.detach().clone().requires_grad_(True)
+    b = z.detach().clone().requires_grad_(True)
+    ha, hb = categorical_entropy(a), torch.distributions.Categorical(logits=b).entropy()
+    ha.sum().backward()
+    hb.sum().backward()
+    assert a.grad is not None and b.grad is not None
+    return {"value": float((ha - hb).abs().max()), "grad": float((a.grad - b.grad).abs().max())}
+
+
+def bench_shape(shape: tuple[int, int], repeats: int, warmup: int, min_loop_s: float, seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    z = (3.0 * torch.randn(shape, generator=gen)).requires_grad_(True)
+    names = list(CANDIDATES)
+    iters = {name: calibrate(CANDIDATES[name], z, min_loop_s) for name in names}
+    per_call_us: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(warmup + repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate the starting candidate
+            times = {name: time_loop(CANDIDATES[name], z, iters[name]) for name in order}
+            if r >= warmup:
+                for name in names:
+                    per_call_us[name].append(times[name] * 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ratios = {
+        "entreg/floor": [e / f for e, f in zip(per_call_us["entreg"], per_call_us["floor"], strict=True)],
+        "entreg/Categorical": [e / c for e, c in zip(per_call_us["entreg"], per_call_us["Categorical"], strict=True)],
+    }
+    return {
+        "shape": list(shape),
+        "iters_per_loop": iters,
+        "per_call_us": per_call_us,
+        "median_us": {name: statistics.median(v) for name, v in per_call_us.items()},
+        "ratios": ratios,
+        "ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratio_iqr": {k: [quantile(v, 0.25), quantile(v, 0.75)] for k, v in ratios.items()},
+        "agreement_max_abs_diff": check_agreement(z),
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'shape':>12} | {'entreg us':>10} {'Categ. us':>10} {'floor us':>10} | "
+        f"{'entreg/floor [IQR]':>22} | {'entreg/Categ. [IQR]':>22} | goal"
+    )
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        med, rm, iqr = res["median_us"], res["ratio_median"], res["ratio_iqr"]
+        f_lo, f_hi = iqr["entreg/floor"]
+        c_lo, c_hi = iqr["entreg/Categorical"]
+        ok = rm["entreg/floor"] <= GOAL_FLOOR and rm["entreg/Categorical"] < GOAL_CATEGORICAL
+        shape = "x".join(str(s) for s in res["shape"])
+        print(
+            f"{shape:>12} | {med['entreg']:10.1f} {med['Categorical']:10.1f} {med['floor']:10.1f} | "
+            f"{rm['entreg/floor']:6.3f} [{f_lo:5.3f}, {f_hi:5.3f}] | "
+            f"{rm['entreg/Categorical']:6.3f} [{c_lo:5.3f}, {c_hi:5.3f}] | {'PASS' if ok else 'FAIL'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings (< 1 minute) to check the script")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per shape (default 21; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="dropped warm-up repeats (default 2; quick 1)")
+    parser.add_argument("--min-loop-ms", type=float, default=None, help="min duration of one inner loop (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random logits")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="JSON output path")
+    args = parser.parse_args(argv)
+
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 21)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    min_loop_ms = args.min_loop_ms if args.min_loop_ms is not None else (5.0 if args.quick else 20.0)
+    if repeats < 1 or warmup < 0 or min_loop_ms <= 0:
+        parser.error("need --repeats >= 1, --warmup >= 0 and --min-loop-ms > 0")
+    torch.set_num_threads(args.threads)
+
+    settings = {
+        "quick": args.quick,
+        "repeats": repeats,
+        "warmup": warmup,
+        "min_loop_ms": min_loop_ms,
+        "seed": args.seed,
+        "dtype": "float32",
+        "device": "cpu",
+        "logits": "3 * randn(shape)",
+        "shapes": [list(s) for s in SHAPES],
+    }
+    print(
+        f"categorical_entropy forward+backward, float32 CPU, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {repeats} repeats (+{warmup} warm-up), loops >= {min_loop_ms:g} ms"
+    )
+    results = [bench_shape(shape, repeats, warmup, min_loop_ms / 1e3, args.seed) for shape in SHAPES]
+    print()
+    print_table(results)
+    all_ok = all(
+        r["ratio_median"]["entreg/floor"] <= GOAL_FLOOR and r["ratio_median"]["entreg/Categorical"] < GOAL_CATEGORICAL
+        for r in results
+    )
+    worst_floor = max(r["ratio_median"]["entreg/floor"] for r in results)
+    worst_cat = max(r["ratio_median"]["entreg/Categorical"] for r in results)
+    print()
+    print(
+        f"Goal: entreg/floor <= {GOAL_FLOOR} and entreg/Categorical < {GOAL_CATEGORICAL} on every shape: "
+        f"{'PASS' if all_ok else 'FAIL'} (worst entreg/floor {worst_floor:.3f}, worst entreg/Categorical {worst_cat:.3f})"
+    )
+    worst_diff = max(max(r["agreement_max_abs_diff"].values()) for r in results)
+    print(f"Sanity: max |entreg - Categorical| over values and gradients: {worst_diff:.2e}")
+
+    report = {
+        "benchmark": "categorical_entropy forward+backward",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "settings": settings,
+        "goal": {"entreg/floor_max": GOAL_FLOOR, "entreg/Categorical_below": GOAL_CATEGORICAL, "met": all_ok},
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
