@@ -12,7 +12,12 @@ import hydra
 from omegaconf import DictConfig
 
 CONFIG_PATH = "pkg://entreg.configs"
-REPORTED_TEST_METRICS = {"test/acc": "accuracy", "test/nll": "NLL", "test/ece": "ECE", "test/entropy_mean": "mean entropy (nats)"}
+REPORTED_TEST_METRICS = {
+    "test/acc": "accuracy",
+    "test/nll": "NLL",
+    "test/ece": "ECE",
+    "test/entropy_mean": "mean entropy (nats)",
+}
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:

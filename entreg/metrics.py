@@ -65,7 +65,11 @@ class PredictiveEntropy(Metric):
         self.high = torch.maximum(self.high, h.max().to(self.high.dtype))
 
     def compute(self) -> dict[str, Tensor]:
-        mean = (self.total / self.count).float() if self.count > 0 else torch.tensor(float("nan"), device=self.total.device)
+        mean = (
+            (self.total / self.count).float()
+            if self.count > 0
+            else torch.tensor(float("nan"), device=self.total.device)
+        )
         return {"mean": mean, "min": self.low, "max": self.high}
 
 

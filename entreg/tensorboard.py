@@ -18,5 +18,7 @@ def log_histogram(trainer: L.Trainer, tag: str, values: Tensor, step: int | None
     loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     if trainer.is_global_zero:
         for logger in loggers:
-            logger.experiment.add_histogram(tag, values.detach().float().cpu(), trainer.global_step if step is None else step)
+            logger.experiment.add_histogram(
+                tag, values.detach().float().cpu(), trainer.global_step if step is None else step
+            )
     return bool(loggers)

@@ -21,8 +21,13 @@ def tiny_model(**kwargs) -> ClassificationModule:
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
     options = {
-        "accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "enable_checkpointing": False, "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
     }
     return L.Trainer(**{**options, **kwargs})
 

@@ -78,7 +78,7 @@ def write_image_folder(root, classes: int = 3, per_class: int = 4) -> None:
 
 def test_image_folder(tmp_path):
     write_image_folder(tmp_path)
-    with pytest.raises(ValueError, match="num_classes=4 but .* has 3 class folders"):
+    with pytest.raises(ValueError, match=r"num_classes=4 but .* has 3 class folders"):
         ImageFolderDataModule(str(tmp_path), num_classes=4)
     dm = ImageFolderDataModule(str(tmp_path), num_classes=3, image_size=16, channels=1, batch_size=5, num_workers=0)
     dm.setup("fit")
@@ -94,7 +94,10 @@ def write_fake_cifar10(root, per_batch: int = 20) -> None:
     rng = np.random.default_rng(0)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
-        batch = {"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8), "labels": list(range(10)) * (per_batch // 10)}
+        batch = {
+            "data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+            "labels": list(range(10)) * (per_batch // 10),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     with open(folder / "batches.meta", "wb") as f:

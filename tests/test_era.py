@@ -143,7 +143,7 @@ def test_gaussian_entropy_equals_target_or_exceeds_it_only_by_the_clamp(action_d
     low, high = era.target_range()
     era.target_entropy = low + where * (high - low)
     scores = torch.randn(32, action_dim, dtype=torch.float64) * scale
-    mean, log_std = era(torch.zeros(32, action_dim), scores)
+    _, log_std = era(torch.zeros(32, action_dim), scores)
     h = gaussian_entropy(log_std)
     clamped = (log_std <= era.log_std_min + 1e-12).any(-1)
     assert (log_std <= era.log_std_max + 1e-9).all() and (log_std >= era.log_std_min).all()

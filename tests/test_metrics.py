@@ -89,7 +89,11 @@ class _EvaluateGivenLogits(L.LightningModule):
 def test_metrics_sync_over_two_processes_equal_one_process():
     loader = DataLoader(TensorDataset(torch.arange(16)), batch_size=3)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        logger=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.test(_EvaluateGivenLogits(), loader, verbose=False)

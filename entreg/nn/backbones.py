@@ -59,7 +59,12 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         chans = in_chans
         for width in widths:
-            layers += [nn.Conv2d(chans, width, 3, padding=1, bias=False), make_norm(width), act(), nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [
+                nn.Conv2d(chans, width, 3, padding=1, bias=False),
+                make_norm(width),
+                act(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
             chans = width
         self.features = nn.Sequential(*layers)
         self.num_features = chans
@@ -120,7 +125,9 @@ def resnet50(num_classes: int, in_chans: int = 3, pretrained: bool = False, **kw
     return _torchvision_resnet("resnet50", num_classes, in_chans, pretrained, **kwargs)
 
 
-def build_backbone(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def build_backbone(
+    name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, **kwargs: Any
+) -> nn.Module:
     """Build a classifier by name: an entreg backbone (``BACKBONES``) or any timm model.
 
     Args:

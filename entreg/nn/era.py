@@ -236,7 +236,9 @@ class GaussianERA(nn.Module):
 
     def forward(self, mean: Tensor, log_std_scores: Tensor) -> tuple[Tensor, Tensor]:
         if log_std_scores.shape[-1] != self.action_dim:
-            raise ValueError(f"GaussianERA was built for {self.action_dim} dims, got scores {tuple(log_std_scores.shape)}")
+            raise ValueError(
+                f"GaussianERA was built for {self.action_dim} dims, got scores {tuple(log_std_scores.shape)}"
+            )
         d = self.action_dim
         budget = self._target_entropy - d * _HALF_LOG_2PI_E - d * self.log_std_max
         weights = torch.softmax(_as_float(log_std_scores), dim=-1)

@@ -34,7 +34,8 @@ class BufferSnapshot:
     def save(self) -> None:
         buffers = [b for b in self.module.buffers() if b is not None]
         stale = len(buffers) != len(self._copies) or any(
-            b.device != c.device or b.dtype != c.dtype or b.shape != c.shape for b, c in zip(buffers, self._copies)
+            b.device != c.device or b.dtype != c.dtype or b.shape != c.shape
+            for b, c in zip(buffers, self._copies, strict=True)
         )
         if stale:
             self._copies = [b.detach().clone() for b in buffers]

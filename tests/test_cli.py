@@ -1,0 +1,101 @@
+"""The command line as users run it: entreg-train / python -m entreg.train, multirun, ddp_sim,
+and a non-editable install that still finds its configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = Path(sys.executable).parent / "entreg-train"
+TINY = [
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=1",
+    "trainer.accelerator=cpu",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "data.size=8",
+]
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_python_m_entreg_train_prints_results_and_writes_logs(tmp_path):
+    result = run([sys.executable, "-m", "entreg.train", *TINY], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    for label in ("accuracy", "NLL", "ECE", "mean entropy"):
+        assert label in result.stdout
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    result = run([str(ENTRY), "--help"], cwd=tmp_path)
+    assert "entreg-train" in result.stdout
+    for group in ("backbone", "data", "experiment", "model", "trainer"):
+        assert f"{group}:" in result.stdout
+
+
+def test_multirun_over_seeds(tmp_path):
+    run([str(ENTRY), "-m", "seed=1,2", *TINY, "logger=none"], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ddp_sim_trains_with_two_processes(tmp_path):
+    result = run(
+        [str(ENTRY), "trainer=ddp_sim", *TINY, "logger=csv"], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs")
+    )
+    assert "accuracy" in result.stdout
+    assert "ddp_fork" in (next((tmp_path / "logs").rglob("config.yaml"))).read_text()
+    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr  # the second process really ran
+
+
+def test_non_editable_install_finds_its_configs(tmp_path):
+    pytest.importorskip("setuptools")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("entreg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "entreg/configs/train.yaml" in names and "entreg/configs/experiment/digits_era.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "import entreg, entreg.cli; from hydra import compose, initialize_config_module\n"
+        f"assert entreg.__file__.startswith({str(site)!r}), entreg.__file__\n"
+        "with initialize_config_module('entreg.configs', version_base='1.3'):\n"
+        "    cfg = compose('train', overrides=['experiment=digits_ce'])\n"
+        "print(cfg.model.output_activation, cfg.model.backbone)\n"
+    )
+    result = run([sys.executable, "-c", code], cwd=tmp_path, PYTHONPATH=str(site))
+    assert result.stdout.split() == ["none", "small_cnn"]
