@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchkit import ForeignCpu, quantile
 
 from entreg.entropy import categorical_entropy
 
@@ -59,28 +60,6 @@ GOAL_CATEGORICAL = 1.0  # entreg/Categorical must be < this
 MIN_CLEAN = 3  # fewer clean repeats than this: fall back to all repeats and flag the row
 
 Step = Callable[[torch.Tensor], None]
-
-
-class ForeignCpu:
-    """CPU time used by other processes, in cores, between two snapshots (Linux /proc; None elsewhere)."""
-
-    def __init__(self) -> None:
-        self.available = Path("/proc/stat").is_file() and Path("/proc/self/stat").is_file()
-        self.hz = os.sysconf("SC_CLK_TCK") if self.available else 100
-
-    def snapshot(self) -> tuple[int, int, float] | None:
-        """(busy jiffies of the whole machine, jiffies of this process, perf_counter)."""
-        if not self.available:
-            return None
-        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = sum(cpu) - cpu[3] - cpu[4]  # user nice system [idle iowait] irq softirq steal
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime, all threads
-
-    def cores(self, start: tuple[int, int, float] | None, end: tuple[int, int, float] | None) -> float | None:
-        if start is None or end is None or end[2] <= start[2]:
-            return None
-        return ((end[0] - start[0]) - (end[1] - start[1])) / self.hz / (end[2] - start[2])
 
 
 def step_entreg(z: torch.Tensor) -> None:
@@ -118,14 +97,6 @@ def calibrate(step: Step, z: torch.Tensor, min_loop_s: float) -> int:
         if per_call * n >= min_loop_s:
             return n
         n = max(n * 2, math.ceil(1.2 * min_loop_s / max(per_call, 1e-9)))
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def check_agreement(z: torch.Tensor) -> dict[str, float]:
@@ -285,17 +256,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["ratio_median"]["entreg/floor"] <= GOAL_FLOOR and r["ratio_median"]["entreg/Categorical"] < GOAL_CATEGORICAL
         for r in results
     )
+    any_noisy = any(r["noisy"] for r in results)
     worst_floor = max(r["ratio_median"]["entreg/floor"] for r in results)
     worst_cat = max(r["ratio_median"]["entreg/Categorical"] for r in results)
     print()
     print(
         f"Goal: entreg/floor <= {GOAL_FLOOR} and entreg/Categorical < {GOAL_CATEGORICAL} on every shape: "
         f"{'PASS' if all_ok else 'FAIL'} (worst entreg/floor {worst_floor:.3f}, "
-        f"worst entreg/Categorical {worst_cat:.3f})"
+        f"worst entreg/Categorical {worst_cat:.3f})" + (" -- NOT CONCLUSIVE, NOISY rows" if any_noisy else "")
     )
     worst_diff = max(max(r["agreement_max_abs_diff"].values()) for r in results)
     print(f"Sanity: max |entreg - Categorical| over values and gradients: {worst_diff:.2e}")
-    if any(r["noisy"] for r in results):
+    if any_noisy:
         print(
             f"WARNING: other processes used > {args.max_foreign_cores} cores in most repeats (NOISY rows); "
             "rerun on a quiet machine or with --threads 1."

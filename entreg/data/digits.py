@@ -68,7 +68,9 @@ class DigitsDataModule(SplitDataModule):
             raise ValueError(f"digits channels must be 1 or 3, got {channels}")
         split = tuple(int(s) for s in split)
         if len(split) != 3 or sum(split) != NUM_IMAGES or min(split) < 10:
-            raise ValueError(f"split must be 3 sizes (train, val, test), each >= 10, summing to {NUM_IMAGES}; got {split}")
+            raise ValueError(
+                f"split must be 3 sizes (train, val, test), each >= 10, summing to {NUM_IMAGES}; got {split}"
+            )
         if num_classes != 10:
             raise ValueError(f"the digits data set has 10 classes, got num_classes={num_classes}")
         self.save_hyperparameters()
@@ -81,7 +83,7 @@ class DigitsDataModule(SplitDataModule):
 
         images, labels = load_digits_tensors(self.size, self.channels)
         index = torch.arange(NUM_IMAGES).numpy()
-        n_train, n_val, n_test = self.split
+        n_train, n_val, _ = self.split
         train_idx, rest = train_test_split(index, train_size=n_train, stratify=labels, random_state=self.seed)
         val_idx, test_idx = train_test_split(rest, train_size=n_val, stratify=labels[rest], random_state=self.seed)
         mean, std = images[train_idx].mean(), images[train_idx].std()

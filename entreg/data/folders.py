@@ -54,7 +54,9 @@ class CIFAR10DataModule(SplitDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers)
         if (num_classes, channels) != (10, 3):
-            raise ValueError(f"CIFAR-10 has 10 classes and 3 channels, got num_classes={num_classes}, channels={channels}")
+            raise ValueError(
+                f"CIFAR-10 has 10 classes and 3 channels, got num_classes={num_classes}, channels={channels}"
+            )
         if not 0 < val_size < 50000:
             raise ValueError(f"val_size must be in (0, 50000), got {val_size}")
         self.data_dir = Path(data_dir).expanduser()
@@ -134,7 +136,9 @@ class ImageFolderDataModule(SplitDataModule):
         _require_dir(self.data_dir / "val", "Validation images", layout)
         classes = sorted(p.name for p in (self.data_dir / "train").iterdir() if p.is_dir())
         if len(classes) != num_classes:
-            raise ValueError(f"num_classes={num_classes} but {self.data_dir / 'train'} has {len(classes)} class folders")
+            raise ValueError(
+                f"num_classes={num_classes} but {self.data_dir / 'train'} has {len(classes)} class folders"
+            )
         self.num_classes, self.channels, self.image_size, self.augment = num_classes, channels, image_size, augment
         self.mean, self.std = tuple(mean), tuple(std)
 

@@ -106,7 +106,32 @@ def _check_target(target_entropy: float, num_classes: int, tau: float) -> None:
         )
 
 
-class ERA(nn.Module):
+class _TargetEntropyModule(nn.Module):
+    """A module with a ``target_entropy`` that is validated on every set (``check_target``) and
+    saved in the state dict, so a target moved during training survives a checkpoint."""
+
+    _target_entropy: float
+
+    def check_target(self, value: float) -> None:
+        raise NotImplementedError
+
+    @property
+    def target_entropy(self) -> float:
+        return self._target_entropy
+
+    @target_entropy.setter
+    def target_entropy(self, value: float) -> None:
+        self.check_target(float(value))
+        self._target_entropy = float(value)
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"target_entropy": self._target_entropy}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.target_entropy = state["target_entropy"]
+
+
+class ERA(_TargetEntropyModule):
     """Entropy Regularizing Activation for classifier logits: H(softmax(output)) >= target, per sample.
 
     Train with plain cross-entropy on the output. ``target_entropy`` can be changed during
@@ -139,21 +164,14 @@ class ERA(nn.Module):
         super().__init__()
         if lambert_w not in ("approx", "exact"):
             raise ValueError(f"lambert_w must be 'approx' or 'exact', got {lambert_w!r}")
-        _check_target(target_entropy, num_classes, tau)
         self.num_classes = num_classes
         self.tau = tau
         self.apply_at_eval = apply_at_eval
         self.lambert_w: LambertW = lambert_w
-        self._target_entropy = float(target_entropy)
+        self.target_entropy = target_entropy
 
-    @property
-    def target_entropy(self) -> float:
-        return self._target_entropy
-
-    @target_entropy.setter
-    def target_entropy(self, value: float) -> None:
-        _check_target(float(value), self.num_classes, self.tau)
-        self._target_entropy = float(value)
+    def check_target(self, value: float) -> None:
+        _check_target(value, self.num_classes, self.tau)
 
     def forward(self, logits: Tensor) -> Tensor:
         if logits.shape[-1] != self.num_classes:
@@ -162,12 +180,6 @@ class ERA(nn.Module):
             return logits
         return era_logits(logits, self._target_entropy, self.tau, self.lambert_w)
 
-    def get_extra_state(self) -> dict[str, float]:
-        return {"target_entropy": self._target_entropy}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.target_entropy = state["target_entropy"]
-
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, target_entropy={self._target_entropy}, tau={self.tau}, "
@@ -175,7 +187,7 @@ class ERA(nn.Module):
         )
 
 
-class GaussianERA(nn.Module):
+class GaussianERA(_TargetEntropyModule):
     """ERA for a diagonal Gaussian policy: its entropy equals ``target_entropy`` in every state.
 
     From raw scores s (..., D) the log-stds are
@@ -220,19 +232,13 @@ class GaussianERA(nn.Module):
         d = self.action_dim
         return d * (self.log_std_min + _HALF_LOG_2PI_E), d * (self.log_std_max + _HALF_LOG_2PI_E)
 
-    @property
-    def target_entropy(self) -> float:
-        return self._target_entropy
-
-    @target_entropy.setter
-    def target_entropy(self, value: float) -> None:
+    def check_target(self, value: float) -> None:
         low, high = self.target_range()
         if not low < value <= high:
             raise ValueError(
                 f"GaussianERA target entropy {value} is out of range for action_dim={self.action_dim} and "
                 f"log-std clamps [{self.log_std_min}, {self.log_std_max}]: valid range is ({low:.4f}, {high:.4f}]"
             )
-        self._target_entropy = float(value)
 
     def forward(self, mean: Tensor, log_std_scores: Tensor) -> tuple[Tensor, Tensor]:
         if log_std_scores.shape[-1] != self.action_dim:
@@ -244,12 +250,6 @@ class GaussianERA(nn.Module):
         weights = torch.softmax(_as_float(log_std_scores), dim=-1)
         log_std = (self.log_std_max + budget * weights).clamp(min=self.log_std_min)
         return mean, log_std
-
-    def get_extra_state(self) -> dict[str, float]:
-        return {"target_entropy": self._target_entropy}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.target_entropy = state["target_entropy"]
 
     def extra_repr(self) -> str:
         return (

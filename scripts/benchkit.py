@@ -1,0 +1,43 @@
+"""Shared by the benchmark scripts: CPU time taken by other processes, and quantiles.
+
+On a shared 2-core machine a busy neighbour stalls every 2-thread parallel region, so the
+benchmarks measure how much CPU other processes used during each repeat and leave busy
+repeats out of their statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+
+class ForeignCpu:
+    """CPU time used by other processes, in cores, between two snapshots (Linux /proc; None elsewhere)."""
+
+    def __init__(self) -> None:
+        self.available = Path("/proc/stat").is_file() and Path("/proc/self/stat").is_file()
+        self.hz = os.sysconf("SC_CLK_TCK") if self.available else 100
+
+    def snapshot(self) -> tuple[int, int, float] | None:
+        """(busy jiffies of the whole machine, jiffies of this process, perf_counter)."""
+        if not self.available:
+            return None
+        cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(cpu) - cpu[3] - cpu[4]  # user nice system [idle iowait] irq softirq steal
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime, all threads
+
+    def cores(self, start: tuple[int, int, float] | None, end: tuple[int, int, float] | None) -> float | None:
+        if start is None or end is None or end[2] <= start[2]:
+            return None
+        return ((end[0] - start[0]) - (end[1] - start[1])) / self.hz / (end[2] - start[2])
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
