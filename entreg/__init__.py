@@ -1,7 +1,7 @@
 """entreg: entropy as a first-class training signal for models beyond LLMs.
 
-The math layer (:mod:`entreg.entropy`) needs only torch; everything else is imported lazily on
-first use, so ``import entreg`` stays fast.
+Every name is imported lazily on first use, so ``import entreg`` (and ``entreg-train --help``)
+does not pay for torch, Lightning or timm. The math layer (:mod:`entreg.entropy`) needs only torch.
 
 Example:
     >>> import torch, entreg
@@ -14,17 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from entreg.entropy import (
-    attention_entropy,
-    categorical_entropy,
-    gaussian_entropy,
-    marginal_entropy,
-    von_neumann_entropy,
-)
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "attention_entropy": "entreg.entropy",
+    "categorical_entropy": "entreg.entropy",
+    "entropy_from_probs": "entreg.entropy",
+    "gaussian_entropy": "entreg.entropy",
+    "marginal_entropy": "entreg.entropy",
+    "von_neumann_entropy": "entreg.entropy",
     "ERA": "entreg.nn",
     "GaussianERA": "entreg.nn",
     "ConfidencePenalty": "entreg.nn",
@@ -38,14 +36,7 @@ _LAZY = {
     "ImageFolderDataModule": "entreg.data",
 }
 
-__all__ = [
-    "attention_entropy",
-    "categorical_entropy",
-    "gaussian_entropy",
-    "marginal_entropy",
-    "von_neumann_entropy",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -21,12 +21,13 @@ from torch import Tensor
 __all__ = [
     "attention_entropy",
     "categorical_entropy",
+    "entropy_from_probs",
     "gaussian_entropy",
     "marginal_entropy",
     "von_neumann_entropy",
 ]
 
-_HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
+HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)  # entropy of N(0, 1) in nats
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -40,6 +41,7 @@ class _CategoricalEntropy(torch.autograd.Function):
     dH/dz = -p * (log p + H): one pass over the saved tensors instead of autograd's chain through
     exp, mul and log_softmax. ``log p`` is clamped to the dtype's lowest finite value so that
     masked (-inf) logits give 0 * finite = 0 instead of NaN, while a NaN logit still gives NaN.
+    The backward is not itself differentiable: second derivatives raise instead of being wrong.
     """
 
     @staticmethod
@@ -51,6 +53,7 @@ class _CategoricalEntropy(torch.autograd.Function):
         return h
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h: Tensor) -> Tensor:  # type: ignore[override]
         p, log_p, h = ctx.saved_tensors
         grad = log_p + h.unsqueeze(-1)
@@ -75,8 +78,8 @@ def categorical_entropy(logits: Tensor, dim: int = -1) -> Tensor:
         tensor([0.])
     """
     z = _as_float(logits)
-    if z.ndim == 0:
-        raise ValueError("categorical_entropy needs at least one (class) dimension, got a scalar")
+    if z.ndim == 0 or z.shape[dim] == 0:
+        raise ValueError(f"categorical_entropy needs a non-empty class dimension, got shape {tuple(z.shape)}")
     z = z.movedim(dim, -1) if dim not in (-1, z.ndim - 1) else z
     return _CategoricalEntropy.apply(z)
 
@@ -91,7 +94,7 @@ def gaussian_entropy(log_std: Tensor, dim: int | tuple[int, ...] | None = -1) ->
         >>> gaussian_entropy(torch.zeros(3))  # three unit-variance dimensions
         tensor(4.2568)
     """
-    per_dim = _as_float(log_std) + _HALF_LOG_2PI_E
+    per_dim = _as_float(log_std) + HALF_LOG_2PI_E
     return per_dim if dim is None else per_dim.sum(dim)
 
 
@@ -109,7 +112,8 @@ def marginal_entropy(logits: Tensor, dim: int = -1, batch_dim: int = 0) -> Tenso
     dim, batch_dim = dim % z.ndim, batch_dim % z.ndim
     if dim == batch_dim:
         raise ValueError(f"marginal_entropy: the class dim and batch_dim must differ, both are {dim}")
-    log_p = torch.log_softmax(z, dim=dim)
+    # clamped so that a class masked (-inf) in every sample gives zero gradient, not NaN
+    log_p = torch.log_softmax(z, dim=dim).clamp(min=torch.finfo(z.dtype).min)
     log_mean = torch.logsumexp(log_p, dim=batch_dim) - math.log(z.shape[batch_dim])
     return categorical_entropy(log_mean, dim=dim - int(batch_dim < dim))
 
@@ -136,19 +140,33 @@ def von_neumann_entropy(features: Tensor, normalize: bool = False) -> Tensor:
     n, d = h.shape
     z = torch.nn.functional.normalize(h, dim=1) / math.sqrt(n)
     eig = torch.linalg.svdvals(z).square()
-    vne = -torch.special.xlogy(eig, eig).sum()
+    vne = entropy_from_probs(eig)
     return vne / math.log(min(n, d)) if normalize and min(n, d) > 1 else vne
+
+
+def entropy_from_probs(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy -sum p log p of probabilities along ``dim``.
+
+    Zero entries contribute 0 to the value and get a zero gradient (not NaN), so the result can
+    be used as a penalty on sparse distributions.
+
+    Example:
+        >>> entropy_from_probs(torch.tensor([[0.5, 0.5, 0.0]]))
+        tensor([0.6931])
+    """
+    p = _as_float(probs)
+    tiny = torch.finfo(p.dtype).tiny
+    return -torch.where(p > 0, p * p.clamp(min=tiny).log(), 0.0).sum(dim)
 
 
 def attention_entropy(attn: Tensor, dim: int = -1) -> Tensor:
     """Shannon entropy of attention weights (probabilities that sum to 1 along ``dim``).
 
-    Zero weights (e.g. causal masks) contribute 0. Returns one entropy per query (``dim``
-    removed); average it over heads/queries as the analysis needs.
+    Zero weights (e.g. causal masks) contribute 0 and get zero gradient. Returns one entropy
+    per query (``dim`` removed); average it over heads/queries as the analysis needs.
 
     Example:
         >>> attention_entropy(torch.tensor([[0.5, 0.5, 0.0]]))
         tensor([0.6931])
     """
-    a = _as_float(attn)
-    return -torch.special.xlogy(a, a).sum(dim)
+    return entropy_from_probs(attn, dim)

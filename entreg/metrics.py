@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from entreg.entropy import categorical_entropy
+from entreg.entropy import categorical_entropy, entropy_from_probs
 
 __all__ = ["ClassificationMetrics", "PredictiveEntropy"]
 
@@ -51,8 +51,7 @@ class PredictiveEntropy(Metric):
         if self.input_format == "logits":
             return categorical_entropy(preds.detach())
         if self.input_format == "probs":
-            p = preds.detach().float()
-            return -torch.special.xlogy(p, p).sum(-1)
+            return entropy_from_probs(preds.detach())
         return preds.detach().float().reshape(-1)
 
     def update(self, preds: Tensor) -> None:

@@ -129,5 +129,67 @@ def test_bad_arguments():
         tiny_model(label_smoothing=1.5)
     with pytest.raises(ValueError, match="coef must be >= 0"):
         tiny_model(confidence_penalty=-1.0)
+    with pytest.raises(ValueError, match="coef must be >= 0"):  # also when a controller sets it later
+        tiny_model().confidence_penalty.coef = -0.5
     with pytest.raises(ValueError, match="out of range for 4 classes"):
         tiny_model(output_activation="era", output_activation_kwargs={"target_entropy": 5.0})
+
+
+class _NaNOnRankOne(torch.utils.data.Dataset):
+    """16 samples; sample 9 is NaN: with ``_RankInterleaved`` only rank 1 sees a NaN, in global batch 1."""
+
+    def __init__(self, nan_index: int | None = 9) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(16, 1, 8, 8, generator=g)
+        self.y = torch.randint(0, 4, (16,), generator=g)
+        if nan_index is not None:
+            self.x[nan_index] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class _RankInterleaved(torch.utils.data.Sampler):
+    """Rank r reads samples r, r+2, r+4, ...: global batch k is samples 8k..8k+7 (batch 4 per rank)."""
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(range(rank, 16, 2))
+
+    def __len__(self) -> int:
+        return 8
+
+
+class _CheckRanksAgree(L.Callback):
+    def on_train_end(self, trainer, pl_module) -> None:
+        assert pl_module.skipped_steps == trainer.max_epochs  # both ranks skipped the poisoned batch each epoch
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        assert torch.isfinite(flat).all()
+        gathered = pl_module.all_gather(flat)
+        torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
+
+
+def test_nan_on_one_rank_is_skipped_on_all_ranks_under_ddp(tmp_path):
+    torch.manual_seed(0)
+    groupnorm = {"backbone_kwargs": {"widths": (4, 8), "norm": "group"}}  # no batch statistics: DDP == 1 process
+    ddp_model = tiny_model(**groupnorm)
+    single = copy.deepcopy(ddp_model)
+    ddp = trainer(
+        tmp_path,
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=2,
+        callbacks=[_CheckRanksAgree()],
+        use_distributed_sampler=False,
+    )
+    ddp.fit(ddp_model, DataLoader(_NaNOnRankOne(), batch_size=4, sampler=_RankInterleaved()))
+    # one process on the same global batches (8 = 2 ranks x 4), without the poisoned one
+    clean = _NaNOnRankOne(nan_index=None)
+    kept = torch.utils.data.Subset(clean, list(range(8)))  # global batch 0 only
+    trainer(tmp_path, max_epochs=2).fit(single, DataLoader(kept, batch_size=8))
+    for (name, a), b in zip(ddp_model.state_dict().items(), single.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

@@ -4,6 +4,7 @@ and a non-editable install that still finds its configs."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -68,6 +69,11 @@ def test_ddp_sim_trains_with_two_processes(tmp_path):
 
 def test_non_editable_install_finds_its_configs(tmp_path):
     pytest.importorskip("setuptools")
+    source = tmp_path / "source"  # a clean copy of the tracked files: no stale build/ can leak into the wheel
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -79,7 +85,7 @@ def test_non_editable_install_finds_its_configs(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,

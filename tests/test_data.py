@@ -116,3 +116,18 @@ def test_cifar10_layout_and_split(tmp_path, monkeypatch):
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (90, 10, 20)
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 3, 32, 32)
+
+
+def test_image_folder_labels_follow_the_training_classes(tmp_path):
+    import shutil
+
+    write_image_folder(tmp_path)
+    shutil.rmtree(tmp_path / "val" / "class_1")  # val lacks a class: class_2 must keep label 2
+    dm = ImageFolderDataModule(str(tmp_path), num_classes=3, image_size=8, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.val_set.class_to_idx == dm.train_set.class_to_idx
+    assert sorted({label for _, label in dm.val_set.samples}) == [0, 2]
+    (tmp_path / "val" / "class_9").mkdir()
+    (tmp_path / "val" / "class_1").mkdir()
+    with pytest.raises(ValueError, match=r"class folders that the training split lacks: \['class_9'\]"):
+        ImageFolderDataModule(str(tmp_path), num_classes=3).setup("fit")

@@ -146,3 +146,32 @@ def test_attention_entropy():
     attn = torch.softmax(torch.randn(2, 4, 5, 5), -1)
     torch.testing.assert_close(attention_entropy(attn), naive_entropy(torch.log(attn)))
     assert attention_entropy(torch.tensor([1.0, 0.0, 0.0])).item() == 0.0
+
+
+def test_second_derivatives_raise_instead_of_being_wrong():
+    z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(categorical_entropy(z).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
+def test_empty_class_dimension_is_an_error():
+    with pytest.raises(ValueError, match="non-empty class dimension"):
+        categorical_entropy(torch.zeros(3, 0))
+
+
+def test_exact_zeros_give_finite_gradients():
+    # causal attention: the upper triangle is exactly 0
+    scores = torch.randn(4, 4).masked_fill(torch.ones(4, 4).triu(1).bool(), float("-inf"))
+    attn = torch.softmax(scores, -1).requires_grad_(True)
+    attention_entropy(attn).sum().backward()
+    assert torch.isfinite(attn.grad).all()
+    # rank-deficient features: zero eigenvalues
+    h = torch.cat([torch.eye(2, 16)] * 4).requires_grad_(True)
+    von_neumann_entropy(h).backward()
+    assert torch.isfinite(h.grad).all()
+    assert von_neumann_entropy(h).item() == pytest.approx(math.log(2))
+    # a class masked in every sample
+    z = torch.randn(5, 3).index_fill(1, torch.tensor([2]), float("-inf")).requires_grad_(True)
+    marginal_entropy(z).backward()
+    assert torch.isfinite(z.grad).all() and (z.grad[:, 2] == 0).all()

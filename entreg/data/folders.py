@@ -3,10 +3,12 @@ downloaded unless ``download=True`` is asked for (CIFAR-10 only)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
+from torchvision.datasets import ImageFolder
 
 from entreg.data.base import SplitDataModule
 
@@ -14,6 +16,22 @@ __all__ = ["CIFAR10DataModule", "ImageFolderDataModule"]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _FolderWithClasses(ImageFolder):
+    """An ImageFolder labelled with a given class list (the training split's), so that a split
+    missing a class does not shift the labels of the others."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Callable | None) -> None:
+        self._given_classes = list(classes)
+        super().__init__(str(root), transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = sorted(p.name for p in Path(directory).iterdir() if p.is_dir())
+        unknown = sorted(set(present) - set(self._given_classes))
+        if unknown:
+            raise ValueError(f"{directory} has class folders that the training split lacks: {unknown}")
+        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
 
 
 def _require_dir(path: Path, what: str, hint: str) -> None:
@@ -146,7 +164,6 @@ class ImageFolderDataModule(SplitDataModule):
         if self.train_set is not None:
             return
         from torchvision import transforms as T
-        from torchvision.datasets import ImageFolder
 
         grey = [T.Grayscale(1)] if self.channels == 1 else []
         plain = [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -154,5 +171,6 @@ class ImageFolderDataModule(SplitDataModule):
         train_crop = [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip()] if self.augment else resize
         test_dir = self.data_dir / "test" if (self.data_dir / "test").is_dir() else self.data_dir / "val"
         self.train_set = ImageFolder(self.data_dir / "train", T.Compose(grey + train_crop + plain))
-        self.val_set = ImageFolder(self.data_dir / "val", T.Compose(grey + resize + plain))
-        self.test_set = ImageFolder(test_dir, T.Compose(grey + resize + plain))
+        classes = self.train_set.classes
+        self.val_set = _FolderWithClasses(self.data_dir / "val", classes, T.Compose(grey + resize + plain))
+        self.test_set = _FolderWithClasses(test_dir, classes, T.Compose(grey + resize + plain))

@@ -32,9 +32,10 @@ class ClassificationModule(L.LightningModule):
 
     Logs per stage (``train/``, ``val/``, ``test/``): accuracy, NLL, ECE (15 bins) and predictive
     entropy (mean/min/max) of the output distribution, plus a TensorBoard histogram of the
-    validation entropies every validation epoch. A training batch whose loss is not finite is
-    skipped with a warning (no optimizer step, on every rank; the buffers it changed, such as
-    BatchNorm statistics, are restored) and counted in ``train/skipped_steps``.
+    validation entropies every validation epoch. A training batch whose loss is not finite (on
+    any rank) is skipped with a warning and counted in ``train/skipped_steps``: the buffers it
+    changed (BatchNorm statistics) are restored, it contributes zero gradient, and an optimizer
+    step with no finite batch since the previous one leaves weights and optimizer state untouched.
 
     Args:
         backbone: name for :func:`entreg.nn.build_backbone` (``small_cnn``, ``resnet18``,
@@ -90,6 +91,7 @@ class ClassificationModule(L.LightningModule):
         self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.skipped_steps = 0
+        self._good_batches = 0  # finite batches since the last optimizer step
         self._buffer_snapshot = BufferSnapshot(self)
         self._val_entropies: list[Tensor] = []
 
@@ -117,7 +119,7 @@ class ClassificationModule(L.LightningModule):
         loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing) + self.confidence_penalty(entropy)
         return loss, entropy
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         self._buffer_snapshot.save()
         logits = self(x)
@@ -130,11 +132,25 @@ class ClassificationModule(L.LightningModule):
                 f"weights not updated ({self.skipped_steps} skipped so far)."
             )
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-            return None
+            return self._zero_loss()
+        self._good_batches += 1
         self.train_metrics.update(logits, y, entropy)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/entropy", entropy.detach().mean(), on_step=True, on_epoch=False, batch_size=len(y))
         return loss
+
+    def _zero_loss(self) -> Tensor:
+        """Exactly zero, but connected to every trainable parameter: a skipped batch still runs
+        backward (Lightning cannot skip a step under DDP, and DDP's all-reduce needs every rank),
+        contributing zero gradient."""
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._good_batches == 0:  # every batch since the last step was skipped: no update at all
+            for group in optimizer.param_groups:  # optimizers leave parameters without .grad untouched
+                for param in group["params"]:
+                    param.grad = None
+        self._good_batches = 0
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch

@@ -24,12 +24,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from entreg.entropy import _as_float
+from entreg.entropy import HALF_LOG_2PI_E, _as_float
 
 __all__ = ["ERA", "GaussianERA", "era_logits", "era_target_range", "lambert_wm1_neg"]
 
 LambertW = Literal["approx", "exact"]
-_HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
 
 def era_target_range(num_classes: int, tau: float = 4.0) -> tuple[float, float]:
@@ -73,7 +72,8 @@ def era_logits(logits: Tensor, target_entropy: float = 0.6, tau: float = 4.0, la
     h_i = U + (C - D U)/(D - 1) * (1 - p_i) in (0, U] (the h_i sum to C), and
     z'_i = W_{-1}(-h_i), i.e. q_i = exp(z'_i) <= 1/e solves -q_i ln q_i = h_i. For
     pi = q / sum(q) = softmax(z'), H(pi) = C / S + ln S >= 1 + ln C = H0 with S = sum(q).
-    A larger p_i gives a smaller h_i and, on this branch, a larger q_i: the class order is kept.
+    As C <= D U, a larger p_i gives a larger h_i, and on this branch q = exp(W_-1(-h)) grows
+    with h (-q ln q increases on (0, 1/e]): a larger p_i gives a larger q_i, so the class order is kept.
 
     Half-precision logits are computed and returned in float32.
 
@@ -230,7 +230,7 @@ class GaussianERA(_TargetEntropyModule):
     def target_range(self) -> tuple[float, float]:
         """Range (low, high] of targets reachable within the log-std clamps."""
         d = self.action_dim
-        return d * (self.log_std_min + _HALF_LOG_2PI_E), d * (self.log_std_max + _HALF_LOG_2PI_E)
+        return d * (self.log_std_min + HALF_LOG_2PI_E), d * (self.log_std_max + HALF_LOG_2PI_E)
 
     def check_target(self, value: float) -> None:
         low, high = self.target_range()
@@ -246,7 +246,7 @@ class GaussianERA(_TargetEntropyModule):
                 f"GaussianERA was built for {self.action_dim} dims, got scores {tuple(log_std_scores.shape)}"
             )
         d = self.action_dim
-        budget = self._target_entropy - d * _HALF_LOG_2PI_E - d * self.log_std_max
+        budget = self._target_entropy - d * HALF_LOG_2PI_E - d * self.log_std_max
         weights = torch.softmax(_as_float(log_std_scores), dim=-1)
         log_std = (self.log_std_max + budget * weights).clamp(min=self.log_std_min)
         return mean, log_std

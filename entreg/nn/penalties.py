@@ -17,7 +17,8 @@ class ConfidencePenalty(nn.Module):
       below Gamma are pushed up, with the same gradient as the plain form there. (The paper prints
       this term with a minus sign, which would reward confidence; we use the sign that penalises it.)
 
-    ``coef`` is a plain attribute so a controller can adapt it during training.
+    ``coef`` can be changed during training (e.g. by a controller); it is validated on every set
+    and saved in the state dict.
 
     Args:
         coef: beta >= 0.
@@ -34,12 +35,20 @@ class ConfidencePenalty(nn.Module):
 
     def __init__(self, coef: float = 0.1, hinge: float | None = None) -> None:
         super().__init__()
-        if coef < 0:
-            raise ValueError(f"ConfidencePenalty coef must be >= 0, got {coef}")
         if hinge is not None and hinge < 0:
             raise ValueError(f"ConfidencePenalty hinge threshold must be >= 0 nats (or None), got {hinge}")
-        self.coef = float(coef)
+        self.coef = coef
         self.hinge = hinge
+
+    @property
+    def coef(self) -> float:
+        return self._coef
+
+    @coef.setter
+    def coef(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"ConfidencePenalty coef must be >= 0, got {value}")
+        self._coef = float(value)
 
     def forward(self, entropy: Tensor) -> Tensor:
         """Penalty (a scalar) for per-sample entropies ``entropy``."""
@@ -51,7 +60,7 @@ class ConfidencePenalty(nn.Module):
         return {"coef": self.coef}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
-        self.coef = float(state["coef"])
+        self.coef = state["coef"]
 
     def extra_repr(self) -> str:
         return f"coef={self.coef}, hinge={self.hinge}"
