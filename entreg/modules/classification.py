@@ -182,6 +182,8 @@ class ClassificationModule(L.LightningModule):
         if seen == 0:  # every batch was skipped: nothing to report
             return
         values = metrics.compute()
+        # compute() already synchronised the values; sync_dist averages identical numbers (exact) and
+        # keeps Lightning from warning about unsynchronised epoch-level logging under DDP
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
         metrics.reset()
 
