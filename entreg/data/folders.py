@@ -1,5 +1,5 @@
 """Image data sets that users keep on disk: CIFAR-10 and any ImageFolder tree. Nothing is
-downloaded unless ``download=True`` is asked for (CIFAR-10 only)."""
+downloaded unless the user asks for it (``download`` on CIFAR-10 only)."""
 
 from __future__ import annotations
 
