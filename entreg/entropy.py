@@ -24,6 +24,7 @@ __all__ = [
     "entropy_from_probs",
     "gaussian_entropy",
     "marginal_entropy",
+    "spectral_entropy",
     "von_neumann_entropy",
 ]
 
@@ -142,6 +143,25 @@ def von_neumann_entropy(features: Tensor, normalize: bool = False) -> Tensor:
     eig = torch.linalg.svdvals(z).square()
     vne = entropy_from_probs(eig)
     return vne / math.log(min(n, d)) if normalize and min(n, d) > 1 else vne
+
+
+def spectral_entropy(matrix: Tensor) -> Tensor:
+    """Entropy -sum lambda log lambda of the eigenvalues of a symmetric PSD matrix scaled to unit trace.
+
+    With ``matrix`` = sum over samples of z z^T for L2-normalised features z (a Gram matrix that
+    can be summed over batches and DDP ranks), this is the von Neumann entropy of all those
+    samples at once: equal to :func:`von_neumann_entropy` of the stacked features.
+
+    Example:
+        >>> z = torch.nn.functional.normalize(torch.randn(16, 3), dim=1)
+        >>> torch.allclose(spectral_entropy(z.T @ z), von_neumann_entropy(z), atol=1e-5)
+        True
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"spectral_entropy needs a square matrix, got shape {tuple(matrix.shape)}")
+    m = _as_float(matrix)
+    eig = torch.linalg.eigvalsh(m / m.diagonal().sum()).clamp(min=0.0)
+    return entropy_from_probs(eig / eig.sum())
 
 
 def entropy_from_probs(probs: Tensor, dim: int = -1) -> Tensor:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-__all__ = ["log_histogram"]
+__all__ = ["has_tensorboard", "log_histogram"]
+
+
+def _tensorboard_loggers(trainer: L.Trainer) -> list:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def has_tensorboard(trainer: L.Trainer) -> bool:
+    """Whether ``trainer`` logs to TensorBoard (on every rank, so ranks can agree to gather values)."""
+    return bool(_tensorboard_loggers(trainer))
 
 
 def log_histogram(trainer: L.Trainer, tag: str, values: Tensor, step: int | None = None) -> bool:
@@ -13,9 +24,7 @@ def log_histogram(trainer: L.Trainer, tag: str, values: Tensor, step: int | None
 
     Returns whether a TensorBoard logger was found.
     """
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    loggers = _tensorboard_loggers(trainer)
     if trainer.is_global_zero:
         for logger in loggers:
             logger.experiment.add_histogram(

@@ -1,0 +1,6 @@
+"""Lightning callbacks that measure and control entropy in any LightningModule."""
+
+from entreg.callbacks.entropy_controller import EntropyController
+from entreg.callbacks.entropy_monitor import EntropyMonitor
+
+__all__ = ["EntropyController", "EntropyMonitor"]
