@@ -97,7 +97,9 @@ class EntropyController(L.Callback):
         name: str | None = None,
     ) -> None:
         if not isinstance(attribute, str) or not attribute or attribute.startswith(".") or attribute.endswith("."):
-            raise ValueError(f"attribute must be a dotted attribute path like 'confidence_penalty.coef', got {attribute!r}")
+            raise ValueError(
+                f"attribute must be a dotted attribute path like 'confidence_penalty.coef', got {attribute!r}"
+            )
         self.target = _finite("target", target)
         self.kp, self.ki = _finite("kp", kp), _finite("ki", ki)
         if self.kp < 0 or self.ki < 0 or self.kp == self.ki == 0:
@@ -107,7 +109,9 @@ class EntropyController(L.Callback):
             raise ValueError(f"max_value must be > min_value={min_value} (math.inf for no bound), got {max_value}")
         self.max_value = float(max_value)
         if initial is not None and not self.min_value <= _finite("initial", initial) <= self.max_value:
-            raise ValueError(f"initial must be within [min_value, max_value] = [{min_value}, {max_value}], got {initial}")
+            raise ValueError(
+                f"initial must be within [min_value, max_value] = [{min_value}, {max_value}], got {initial}"
+            )
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if input_format not in ("logits", "probs"):
@@ -205,7 +209,9 @@ class EntropyController(L.Callback):
     def _on_output(self, output: Tensor) -> None:
         self._window.update(self._entropy(output))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._capture.attach(pl_module)
 
     def on_train_batch_end(

@@ -249,7 +249,9 @@ class EntropyMonitor(L.Callback):
 
     # --- Lightning hooks -------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_start(trainer, pl_module, "train")
 
     def on_train_batch_end(
