@@ -14,6 +14,7 @@ from entreg.callbacks.entropy_monitor import InputFormat
 from entreg.callbacks.entropy_stats import EntropyStats
 from entreg.callbacks.output_capture import OutputCapture, OutputKey
 from entreg.entropy import categorical_entropy, entropy_from_probs
+from entreg.loggers import log_metrics, logging_step
 
 __all__ = ["EntropyController"]
 
@@ -227,15 +228,12 @@ class EntropyController(L.Callback):
             return
         error = self.update(entropy.item())
         self._write(pl_module, self.coef)
-        pl_module.log_dict(
-            {
-                f"controller/{self.name}": self.coef,
-                f"controller/{self.name}_entropy": entropy.item(),
-                f"controller/{self.name}_error": error,
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        metrics = {
+            f"controller/{self.name}": self.coef,
+            f"controller/{self.name}_entropy": entropy.item(),
+            f"controller/{self.name}_error": error,
+        }
+        log_metrics(trainer, metrics, logging_step(trainer))
 
     def update(self, entropy: float) -> float:
         """One controller step for a measured mean entropy; sets :attr:`coef` and returns the error."""

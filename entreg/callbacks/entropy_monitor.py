@@ -14,7 +14,7 @@ from entreg.callbacks.entropy_stats import EntropyStats
 from entreg.callbacks.output_capture import OutputCapture, OutputKey, find_submodule
 from entreg.distributed import all_gather_uneven
 from entreg.entropy import categorical_entropy, entropy_from_probs, spectral_entropy
-from entreg.tensorboard import has_tensorboard, log_histogram
+from entreg.loggers import has_tensorboard, log_histogram, log_metrics, logging_step
 
 __all__ = ["EntropyMonitor"]
 
@@ -199,11 +199,11 @@ class EntropyMonitor(L.Callback):
         self._step_stats.reset()
         if count > 0:
             pl_module.log(f"train/{self.name}", mean.float(), on_step=True, on_epoch=False)
-        step = trainer.global_step
+        step = logging_step(trainer)
         if self._histograms and step % self.histogram_every_n_steps == 0 and step != self._last_histogram_step:
             self._last_histogram_step = step
             h = self._batch_entropy if self._batch_entropy is not None else torch.empty(0, device=mean.device)
-            log_histogram(trainer, f"train/{self.name}_hist", all_gather_uneven(trainer.strategy, h.float()))
+            log_histogram(trainer, f"train/{self.name}_hist", all_gather_uneven(trainer.strategy, h.float()), step)
 
     def _log_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in self.stages or trainer.sanity_checking:
@@ -227,9 +227,7 @@ class EntropyMonitor(L.Callback):
         if not metrics:
             return
         if stage == "predict":  # self.log is not available in predict hooks
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
+            log_metrics(trainer, metrics)
         else:
             pl_module.log_dict(metrics)  # already reduced over ranks: plain floats, no second sync
 

@@ -3,28 +3,57 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["SplitDataModule"]
+__all__ = ["EpochShuffleSampler", "SplitDataModule"]
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch, so a fit resumed from a checkpoint reads
+    the same batches as an uninterrupted one (a plain shuffled DataLoader draws its order from the
+    global RNG, which checkpoints do not restore). Being a ``RandomSampler``, it is replaced by
+    Lightning's seeded ``DistributedSampler`` under DDP.
+
+    Example:
+        >>> sampler = EpochShuffleSampler(range(5), seed=0)
+        >>> sampler.set_epoch(3)
+        >>> first = list(sampler)
+        >>> sampler.set_epoch(3)
+        >>> list(sampler) == first
+        True
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class SplitDataModule(L.LightningDataModule):
     """A DataModule whose ``setup`` fills ``train_set``, ``val_set`` and ``test_set``.
 
-    Predict uses the test set. Subclasses set ``num_classes`` and ``channels`` so that model
+    The training order is shuffled by ``(seed, epoch)`` (:class:`EpochShuffleSampler`), so resumed
+    fits continue exactly. Predict uses the test set. Subclasses set ``num_classes`` and ``channels`` so that model
     configs can read them (``${data.num_classes}``).
     """
 
     num_classes: int
     channels: int
 
-    def __init__(self, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -32,10 +61,12 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        sampler = EpochShuffleSampler(dataset, self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            generator=sampler.generator if sampler else None,  # worker seeds follow (seed, epoch) too
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

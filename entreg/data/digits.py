@@ -39,7 +39,7 @@ class DigitsDataModule(SplitDataModule):
         channels: 1, or 3 (grey replicated) for RGB backbones.
         batch_size: per-process batch size.
         split: (train, val, test) sizes summing to 1,797.
-        seed: seed of the split (independent of the training seed).
+        seed: seed of the split and of the training order (independent of the training seed).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
         num_classes: always 10; accepted so that configs can read ``data.num_classes``.
 
@@ -61,7 +61,7 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
         num_classes: int = 10,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, seed)
         if size < 8:
             raise ValueError(f"digits size must be >= 8 (the originals are 8x8), got {size}")
         if channels not in (1, 3):
@@ -74,7 +74,7 @@ class DigitsDataModule(SplitDataModule):
         if num_classes != 10:
             raise ValueError(f"the digits data set has 10 classes, got num_classes={num_classes}")
         self.save_hyperparameters()
-        self.size, self.channels, self.split, self.seed, self.num_classes = size, channels, split, seed, num_classes
+        self.size, self.channels, self.split, self.num_classes = size, channels, split, num_classes
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -70,7 +70,7 @@ class CIFAR10DataModule(SplitDataModule):
         num_classes: int = 10,
         channels: int = 3,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, seed)
         if (num_classes, channels) != (10, 3):
             raise ValueError(
                 f"CIFAR-10 has 10 classes and 3 channels, got num_classes={num_classes}, channels={channels}"
@@ -85,7 +85,7 @@ class CIFAR10DataModule(SplitDataModule):
                 f"Put torchvision's 'cifar-10-batches-py' folder under data_dir={str(self.data_dir)!r}, "
                 "or set download=true (needs a network).",
             )
-        self.val_size, self.augment, self.download, self.seed = val_size, augment, download, seed
+        self.val_size, self.augment, self.download = val_size, augment, download
 
     def prepare_data(self) -> None:
         if self.download:
@@ -123,6 +123,7 @@ class ImageFolderDataModule(SplitDataModule):
         num_classes: expected number of class folders (checked at construction).
         channels: 3 (RGB) or 1 (converted to greyscale).
         mean, std: per-channel normalisation; ImageNet's by default.
+        seed: seed of the training order.
 
     Example (needs images on disk)::
 
@@ -140,8 +141,9 @@ class ImageFolderDataModule(SplitDataModule):
         augment: bool = True,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, seed)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if mean is None or std is None:  # ImageNet statistics (their grey average for 1 channel)

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from entreg.distributed import all_gather_uneven
 from entreg.entropy import categorical_entropy
+from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
 from entreg.nn.backbones import build_backbone
 from entreg.nn.output import build_output_activation
 from entreg.nn.penalties import ConfidencePenalty
 from entreg.nn.snapshot import BufferSnapshot
-from entreg.tensorboard import log_histogram
 
 __all__ = ["ClassificationModule"]
 
@@ -94,6 +95,12 @@ class ClassificationModule(L.LightningModule):
         self._good_batches = 0  # finite batches since the last optimizer step
         self._buffer_snapshot = BufferSnapshot(self)
         self._val_entropies: list[Tensor] = []
+
+    def setup(self, stage: str) -> None:
+        # Under ddp_spawn the metric states made in __init__ arrive in shared memory, so both ranks
+        # would add into one storage: reset() gives each process its own fresh tensors.
+        for name in STAGES:
+            self.stage_metrics(name).reset()
 
     def forward(self, x: Tensor) -> Tensor:
         """Output logits: the backbone's logits after the output activation."""
@@ -193,7 +200,7 @@ class ClassificationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_stage("val")
         if self._val_entropies and not self.trainer.sanity_checking:
-            values = self.all_gather(torch.cat(self._val_entropies)).reshape(-1)
+            values = all_gather_uneven(self.trainer.strategy, torch.cat(self._val_entropies))
             log_histogram(self.trainer, "val/entropy_hist", values)
         self._val_entropies.clear()
 

@@ -1,11 +1,26 @@
-"""Write to the TensorBoard loggers of a Lightning trainer, whatever other loggers it has."""
+"""Write to the loggers of a Lightning trainer: histograms to TensorBoard, values at a period of their own."""
 
 from __future__ import annotations
 
 import lightning as L
 from torch import Tensor
 
-__all__ = ["has_tensorboard", "log_histogram"]
+__all__ = ["has_tensorboard", "log_histogram", "log_metrics", "logging_step"]
+
+
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning gives the values logged in the current training batch (as its
+    ``LearningRateMonitor`` does): the number of batches that stepped before this one."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Write ``metrics`` to every logger of ``trainer`` on rank zero, bypassing ``self.log``: for
+    values produced at a period of their own (``self.log`` would re-send stale values every step)
+    and in hooks where ``self.log`` is not allowed (predict)."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
 
 
 def _tensorboard_loggers(trainer: L.Trainer) -> list:
