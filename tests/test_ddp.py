@@ -1,0 +1,126 @@
+"""Two CPU processes under DDP give the numbers of one process on the same global batches: logged
+metrics (module, EntropyMonitor, EntropyController), controller coefficients and final weights.
+The assertions run inside hooks on the workers (DESIGN.md)."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics import Metric
+
+from entreg.callbacks import EntropyController, EntropyMonitor
+from entreg.modules import ClassificationModule
+from tests.helpers import RankInterleaved, RecordingLogger, make_trainer
+
+RANK_BATCH, WORLD = 8, 2
+
+
+def dataset(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def loaders(world: int) -> tuple[DataLoader, DataLoader]:
+    """Global batch k is samples [16k, 16k + 16) whatever the number of processes."""
+    train, val = dataset(64, 0), dataset(24, 1)
+    if world == 1:
+        return DataLoader(train, batch_size=RANK_BATCH * WORLD), DataLoader(val, batch_size=RANK_BATCH * WORLD)
+    return (
+        DataLoader(train, batch_size=RANK_BATCH, sampler=RankInterleaved(len(train))),
+        DataLoader(val, batch_size=RANK_BATCH, sampler=RankInterleaved(len(val))),
+    )
+
+
+def model() -> ClassificationModule:
+    torch.manual_seed(0)  # GroupNorm: no batch statistics, so DDP's averaged gradients equal one process's
+    return ClassificationModule(
+        "small_cnn", 4, 1, backbone_kwargs={"widths": (4, 8), "norm": "group"}, confidence_penalty=0.1
+    )
+
+
+def callbacks() -> list[L.Callback]:
+    return [
+        EntropyMonitor(features="backbone.features", stages=("train", "val")),
+        EntropyController("confidence_penalty.coef", target=1.3, kp=0.5, ki=0.2),
+    ]
+
+
+class ExpectSingleProcess(L.Callback):
+    """Runs on every worker at the end of the fit and compares with the one-process run."""
+
+    def __init__(self, logged: dict[str, list[float]], coef: float) -> None:
+        self.logged, self.coef = logged, coef
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert trainer.world_size == WORLD
+        controller = next(cb for cb in trainer.callbacks if isinstance(cb, EntropyController))
+        assert controller.coef == pytest.approx(self.coef, rel=1e-5)  # every rank holds the same coefficient
+        assert pl_module.confidence_penalty.coef == controller.coef
+        if trainer.is_global_zero:  # only rank zero writes to loggers
+            logger = next(lg for lg in trainer.loggers if isinstance(lg, RecordingLogger))
+            for key, values in self.logged.items():
+                assert logger.values(key) == pytest.approx(values, rel=1e-5, abs=1e-6), key
+
+
+def single_process_reference(tmp_path) -> tuple[ClassificationModule, dict[str, list[float]], float]:
+    single, logger = model(), RecordingLogger()
+    controller = callbacks()
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=controller, max_epochs=2)
+    trainer.fit(single, *loaders(world=1))
+    keys = {k for _, metrics in logger.records for k in metrics} - {"epoch"}
+    logged = {k: logger.values(k) for k in sorted(keys)}
+    assert {"train/pred_entropy", "val/repr_entropy", "controller/confidence_penalty.coef", "val/ece"} <= keys
+    return single, logged, controller[1].coef
+
+
+@pytest.mark.parametrize("strategy", ["ddp_fork", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
+def test_ddp_equals_one_process_on_the_global_batch(tmp_path, strategy):
+    single, logged, coef = single_process_reference(tmp_path)
+    ddp_model = model()
+    trainer = make_trainer(
+        tmp_path,
+        devices=WORLD,
+        strategy=strategy,
+        max_epochs=2,
+        use_distributed_sampler=False,
+        logger=RecordingLogger(),
+        callbacks=[*callbacks(), ExpectSingleProcess(logged, coef)],
+    )
+    trainer.fit(ddp_model, *loaders(world=WORLD))
+    for (name, a), b in zip(ddp_model.state_dict().items(), single.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class AssertOwnMemory(L.Callback):
+    """On each spawned worker: no metric or callback state of entreg lives in shared memory."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+        states = [getattr(m, name) for m in metrics for name in m._defaults]
+        states = [t for t in states if isinstance(t, torch.Tensor)]  # list states are rebuilt per process anyway
+        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, EntropyMonitor))
+        states += [t for stats in monitor._stats.values() for t in (stats.sums, stats.extremes)]
+        assert len(states) > 10 and not any(t.is_shared() for t in states)
+
+
+def test_ddp_spawn_keeps_entreg_state_per_process(tmp_path):
+    """ddp_spawn moves tensors made before the launch into shared memory, where both ranks would add
+    into the same storage. entreg re-allocates its states in ``setup``: each spawned process owns its
+    states, and the test metrics of two processes equal one process on the same data."""
+    net = model()
+    reference = make_trainer(tmp_path).test(copy.deepcopy(net), loaders(world=1)[1], verbose=False)[0]
+    spawned = make_trainer(
+        tmp_path,
+        devices=WORLD,
+        strategy="ddp_spawn",
+        use_distributed_sampler=False,
+        callbacks=[EntropyMonitor(stages=("test",)), AssertOwnMemory()],
+    )
+    result = spawned.test(net, loaders(world=WORLD)[1], verbose=False)[0]
+    assert {k: v for k, v in result.items() if "pred_entropy" not in k} == pytest.approx(reference, rel=1e-5)
+    assert result["test/pred_entropy_mean"] == pytest.approx(reference["test/entropy_mean"], rel=1e-5)
