@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -15,7 +17,8 @@ class EpochShuffleSampler(RandomSampler):
     Lightning calls ``set_epoch`` before every epoch, so a fit resumed from a checkpoint reads
     the same batches as an uninterrupted one (a plain shuffled DataLoader draws its order from the
     global RNG, which checkpoints do not restore). Being a ``RandomSampler``, it is replaced by
-    Lightning's seeded ``DistributedSampler`` under DDP.
+    Lightning's seeded ``DistributedSampler`` under DDP. Randomness inside DataLoader workers
+    (augmentations with ``num_workers > 0``) is seeded by Lightning, not by this sampler.
 
     Example:
         >>> sampler = EpochShuffleSampler(range(5), seed=0)
@@ -27,13 +30,17 @@ class EpochShuffleSampler(RandomSampler):
     """
 
     def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.generator.manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        # seeded when iteration begins (lazily, at the first batch), so nothing drawn between
+        # ``iter()`` and ``set_epoch`` can shift the order
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from super().__iter__()
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -66,7 +73,6 @@ class SplitDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            generator=sampler.generator if sampler else None,  # worker seeds follow (seed, epoch) too
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

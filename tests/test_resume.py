@@ -1,0 +1,105 @@
+"""A fit that crashes after k steps and is resumed from its last checkpoint ends bit for bit where an
+uninterrupted fit ends: weights, optimizer state, callback states and every logged value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from entreg.callbacks import EntropyController, EntropyMonitor
+from entreg.data import DigitsDataModule
+from entreg.modules import ClassificationModule
+from tests.helpers import RecordingLogger, make_trainer
+
+STEPS_PER_EPOCH, EPOCHS = 8, 3
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CrashAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted(f"simulated crash at step {self.step}")
+
+
+def run(tmp_path: Path, name: str, crash_at: int | None = None, resume: Path | None = None) -> dict[str, Any]:
+    L.seed_everything(0)
+    model = ClassificationModule(
+        "small_cnn", 10, 1, backbone_kwargs={"widths": (8, 16)}, confidence_penalty=0.05, label_smoothing=0.1
+    )
+    data = DigitsDataModule(size=8, batch_size=64, split=(512, 128, 1157))
+    monitor = EntropyMonitor(features="backbone.features", histogram_every_n_steps=3)
+    controller = EntropyController("confidence_penalty.coef", target=1.0, kp=0.2, ki=0.05)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+    logger = RecordingLogger()
+    extra = [CrashAtStep(crash_at)] if crash_at is not None else []
+    trainer = make_trainer(
+        tmp_path,
+        max_epochs=EPOCHS,
+        deterministic=True,
+        logger=logger,
+        enable_checkpointing=True,
+        callbacks=[monitor, controller, checkpoint, *extra],
+    )
+    if crash_at is not None:
+        with pytest.raises(Interrupted):
+            trainer.fit(model, datamodule=data)
+    else:
+        trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
+    return {
+        "model": model,
+        "optimizer": trainer.optimizers[0].state_dict() if trainer.optimizers else None,
+        "controller": controller.state_dict(),
+        "monitor": monitor.state_dict(),
+        "records": logger.records,
+        "last": checkpoint.last_model_path,
+    }
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    """Exact equality of nested state (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_crashed_and_resumed_fit_equals_the_uninterrupted_fit(tmp_path):
+    crash_at = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # in the middle of the second epoch
+    full = run(tmp_path, "full")
+    crashed = run(tmp_path, "crashed", crash_at=crash_at)
+    assert Path(crashed["last"]).name == "last.ckpt"
+    # the last checkpoint is at the end of the first epoch: weights_only=True loading must accept it
+    resumed = run(tmp_path, "resumed", resume=Path(crashed["last"]))
+
+    assert_identical(full["model"].state_dict(), resumed["model"].state_dict(), "model")
+    assert_identical(full["optimizer"], resumed["optimizer"], "optimizer")
+    assert_identical(full["controller"], resumed["controller"], "controller")
+    assert_identical(full["monitor"], resumed["monitor"], "monitor")
+    assert full["controller"]["updates"] == EPOCHS * STEPS_PER_EPOCH
+
+    # every value logged: the crashed run up to the checkpoint, then the resumed run, equals the full run
+    first_resumed_step = resumed["records"][0][0]
+    assert first_resumed_step == STEPS_PER_EPOCH
+    before = [r for r in crashed["records"] if r[0] < first_resumed_step]
+    assert before + resumed["records"] == full["records"]
+    keys = {k for _, metrics in full["records"] for k in metrics}
+    assert {"train/pred_entropy", "val/repr_entropy", "controller/confidence_penalty.coef", "val/acc"} <= keys
