@@ -6,6 +6,9 @@ Heavy imports (lightning, torch models) happen inside the functions so that ``--
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from typing import Any
 
 import hydra
@@ -57,12 +60,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if not cfg.get("test", True):
         return {k: float(v) for k, v in trainer.callback_metrics.items()}
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         extra = {"checkpoint": best or "(none)"}
@@ -72,9 +75,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:
+    """Hydra overrides for a rank > 0 started by ``torchrun``, which runs the entry point once per rank.
+
+    Each rank would otherwise resolve its own ``${now:...}`` run directory (ranks start a second
+    apart). Only rank 0 keeps the run directory; the other ranks write no ``.hydra`` config and work
+    in a scratch directory. Nothing else is lost: Lightning broadcasts rank 0's checkpoint and log
+    directories, and only rank 0 writes logs and checkpoints.
+    """
+    env = os.environ if env is None else env
+    rank = int(env.get("RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" not in env or rank == 0:
+        return []
+    scratch = tempfile.mkdtemp(prefix=f"entreg-rank{rank}-")
+    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    """``entreg-train``: returns ``cfg.optimized_metric`` when set (for Hydra sweepers)."""
+def _train_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
+
+
+def train_main() -> float | None:
+    """``entreg-train``: returns ``cfg.optimized_metric`` when set (for Hydra sweepers).
+
+    Multi-GPU: ``torchrun --standalone --nproc_per_node=N -m entreg.train trainer=ddp``.
+    """
+    sys.argv += torchrun_overrides()
+    return _train_main()

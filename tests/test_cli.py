@@ -105,3 +105,25 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     )
     result = run([sys.executable, "-c", code], cwd=tmp_path, PYTHONPATH=str(site))
     assert result.stdout.split() == ["none", "small_cnn"]
+
+
+def test_torchrun_overrides_only_for_ranks_above_zero():
+    from entreg.cli import torchrun_overrides
+
+    assert torchrun_overrides({}) == []  # not under torchrun
+    assert torchrun_overrides({"TORCHELASTIC_RUN_ID": "x", "RANK": "0"}) == []
+    overrides = torchrun_overrides({"TORCHELASTIC_RUN_ID": "x", "RANK": "1"})
+    assert "hydra.output_subdir=null" in overrides and any("entreg-rank1-" in o for o in overrides)
+
+
+@pytest.mark.slow
+def test_torchrun_launch_with_two_cpu_processes(tmp_path):
+    """The documented multi-GPU launch, on CPU: one run directory, written by rank 0 only."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args += ["-m", "entreg.train", "trainer=ddp", "trainer.devices=2", "trainer.sync_batchnorm=false", *TINY, "logger=csv"]
+    result = run(args, cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    assert "accuracy" in result.stdout
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "strategy: ddp" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]  # rank 1 left nothing in the working dir
