@@ -5,13 +5,19 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-__all__ = ["has_tensorboard", "log_histogram", "log_metrics", "logging_step"]
+__all__ = ["has_tensorboard", "log_histogram", "log_metrics", "logging_step", "should_log_step"]
 
 
 def logging_step(trainer: L.Trainer) -> int:
     """The step Lightning gives the values logged in the current training batch (as its
     ``LearningRateMonitor`` does): the number of batches that stepped before this one."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def should_log_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes step values for the training batch about to run (``log_every_n_steps``);
+    call it in ``on_train_batch_start``, as Lightning's ``LearningRateMonitor`` does."""
+    return trainer._logger_connector.should_update_logs
 
 
 def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int | None = None) -> None:

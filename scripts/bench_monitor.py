@@ -33,7 +33,8 @@ synchronised at the start and the end of the timed window only and the run's val
 mean time per step: per-step synchronisation would hide host-device syncs the callback itself
 causes. Interleaving: each round runs the three arms once each, in an order rotated every round,
 and gives the ratios monitor/off and features/off of that round; the table shows the median over
-rounds of the run values and of the ratios, with the min and max ratio. Goal: ratio <= 1.02.
+rounds of the run values and of the ratios, with the min and max ratio. Goal: ratio <= 1.02
+(and, below, alternating-step ratio <= 1.02 and the monitor's own time <= 2% of a step).
 
 Shared machines: as in ``bench_era.py``, the CPU used by other processes during every timed window
 is measured (``benchkit.ForeignCpu``, Linux only); a round where it exceeded
@@ -41,22 +42,30 @@ is measured (``benchkit.ForeignCpu``, Linux only); a round where it exceeded
 rounds are run (up to ``--max-rounds`` per config and each config's share of the time budget). With
 fewer than 3 clean rounds all rounds are used and the row is marked NOISY.
 
-Breakdown: after the rounds, one more run with the ``features`` monitor whose methods are wrapped
-with timers gives its own cost per step in microseconds: attaching the hooks (batch start), the
+Alternating steps: a machine whose speed drifts by more than the monitor costs (a busy neighbour
+on a shared 2-core machine) blurs ratios of whole runs, so after the rounds one run per monitor arm
+attaches the monitor through a wrapper that forwards its hooks on odd batches only: adjacent steps
+form pairs one step apart, and the ``alt-step`` column is the median monitored step over
+the median unmonitored one of that run (``alt_steps`` timed steps; on CUDA synchronised every step).
+On a shared 2-core VM whole runs were seen to settle in a fast or a slow mode (up to ~30% apart,
+with no other process busy), which the run-level ratios cannot separate from a 2% effect.
+
+Breakdown: in the ``features`` alternating run the monitor's methods are wrapped with timers, which
+gives its own cost per monitored step in microseconds: attaching the hooks (batch start), the
 output hook (entropy + running statistics), the features hook (Gram matrix), and the batch end
-(detaching the hooks and ``_log_train_step``: the strategy reduce of the step mean and the
+(detaching the hooks, and ``_log_train_step``: the strategy reduce of the step mean and the
 ``pl_module.log`` call), plus the per-epoch cost of ``on_train_epoch_end`` (spectral entropy).
-On CUDA these are host-side times (a blocking sync shows up where the host waits). Step-time
-ratios on a noisy machine vary by a few per cent; the breakdown's share of the step says what
-the callback itself costs.
+The ``monitor`` arm's own cost is that total minus the features hook. On CUDA these are host-side
+times (a blocking sync shows up where the host waits). ``share`` = own cost / unmonitored step.
 
 Run:
-    python scripts/bench_monitor.py                  # full, CPU, 1 thread: ~5 minutes on 2 cores
-    python scripts/bench_monitor.py --quick          # smoke run (< ~1 minute)
+    python scripts/bench_monitor.py                  # full, CPU, 1 thread: ~5-6 minutes on 2 cores
+    python scripts/bench_monitor.py --quick          # smoke run (~1 minute)
     python scripts/bench_monitor.py --device cuda    # on a GPU (accelerator="gpu")
     python scripts/bench_monitor.py --configs c      # only the MLP
 
-Raw per-step times, settings, versions and date go to ``bench_monitor.json`` next to this script
+``entreg`` must be importable (installed, or ``PYTHONPATH=.`` from the repository root). Raw per-step
+times, settings, versions and date go to ``bench_monitor.json`` next to this script
 (``--out`` to change).
 """
 
@@ -131,9 +140,11 @@ class Config:
     steps: int  # timed steps per run
     warmup: int  # untimed steps at the start of every run
     rounds: int  # clean rounds wanted
+    alt_steps: int  # timed steps of each alternating run (half of them monitored)
     budget_weight: float  # share of the time budget
     quick_steps: int = 4
     quick_warmup: int = 1
+    quick_alt_steps: int = 8
 
 
 def _classifier(backbone: str, in_chans: int, **backbone_kwargs: Any) -> Callable[[], L.LightningModule]:
@@ -157,6 +168,7 @@ CONFIGS: dict[str, Config] = {
         steps=30,
         warmup=3,
         rounds=7,
+        alt_steps=120,
         budget_weight=0.3,
     ),
     "b": Config(
@@ -167,11 +179,13 @@ CONFIGS: dict[str, Config] = {
         num_classes=10,
         batch=32,
         features="backbone.avgpool",
-        steps=8,
+        steps=6,
         warmup=2,
-        rounds=5,
+        rounds=4,
+        alt_steps=16,
         budget_weight=0.55,
         quick_steps=2,
+        quick_alt_steps=4,
     ),
     "c": Config(
         key="c",
@@ -184,9 +198,11 @@ CONFIGS: dict[str, Config] = {
         steps=40,
         warmup=5,
         rounds=7,
+        alt_steps=300,
         budget_weight=0.15,
         quick_steps=10,
         quick_warmup=2,
+        quick_alt_steps=20,
     ),
 }
 
@@ -229,12 +245,13 @@ class MemoryLogger(Logger):
 class StepTimer(L.Callback):
     """perf_counter at every ``on_train_batch_start``; the timed window is batches warmup..warmup+steps.
 
-    On CUDA the device is synchronised at the window's two ends only. ``timing`` is true while a
-    timed step runs (the breakdown's wrappers count only then).
+    On CUDA the device is synchronised at the window's two ends only, or at every step with
+    ``sync_every_step``. ``timing`` is true while a timed step runs (the breakdown's wrappers count
+    only then).
     """
 
-    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
-        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+    def __init__(self, warmup: int, steps: int, cuda: bool, sync_every_step: bool = False) -> None:
+        self.warmup, self.steps, self.cuda, self.sync_every_step = warmup, steps, cuda, sync_every_step
         self.starts: list[float] = []
         self.foreign = ForeignCpu()
         self._snap_start: tuple[int, int, float] | None = None
@@ -245,7 +262,7 @@ class StepTimer(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         edge = batch_idx in (self.warmup, self.warmup + self.steps)
-        if self.cuda and edge:
+        if self.cuda and (edge or self.sync_every_step):
             torch.cuda.synchronize()
         now = time.perf_counter()
         if batch_idx >= self.warmup:
@@ -276,6 +293,31 @@ def make_monitor(arm: str, cfg: Config) -> L.Callback | None:
     if arm == "off":
         return None
     return EntropyMonitor(features=cfg.features if arm == "features" else None)
+
+
+class EveryOtherStep(L.Callback):
+    """Forwards the training hooks to ``inner`` on odd batches only (and its setup and epoch end)."""
+
+    def __init__(self, inner: L.Callback) -> None:
+        self.inner = inner
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.inner.setup(trainer, pl_module, stage)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx % 2:
+            self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx % 2:
+            self.inner.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.inner.on_train_epoch_end(trainer, pl_module)
 
 
 def fit_once(
@@ -408,31 +450,57 @@ class Breakdown:
         return wrapped
 
 
-def run_breakdown(
-    model: L.LightningModule, cfg: Config, warmup: int, steps: int, args: argparse.Namespace, seed: int
+def run_alternating(
+    model: L.LightningModule,
+    cfg: Config,
+    arm: str,
+    warmup: int,
+    steps: int,
+    args: argparse.Namespace,
+    seed: int,
+    instrument: bool,
 ) -> dict[str, Any]:
-    monitor = make_monitor("features", cfg)
+    """One run whose odd batches are monitored and even ones not: adjacent steps form pairs, so slow
+    drifts of the machine's speed cancel. With ``instrument``, the monitor's methods are timed too."""
+    monitor = make_monitor(arm, cfg)
     cuda = args.device == "cuda"
-    timer = StepTimer(warmup, steps, cuda)
-    breakdown = Breakdown(monitor, model, timer, cuda)
+    timer = StepTimer(warmup, steps, cuda, sync_every_step=True)
+    breakdown = Breakdown(monitor, model, timer, cuda) if instrument else None
     try:
-        fit_once(model, cfg, monitor, warmup, steps, args, seed, timer)
+        fit_once(model, cfg, EveryOtherStep(monitor), warmup, steps, args, seed, timer)
     finally:
-        del model.log  # the instance attribute set by Breakdown: back to the class's method
-    us = {part: s / steps * 1e6 for part, s in breakdown.seconds.items()}
-    # parts that contain others: the remainder is the rest of the method (hook removal, bookkeeping)
-    us["batch_end_rest"] = us["batch_end"] - us["log_train_step"]
-    us["log_train_step_rest"] = us["log_train_step"] - us["reduced_mean"] - us["pl_log"]
-    total = us["attach"] + us["output_hook"] + us["features_hook"] + us["batch_end"]
+        if instrument:
+            del model.log  # the instance attribute set by Breakdown: back to the class's method
     step_ms = timer.step_ms()
-    return {
-        "us_per_step": us,
-        "total_us_per_step": total,
-        "without_features_us_per_step": total - us["features_hook"],
-        "epoch_end_us": None if breakdown.epoch_end_s is None else breakdown.epoch_end_s * 1e6,
+    on = [ms for i, ms in enumerate(step_ms) if (warmup + i) % 2]
+    off = [ms for i, ms in enumerate(step_ms) if not (warmup + i) % 2]
+    pairs = [b / a for a, b in zip(step_ms[::2], step_ms[1::2], strict=False)]  # (first, second) of each pair
+    if warmup % 2:  # the first timed step is monitored: pairs are (on, off)
+        pairs = [1 / r for r in pairs]
+    out: dict[str, Any] = {
+        "arm": arm,
         "step_ms": step_ms,
-        "ms_per_step": run_value(step_ms, cuda),
+        "first_step_monitored": bool(warmup % 2),
+        "ms_off": statistics.median(off),
+        "ms_on": statistics.median(on),
+        "ratio": statistics.median(on) / statistics.median(off),
+        "pair_ratio_median": statistics.median(pairs),
+        "pair_ratio_iqr": [quantile(pairs, 0.25), quantile(pairs, 0.75)],
+        "foreign_cores": timer.foreign_cores,
     }
+    if breakdown is not None:
+        us = {part: sec / len(on) * 1e6 for part, sec in breakdown.seconds.items()}
+        # parts that contain others: the remainder is the rest of the method (hook removal, bookkeeping)
+        us["batch_end_rest"] = us["batch_end"] - us["log_train_step"]
+        us["log_train_step_rest"] = us["log_train_step"] - us["reduced_mean"] - us["pl_log"]
+        total = us["attach"] + us["output_hook"] + us["features_hook"] + us["batch_end"]
+        out["breakdown"] = {
+            "us_per_step": us,
+            "total_us_per_step": total,
+            "without_features_us_per_step": total - us["features_hook"],
+            "epoch_end_us": None if breakdown.epoch_end_s is None else breakdown.epoch_end_s * 1e6,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +564,24 @@ def run_config(cfg: Config, args: argparse.Namespace, deadline: float) -> dict[s
             + ("" if entry["clean"] else f"  busy: {max(foreign):.2f} foreign cores"),
             flush=True,
         )
-    breakdown = run_breakdown(model, cfg, warmup, steps, args, args.seed + 999)
+    alt_steps = 2 * ((args.alt_steps or (cfg.quick_alt_steps if args.quick else cfg.alt_steps)) // 2)
+    alternating = {
+        arm: run_alternating(model, cfg, arm, warmup, alt_steps, args, args.seed + 999, instrument=arm == "features")
+        for arm in ARMS[1:]
+    }
+    for arm, alt in alternating.items():
+        print(
+            f"    alternating steps, {arm}: off {alt['ms_off']:.3f}  on {alt['ms_on']:.3f} ms  "
+            f"(ratio {alt['ratio']:.4f}, pair ratios median {alt['pair_ratio_median']:.4f})",
+            flush=True,
+        )
+    breakdown = alternating["features"]["breakdown"]
+    summary = {arm: summarize(rounds, arm) for arm in ARMS[1:]}
+    for arm in ARMS[1:]:
+        own = breakdown["total_us_per_step"] if arm == "features" else breakdown["without_features_us_per_step"]
+        summary[arm]["alt_step_ratio"] = alternating[arm]["ratio"]
+        summary[arm]["own_us_per_step"] = own
+        summary[arm]["own_share"] = own / 1e3 / alternating["features"]["ms_off"]
     return {
         "config": cfg.key,
         "label": cfg.label,
@@ -506,10 +591,12 @@ def run_config(cfg: Config, args: argparse.Namespace, deadline: float) -> dict[s
         "features": cfg.features,
         "steps_per_run": steps,
         "warmup_steps": warmup,
+        "alternating_steps": alt_steps,
         "rounds_wanted": want,
         "rounds_run": len(rounds),
         "rounds_clean": sum(r["clean"] for r in rounds),
-        "summary": {arm: summarize(rounds, arm) for arm in ARMS[1:]},
+        "summary": summary,
+        "alternating": alternating,
         "breakdown": breakdown,
         "rounds": rounds,
     }
@@ -528,24 +615,27 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
     )
     header = (
         f"{'config':<31} {'monitor':<9} | {'off ms':>9} {'with ms':>9} | {'ratio':>7} {'[min, max]':>17} | "
-        f"{'clean':>5} | {'own us/step':>11} {'share':>7} | goal"
+        f"{'clean':>5} | {'alt-step':>8} | {'own us/step':>11} {'share':>7} | goal"
     )
     print(header)
     print("-" * len(header))
     for res in results:
-        bd = res["breakdown"]
         for arm in ARMS[1:]:
             s = res["summary"][arm]
-            own = bd["total_us_per_step"] if arm == "features" else bd["without_features_us_per_step"]
-            share = own / 1e3 / s["ms_off"]
+            own, alt, share = s["own_us_per_step"], s["alt_step_ratio"], s["own_share"]
             verdict = ("PASS" if s["ratio_median"] <= GOAL_RATIO else "FAIL") + (" NOISY" if s["noisy"] else "")
             clean = f"{res['rounds_clean']}/{res['rounds_run']}"
             print(
                 f"{res['label']:<31} {arm:<9} | {s['ms_off']:9.3f} {s['ms_with']:9.3f} | {s['ratio_median']:7.4f} "
-                f"[{s['ratio_min']:6.4f}, {s['ratio_max']:6.4f}] | {clean:>5} | {own:11.1f} {100 * share:6.2f}% | "
-                f"{verdict}"
+                f"[{s['ratio_min']:6.4f}, {s['ratio_max']:6.4f}] | {clean:>5} | {alt:8.4f} | "
+                f"{own:11.1f} {100 * share:6.2f}% | {verdict}"
             )
-    print("\nBreakdown of the monitor's own time (features arm, one instrumented run), microseconds per step:")
+    print(
+        "ratio: median over rounds of (run with monitor / run without); alt-step: one run monitoring every other "
+        "step,\nmedian monitored / median unmonitored step; own: the monitor's own time per monitored step "
+        "(instrumented;\n'monitor' = features run minus its features hook), share = own / unmonitored step."
+    )
+    print("\nBreakdown of the monitor's own time (features arm, instrumented alternating run), microseconds per step:")
     cols = (
         ("attach", "attach"),
         ("output_hook", "out hook"),
@@ -570,6 +660,14 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
         f"\nGoal: with/without <= {GOAL_RATIO}: monitor {'PASS' if ok else 'FAIL'}, monitor+features "
         f"{'PASS' if ok_features else 'FAIL'} (worst median {worst:.4f})"
     )
+    checks = (("alt-step ratio", "alt_step_ratio", GOAL_RATIO), ("own share", "own_share", GOAL_RATIO - 1))
+    for column, key, limit in checks:
+        ok_arm = {arm: all(res["summary"][arm][key] <= limit for res in results) for arm in ARMS[1:]}
+        worst_arm = max(res["summary"][arm][key] for res in results for arm in ARMS[1:])
+        print(
+            f"{column} <= {limit:.2f}: monitor {'PASS' if ok_arm['monitor'] else 'FAIL'}, "
+            f"monitor+features {'PASS' if ok_arm['features'] else 'FAIL'} (worst {worst_arm:.4f})"
+        )
     if any(res["summary"][arm]["noisy"] for res in results for arm in ARMS[1:]):
         print("WARNING: other processes used CPU during most rounds (NOISY rows); rerun on a quiet machine.")
 
@@ -582,6 +680,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*but have no `val_dataloader`.*")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -592,6 +691,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: 1 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: per config)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default: per config)")
+    parser.add_argument(
+        "--alt-steps", type=int, default=None, help="timed steps of the alternating runs (default: per config)"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="clean rounds per config (default: 7; b 5)")
     parser.add_argument("--max-rounds", type=int, default=None, help="at most this many rounds (default 2x)")
     parser.add_argument(
@@ -614,6 +716,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("threads", "steps", "rounds", "max_rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.alt_steps is not None and args.alt_steps < 2:
+        parser.error("--alt-steps must be >= 2")
     if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.threads is not None:

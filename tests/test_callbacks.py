@@ -356,5 +356,5 @@ def test_lightning_module_with_controller_is_independent_of_entreg_modules(tmp_p
     )
     model = DemoModel()
     trainer.fit(model, random_loader())
-    assert "train/pred_entropy" in trainer.callback_metrics
+    assert "train/pred_entropy_mean" in trainer.callback_metrics
     assert model.learning_rate != 0.02 and model.learning_rate == trainer.callbacks[1].coef

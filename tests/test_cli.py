@@ -120,7 +120,8 @@ def test_torchrun_overrides_only_for_ranks_above_zero():
 def test_torchrun_launch_with_two_cpu_processes(tmp_path):
     """The documented multi-GPU launch, on CPU: one run directory, written by rank 0 only."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args += ["-m", "entreg.train", "trainer=ddp", "trainer.devices=2", "trainer.sync_batchnorm=false", *TINY, "logger=csv"]
+    args += ["-m", "entreg.train", "trainer=ddp", "trainer.devices=2", "trainer.sync_batchnorm=false"]
+    args += [*TINY, "logger=csv"]
     result = run(args, cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
     assert "accuracy" in result.stdout
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()

@@ -186,6 +186,7 @@ class EntropyController(L.Callback):
     # --- Lightning hooks -------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._capture.bind(pl_module)
         current = self._read(pl_module)
         self._check_bounds(pl_module, current)
         self._window = EntropyStats(trainer.strategy.root_device)  # new tensors in every process
@@ -213,7 +214,7 @@ class EntropyController(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._capture.attach(pl_module)
+        self._capture.attach()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

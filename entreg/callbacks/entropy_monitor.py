@@ -11,10 +11,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from entreg.callbacks.entropy_stats import EntropyStats
-from entreg.callbacks.output_capture import OutputCapture, OutputKey, find_submodule
+from entreg.callbacks.output_capture import OutputCapture, OutputKey
 from entreg.distributed import all_gather_uneven
 from entreg.entropy import categorical_entropy, entropy_from_probs, spectral_entropy
-from entreg.loggers import has_tensorboard, log_histogram, log_metrics, logging_step
+from entreg.loggers import has_tensorboard, log_histogram, log_metrics, logging_step, should_log_step
 
 __all__ = ["EntropyMonitor"]
 
@@ -30,7 +30,7 @@ class EntropyMonitor(L.Callback):
     the first output it produces in each batch, with no change to the model's code. Logged (in
     nats, reduced over all DDP ranks, so they equal one process on the global batch):
 
-    * ``train/{name}``: mean entropy of each training batch (every step);
+    * ``train/{name}``: mean entropy of the training batch, every ``log_every_n_steps`` steps;
     * ``{stage}/{name}_mean``, ``_min``, ``_max`` per epoch for each monitored stage
       (``train``, ``val``, ``test``; ``predict`` goes to the loggers directly), and
       ``{stage}/{name}_nonfinite`` when NaN/Inf entropies were left out;
@@ -92,11 +92,11 @@ class EntropyMonitor(L.Callback):
         self._capture = OutputCapture(module, output_key, self._on_output)
         self._feature_capture = OutputCapture(features, features_key, self._on_features) if features else None
         self._stats: dict[str, EntropyStats] = {}
-        self._step_stats: EntropyStats | None = None
         self._grams: dict[str, Tensor] = {}
         self._loaded: dict[str, Any] | None = None
         self._stage: str | None = None  # the stage whose batch is running with hooks attached
         self._batch_entropy: Tensor | None = None
+        self._log_step = False
         self._eval_values: list[Tensor] = []
         self._histograms = False
         self._last_histogram_step = -1
@@ -109,13 +109,12 @@ class EntropyMonitor(L.Callback):
     # --- setup and state -------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        find_submodule(pl_module, self.module)  # a wrong name fails here, before any step
-        if self.features:
-            find_submodule(pl_module, self.features)
+        self._capture.bind(pl_module)  # a wrong name fails here, before any step
+        if self._feature_capture is not None:
+            self._feature_capture.bind(pl_module)
         device = trainer.strategy.root_device
         # new tensors in every process: under ddp_spawn, tensors built before the launch are shared memory
         self._stats = {s: EntropyStats(device) for s in self.stages}
-        self._step_stats = EntropyStats(device)
         self._grams = {}
         self._histograms = self.histogram_every_n_steps > 0 and has_tensorboard(trainer)
         if self._loaded is not None:
@@ -151,9 +150,7 @@ class EntropyMonitor(L.Callback):
         h = self._entropy(output)
         self._batch_entropy = h
         self._stats[self._stage].update(h)
-        if self._stage == "train":
-            self._step_stats.update(h)
-        elif self._histograms:
+        if self._stage != "train" and self._histograms:
             self._eval_values.append(h.float())
 
     def _on_features(self, features: Tensor) -> None:
@@ -163,17 +160,18 @@ class EntropyMonitor(L.Callback):
                 f"EntropyMonitor: features of {self.features!r} have dimension {z.shape[1]} > {MAX_FEATURE_DIM}; "
                 "point `features` at a pooled layer (e.g. the global pool before the classifier)"
             )
-        z = torch.nn.functional.normalize(z, dim=1).double()
-        gram = z.T @ z
+        z = torch.nn.functional.normalize(z, dim=1)
+        gram = (z.T @ z).double()  # the product in float32, the sum over batches and ranks in float64
         self._grams[self._stage] = self._grams[self._stage] + gram if self._stage in self._grams else gram
 
     def _batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in self.stages or trainer.sanity_checking:
             return
         self._stage, self._batch_entropy = stage, None
-        self._capture.attach(pl_module)
+        self._log_step = stage == "train" and should_log_step(trainer)
+        self._capture.attach()
         if self._feature_capture is not None:
-            self._feature_capture.attach(pl_module)
+            self._feature_capture.attach()
 
     def _batch_end(self, stage: str) -> bool:
         """Detach the hooks; whether this batch was monitored."""
@@ -194,15 +192,19 @@ class EntropyMonitor(L.Callback):
 
     # --- logging ---------------------------------------------------------------------------
 
-    def _log_train_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        mean, count = self._step_stats.reduced_mean(trainer.strategy)
-        self._step_stats.reset()
-        if count > 0:
-            pl_module.log(f"train/{self.name}", mean.float(), on_step=True, on_epoch=False)
-        step = logging_step(trainer)
+    def _log_train_step(self, trainer: L.Trainer) -> None:
+        """The batch's mean entropy on Lightning's logging steps (``log_every_n_steps``), written
+        straight to the loggers: ``self.log`` would cost ~0.5 ms on every step."""
+        step, device = logging_step(trainer), trainer.strategy.root_device
+        h = self._batch_entropy if self._batch_entropy is not None else torch.empty(0, device=device)
+        if self._log_step:
+            batch = EntropyStats(device)
+            batch.update(h)
+            mean, count = batch.reduced_mean(trainer.strategy)
+            if count > 0:
+                log_metrics(trainer, {f"train/{self.name}": mean.item()}, step)
         if self._histograms and step % self.histogram_every_n_steps == 0 and step != self._last_histogram_step:
             self._last_histogram_step = step
-            h = self._batch_entropy if self._batch_entropy is not None else torch.empty(0, device=mean.device)
             log_histogram(trainer, f"train/{self.name}_hist", all_gather_uneven(trainer.strategy, h.float()), step)
 
     def _log_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -256,7 +258,7 @@ class EntropyMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._batch_end("train"):
-            self._log_train_step(trainer, pl_module)
+            self._log_train_step(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_epoch(trainer, pl_module, "train")

@@ -50,8 +50,8 @@ def find_submodule(root: nn.Module, name: str | None) -> nn.Module:
 
 class OutputCapture:
     """A forward hook on a named submodule that hands the (detached) output of its first call in
-    each batch to ``on_output``. It is attached only between :meth:`attach` and :meth:`detach`, so
-    batches nobody monitors pay nothing.
+    each batch to ``on_output``. :meth:`bind` finds the submodule once; the hook is attached only
+    between :meth:`attach` and :meth:`detach`, so batches nobody monitors pay nothing.
 
     Args:
         module: dotted submodule name (``"backbone.fc"``); ``None`` hooks the root module itself.
@@ -63,7 +63,8 @@ class OutputCapture:
         >>> seen = []
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
         >>> capture = OutputCapture("0", None, seen.append)
-        >>> capture.attach(net)
+        >>> capture.bind(net)
+        >>> capture.attach()
         >>> _ = net(torch.ones(2, 3)); _ = net(torch.ones(5, 3))  # only the first call counts
         >>> capture.detach()
         >>> [t.shape for t in seen], capture.calls
@@ -73,14 +74,22 @@ class OutputCapture:
     def __init__(self, module: str | None, key: OutputKey, on_output: Callable[[Tensor], None]) -> None:
         self.module, self.key, self.on_output = module, key, on_output
         self.calls = 0
+        self._target: nn.Module | None = None
         self._handle: RemovableHandle | None = None
         self._where = f"module {module!r}" if module else "the module's forward"
 
-    def attach(self, root: nn.Module) -> None:
-        """Hook ``root``'s submodule; the next forward call is captured."""
+    def bind(self, root: nn.Module) -> None:
+        """Find the submodule of ``root`` to hook (an unknown name raises here, with close names)."""
+        self.detach()
+        self._target = find_submodule(root, self.module)
+
+    def attach(self) -> None:
+        """Hook the bound submodule; the next forward call is captured."""
+        if self._target is None:
+            raise RuntimeError("OutputCapture.bind(root) must be called before attach()")
         self.detach()
         self.calls = 0
-        self._handle = find_submodule(root, self.module).register_forward_hook(self._hook)
+        self._handle = self._target.register_forward_hook(self._hook)
 
     def detach(self) -> None:
         if self._handle is not None:

@@ -142,8 +142,10 @@ class ClassificationModule(L.LightningModule):
             return self._zero_loss()
         self._good_batches += 1
         self.train_metrics.update(logits, y, entropy)
+        # averaged over ranks: equal-size rank batches give the global batch's value
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.log("train/entropy", entropy.detach().mean(), on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
+        h = entropy.detach().mean()
+        self.log("train/entropy", h, on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
         return loss
 
     def _zero_loss(self) -> Tensor:
