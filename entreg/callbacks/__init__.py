@@ -2,5 +2,6 @@
 
 from entreg.callbacks.entropy_controller import EntropyController
 from entreg.callbacks.entropy_monitor import EntropyMonitor
+from entreg.callbacks.test_time_adaptation import TestTimeAdaptation
 
-__all__ = ["EntropyController", "EntropyMonitor"]
+__all__ = ["EntropyController", "EntropyMonitor", "TestTimeAdaptation"]

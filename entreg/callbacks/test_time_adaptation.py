@@ -1,0 +1,160 @@
+"""TestTimeAdaptation: adapt any LightningModule on its test or predict stream."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from entreg.callbacks.output_capture import OutputKey, find_submodule, select_output
+from entreg.entropy import categorical_entropy
+from entreg.loggers import log_metrics
+from entreg.tta import StepInfo, TTAMethod, build_method, check_method_kwargs
+
+__all__ = ["TestTimeAdaptation"]
+
+ResetMode = Literal["continual", "episodic", "per_dataloader"]
+RESET_MODES = ("continual", "episodic", "per_dataloader")
+
+
+class TestTimeAdaptation(L.Callback):
+    """Adapt the model on each test/predict batch before the module's own ``test_step`` /
+    ``predict_step`` sees it, with any method of :mod:`entreg.tta` (Tent, EATA, ETA, SAR, DeYO).
+
+    The callback turns the loop's inference mode off (gradients are needed), builds the method
+    on the LightningModule (or its submodule ``module``) when the loop starts, and on every batch
+    runs one adaptation step on the inputs. The module's step then predicts with the adapted model;
+    the logits from before the update (what the papers report as online error) are in
+    :attr:`last_logits`. Logged per batch to the loggers: ``tta/entropy`` (mean entropy before the
+    update), ``tta/selected`` (fraction of the batch in the loss), ``tta/resets`` and, when the batch
+    holds labels, ``tta/online_error``.
+
+    A batch with NaN/Inf inputs is skipped with a warning (the model is untouched). Batch size 1
+    with BatchNorm layers gets a warning: the statistics of one sample are unreliable (use a
+    GroupNorm/LayerNorm model, as SAR recommends).
+
+    Args:
+        method: name in :data:`entreg.tta.METHODS`.
+        num_classes: number of classes; default ``pl_module.hparams.num_classes``.
+        module: dotted name of the submodule that maps inputs to logits (default: the module itself).
+        input_key: index/key of the inputs in a batch (a plain tensor batch is the input).
+        target_key: index/key of the labels, for the online error (``None``: none).
+        reset: ``continual`` (never), ``episodic`` (before every batch) or ``per_dataloader`` (when
+            the dataloader changes: one dataloader per distribution shift).
+        **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``optimizer``...).
+
+    Example:
+        >>> TestTimeAdaptation("tent", num_classes=10, lr=1e-3)
+        TestTimeAdaptation(method='tent', reset='continual', num_classes=10, kwargs={'lr': 0.001})
+        >>> TestTimeAdaptation("eata", e_margn=0.9)
+        Traceback (most recent call last):
+        ...
+        TypeError: EATA got an unexpected argument 'e_margn'; valid: [...]
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(
+        self,
+        method: str = "tent",
+        num_classes: int | None = None,
+        module: str | None = None,
+        input_key: OutputKey = 0,
+        target_key: OutputKey = 1,
+        reset: ResetMode = "continual",
+        **method_kwargs: Any,
+    ) -> None:
+        check_method_kwargs(method, method_kwargs)  # unknown names fail now, not when the test loop starts
+        if reset not in RESET_MODES:
+            raise ValueError(f"reset must be one of {RESET_MODES}, got {reset!r}")
+        self.method_name, self.num_classes, self.module = method, num_classes, module
+        self.input_key, self.target_key, self.reset = input_key, target_key, reset
+        self.method_kwargs = method_kwargs
+        self.method: TTAMethod | None = None
+        self.last_logits: Tensor | None = None
+        self.last_info: StepInfo | None = None
+        self.batches = 0
+        self._dataloader_idx: int | None = None
+        self._warned_single = False
+
+    def __repr__(self) -> str:
+        return (
+            f"TestTimeAdaptation(method={self.method_name!r}, reset={self.reset!r}, "
+            f"num_classes={self.num_classes}, kwargs={self.method_kwargs})"
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            raise NotImplementedError(
+                "TestTimeAdaptation runs in one process for now: under DDP each rank would adapt its own copy"
+            )
+        trainer.test_loop.inference_mode = False  # adaptation needs autograd in the test/predict loops
+        trainer.predict_loop.inference_mode = False
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        num_classes = self.num_classes or getattr(pl_module.hparams, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("TestTimeAdaptation needs num_classes (the module has no hparams.num_classes)")
+        model = find_submodule(pl_module, self.module)
+        self.method = build_method(self.method_name, model, int(num_classes), **self.method_kwargs)
+        self.batches, self._dataloader_idx = 0, None
+
+    def _select(self, batch: Any, key: OutputKey) -> Tensor | None:
+        if isinstance(batch, Tensor):
+            return batch if key == self.input_key else None
+        try:
+            return select_output(batch, key, "the batch")
+        except (KeyError, TypeError):
+            return None
+
+    def _adapt(self, trainer: L.Trainer, batch: Any, dataloader_idx: int) -> None:
+        method = self.method
+        if self.reset == "episodic" or (self.reset == "per_dataloader" and dataloader_idx != self._dataloader_idx):
+            if self.batches:
+                method.reset()
+        self._dataloader_idx = dataloader_idx
+        x = self._select(batch, self.input_key)
+        if x is None:
+            raise KeyError(f"TestTimeAdaptation: no input at input_key={self.input_key!r} in the batch")
+        self.batches += 1
+        if not torch.isfinite(x).all():
+            rank_zero_warn(f"TestTimeAdaptation: batch {self.batches - 1} has NaN/Inf inputs: skipped, model untouched")
+            self.last_logits, self.last_info = None, None
+            return
+        has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in method.model.modules())
+        if len(x) == 1 and has_batchnorm and not self._warned_single:
+            self._warned_single = True
+            rank_zero_warn(
+                "TestTimeAdaptation with batch size 1 on a BatchNorm model: BatchNorm then normalises with the "
+                "statistics of one image, which are unreliable; use larger batches or a GroupNorm/LayerNorm model"
+            )
+        logits, info = method.adapt(x)
+        self.last_logits, self.last_info = logits, info
+        metrics = {
+            "tta/entropy": float(categorical_entropy(logits, dim=1).mean()),
+            "tta/selected": info.selected / max(info.total, 1),
+            "tta/resets": float(method.resets),
+        }
+        target = None if self.target_key is None else self._select(batch, self.target_key)
+        if target is not None and target.shape == logits.shape[:1]:
+            metrics["tta/online_error"] = float((logits.argmax(1) != target).float().mean())
+        log_metrics(trainer, metrics, step=self.batches - 1)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._adapt(trainer, batch, dataloader_idx)
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._adapt(trainer, batch, dataloader_idx)

@@ -1,0 +1,138 @@
+"""What every test-time adaptation method shares: configuring the model, one update per batch that
+returns the logits from before the update, and an exact reset to the source model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from entreg.entropy import categorical_entropy
+from entreg.tta.norm import BATCHNORM_ONLY, collect_norm_params, force_batch_statistics
+
+__all__ = ["OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin"]
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
+    """The references' entropy threshold ``fraction * ln C`` (E0 = 0.4 ln C: 2.763 for ImageNet)."""
+    return fraction * math.log(num_classes)
+
+
+@dataclass
+class StepInfo:
+    """What one adaptation step did: samples in the loss, batch size, the loss value (None: no step)."""
+
+    selected: int
+    total: int
+    loss: float | None = None
+    reset: bool = False
+
+
+class TTAMethod:
+    """Base class of the test-time adaptation methods in :mod:`entreg.tta`.
+
+    On construction the model is configured as the reference implementations do: every
+    ``BatchNorm2d`` uses the statistics of the current batch (its running buffers are dropped, so
+    this holds under ``eval()`` too), and only the affine parameters of the normalisation layers of
+    ``norm_types`` (minus the excluded names) are trained. The model keeps its train/eval mode (the
+    references call ``model.train()``, which also turns on dropout; identical without dropout).
+
+    :meth:`adapt` runs one update on a batch and returns the logits computed *before* the update,
+    as every reference does. :meth:`reset` restores the source parameters and the optimizer state
+    exactly. With ``recovery=True`` any method resets itself when the moving average of its loss
+    falls below ``recovery_threshold`` (SAR's model-recovery rule).
+
+    Args:
+        model: the classifier; it is modified in place.
+        num_classes: number of classes (thresholds scale with ln C).
+        optimizer: factory ``params -> Optimizer``; default SGD(lr, momentum=0.9).
+        lr: learning rate of the default optimizer.
+        recovery: reset when the loss EMA drops below ``recovery_threshold``.
+        recovery_threshold: SAR's constant 0.2.
+    """
+
+    name = "base"
+    norm_types: tuple[type[nn.Module], ...] = BATCHNORM_ONLY
+    exclude: Sequence[str] = ()
+    exclude_final: Sequence[str] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        lr: float = 2.5e-4,
+        recovery: bool = False,
+        recovery_threshold: float = 0.2,
+    ) -> None:
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not recovery_threshold >= 0:
+            raise ValueError(f"recovery_threshold must be >= 0, got {recovery_threshold}")
+        self.model, self.num_classes = model, num_classes
+        self.recovery, self.recovery_threshold = recovery, recovery_threshold
+        force_batch_statistics(model)
+        self.params = collect_norm_params(model, self.norm_types, self.exclude, self.exclude_final)
+        if not self.params:
+            names = ", ".join(t.__name__ for t in self.norm_types)
+            raise ValueError(f"{type(self).__name__} adapts the affine parameters of {names} layers; none found")
+        make = optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9))
+        self.optimizer = make(self.params)
+        self.ema: float | None = None
+        self.resets = 0
+        self._source = self._snapshot()
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict())
+
+    def reset(self) -> None:
+        """Restore the source model and a fresh optimizer state, exactly."""
+        model_state, optimizer_state = self._source
+        self.model.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        self.ema = None
+        self.resets += 1
+
+    def entropy(self, logits: Tensor) -> Tensor:
+        """Per-sample Shannon entropy of softmax(logits) over dim 1."""
+        return categorical_entropy(logits, dim=1)
+
+    def _update(self, loss: Tensor | None) -> float | None:
+        """Backward and optimizer step for ``loss`` (``None``: no step); gradients are cleared after."""
+        value = None
+        if loss is not None:
+            loss.backward()
+            self.optimizer.step()
+            value = float(loss.detach())
+        self.optimizer.zero_grad()
+        return value
+
+    def _track(self, loss: float | None) -> bool:
+        """SAR's moving average of the loss (NaN skipped) and its reset; whether a reset happened."""
+        if loss is not None and not math.isnan(loss):
+            self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        if self.ema is not None and self.ema < self.recovery_threshold:
+            self.reset()
+            return True
+        return False
+
+    def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
+        """One update on batch ``x``; returns (logits before the update, what was done). Subclasses implement it."""
+        raise NotImplementedError
+
+    def adapt(self, x: Tensor) -> tuple[Tensor, StepInfo]:
+        """Adapt on ``x`` (with gradients on, whatever the caller's mode); returns the detached
+        pre-update logits and the :class:`StepInfo`."""
+        with torch.enable_grad():
+            logits, info = self.step(x)
+        if self.recovery:
+            info.reset = self._track(info.loss)
+        return logits.detach(), info

@@ -1,0 +1,124 @@
+"""DeYO: destroy your object, entropy minimisation filtered by pseudo-label probability difference
+(Lee et al., ICLR 2024).
+
+Reference: github.com/Jhyun17/DeYO (``methods/deyo.py``). Samples with H < 0.5 ln C are kept;
+their images are destroyed by shuffling 4x4 patches; PLPD = p(y|x) - p(y|x') for the predicted
+class y measures how much the prediction relied on the object's shape. Samples with
+PLPD > threshold are weighted by exp(E0 - H) + exp(PLPD) in the entropy loss. No step when no
+sample is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
+
+__all__ = ["DeYO", "plpd", "shuffle_patches"]
+
+
+def shuffle_patches(images: Tensor, patches_per_side: int = 4) -> Tensor:
+    """Cut each image into ``patches_per_side`` x ``patches_per_side`` patches and permute them,
+    per image, with ``torch.rand`` from the global generator (as the reference does). Images whose
+    side is not a multiple are resized to the nearest smaller multiple and back (bilinear, antialiased).
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> y = shuffle_patches(x, 2)
+        >>> sorted(y.flatten().tolist()) == x.flatten().tolist()
+        True
+    """
+    b, c, height, width = images.shape
+    side = (width // patches_per_side) * patches_per_side  # the reference resizes to a square from the width
+    x = images
+    if (height, width) != (side, side):
+        x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    n, p = patches_per_side, side // patches_per_side
+    patches = x.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, p, p)
+    order = torch.argsort(torch.rand(b, n * n), dim=-1).to(images.device)
+    patches = patches[torch.arange(b, device=images.device).unsqueeze(-1), order]
+    x = patches.reshape(b, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, side, side)
+    if (height, width) != (side, side):
+        x = F.interpolate(x, size=(width, width), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def plpd(logits: Tensor, destroyed_logits: Tensor) -> Tensor:
+    """Pseudo-label probability difference p(y|x) - p(y|x'), y = argmax p(.|x)."""
+    probs, destroyed = logits.softmax(1), destroyed_logits.softmax(1)
+    label = probs.argmax(1, keepdim=True)
+    return (probs.gather(1, label) - destroyed.gather(1, label)).reshape(-1)
+
+
+class DeYO(TTAMethod):
+    """Entropy minimisation on samples whose prediction depends on the object's shape.
+
+    Args:
+        model, num_classes, optimizer, lr, recovery, recovery_threshold: see :class:`TTAMethod`.
+        margin: entropy filter tau_Ent, default 0.5 ln C.
+        margin_e0: E0 of the sample weight exp(E0 - H), default 0.4 ln C.
+        plpd_threshold: tau_PLPD (0.2 in the reference's defaults, 0.3 for mild shifts).
+        patches_per_side: patch grid of the shuffle (4: 16 patches).
+        reweight_ent, reweight_plpd: weights of the two terms of the sample weight (1 and 1).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GroupNorm(2, 4),
+        ...                           torch.nn.Flatten(), torch.nn.LazyLinear(10))
+        >>> _ = net(torch.randn(2, 3, 8, 8))
+        >>> deyo = DeYO(net, num_classes=10, margin=2.3)
+        >>> _, info = deyo.adapt(torch.randn(16, 3, 8, 8))
+        >>> info.total
+        16
+    """
+
+    name = "deyo"
+    norm_types = ALL_NORMS
+    exclude = SAR_EXCLUDE
+    exclude_final = SAR_EXCLUDE_FINAL
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        margin: float | None = None,
+        margin_e0: float | None = None,
+        plpd_threshold: float = 0.2,
+        patches_per_side: int = 4,
+        reweight_ent: float = 1.0,
+        reweight_plpd: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, num_classes, **kwargs)
+        self.margin = entropy_margin(num_classes, 0.5) if margin is None else float(margin)
+        self.margin_e0 = entropy_margin(num_classes) if margin_e0 is None else float(margin_e0)
+        if not (self.margin > 0 and self.margin_e0 > 0):
+            raise ValueError(f"margin and margin_e0 must be > 0 nats, got {margin}, {margin_e0}")
+        if not -1 <= plpd_threshold < 1:
+            raise ValueError(f"plpd_threshold is a probability difference in [-1, 1), got {plpd_threshold}")
+        if not isinstance(patches_per_side, int) or patches_per_side < 2:
+            raise ValueError(f"patches_per_side must be an int >= 2, got {patches_per_side!r}")
+        self.plpd_threshold, self.patches_per_side = float(plpd_threshold), patches_per_side
+        self.reweight_ent, self.reweight_plpd = float(reweight_ent), float(reweight_plpd)
+
+    def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
+        logits = self.model(x)
+        h = self.entropy(logits)
+        confident = torch.nonzero(h < self.margin).flatten()
+        if len(confident) == 0:
+            return logits, StepInfo(selected=0, total=len(x))
+        h = h[confident]
+        with torch.no_grad():
+            destroyed = self.model(shuffle_patches(x[confident].detach(), self.patches_per_side))
+        difference = plpd(logits[confident], destroyed)
+        shape_based = torch.nonzero(difference > self.plpd_threshold).flatten()
+        if len(shape_based) == 0:
+            return logits, StepInfo(selected=0, total=len(x))
+        h, difference = h[shape_based], difference[shape_based].detach()
+        if self.reweight_ent or self.reweight_plpd:  # alpha = exp(E0 - H) + exp(PLPD)
+            alpha = self.reweight_ent * torch.exp(self.margin_e0 - h.detach())
+            h = h * (alpha + self.reweight_plpd * torch.exp(difference))
+        loss = h.mean()
+        return logits, StepInfo(selected=len(h), total=len(x), loss=self._update(loss))

@@ -1,0 +1,86 @@
+"""SAR: sharpness-aware and reliable entropy minimisation (Niu et al., ICLR 2023).
+
+Reference: github.com/mr-eggplant/SAR (``sar.py``, ``sam.py``). Reliable samples (H < E0) are
+kept; the entropy is minimised with a SAM step (perturb the parameters by rho g/||g||, take the
+gradient of the entropy there, restore, step); a moving average of the second loss below 0.2
+restores the source model. BN/LN/GN affine parameters are adapted, the top of the network frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
+
+__all__ = ["SAR", "sam_perturbation"]
+
+
+@torch.no_grad()
+def sam_perturbation(params: list[nn.Parameter], rho: float) -> list[Tensor]:
+    """SAM's ascent step e = rho g / (||g|| + 1e-12), with ||g|| the 2-norm of all gradients
+    together; returns e per parameter (zeros where there is no gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return [torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = rho / (norm + 1e-12)
+    return [torch.zeros_like(p) if p.grad is None else p.grad * scale for p in params]
+
+
+class SAR(TTAMethod):
+    """Sharpness-aware, reliable entropy minimisation with model recovery.
+
+    Args:
+        model, num_classes, optimizer, lr, recovery_threshold: see :class:`TTAMethod` (recovery is
+            always on: it is part of SAR; the reference hard-codes the threshold 0.2).
+        margin: entropy threshold E0, default 0.4 ln C.
+        rho: SAM neighbourhood radius (0.05).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+        ...                           torch.nn.LazyLinear(10))
+        >>> _ = net(torch.randn(2, 3, 8, 8))
+        >>> sar = SAR(net, num_classes=10, margin=2.3)
+        >>> _, info = sar.adapt(torch.randn(16, 3, 8, 8))
+        >>> info.total
+        16
+    """
+
+    name = "sar"
+    norm_types = ALL_NORMS
+    exclude = SAR_EXCLUDE
+    exclude_final = SAR_EXCLUDE_FINAL
+
+    def __init__(
+        self, model: nn.Module, num_classes: int, margin: float | None = None, rho: float = 0.05, **kwargs
+    ) -> None:
+        kwargs.setdefault("recovery", True)
+        super().__init__(model, num_classes, **kwargs)
+        self.margin = entropy_margin(num_classes) if margin is None else float(margin)
+        if not self.margin > 0:
+            raise ValueError(f"margin must be > 0 nats, got {margin}")
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        self.rho = float(rho)
+
+    def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
+        logits = self.model(x)
+        h = self.entropy(logits)
+        reliable = torch.nonzero(h < self.margin).flatten()
+        h[reliable].mean().backward()  # an empty selection gives NaN here and zero gradients, as in the reference
+        perturbation = sam_perturbation(self.params, self.rho)
+        theta = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_add_(self.params, perturbation)
+        self.optimizer.zero_grad()
+        h2 = self.entropy(self.model(x))[reliable]
+        h2 = h2[torch.nonzero(h2 < self.margin).flatten()]
+        loss = h2.mean()
+        loss.backward()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, theta)  # back to theta; step with the gradient at theta + e
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return logits, StepInfo(selected=len(h2), total=len(x), loss=float(loss.detach()))
