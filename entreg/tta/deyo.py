@@ -32,6 +32,9 @@ def shuffle_patches(images: Tensor, patches_per_side: int = 4) -> Tensor:
         True
     """
     b, c, height, width = images.shape
+    if min(height, width) < patches_per_side:
+        n = patches_per_side
+        raise ValueError(f"shuffle_patches needs images of at least {n}x{n} pixels, got {height}x{width}")
     side = (width // patches_per_side) * patches_per_side  # the reference resizes to a square from the width
     x = images
     if (height, width) != (side, side):
