@@ -250,12 +250,15 @@ def test_shuffle_patches_permutes_whole_patches_with_the_global_rng():
     y = shuffle_patches(x, 4)
     torch.manual_seed(3)
     assert torch.equal(y, shuffle_patches(x, 4))  # reproducible from the global seed
-    patches = lambda t: {
-        tuple(t[i, :, r : r + 2, c : c + 2].flatten().tolist())  # noqa: E731
-        for i in range(2)
-        for r in range(0, 8, 2)
-        for c in range(0, 8, 2)
-    }
+
+    def patches(t):
+        return {
+            tuple(t[i, :, r : r + 2, c : c + 2].flatten().tolist())
+            for i in range(2)
+            for r in range(0, 8, 2)
+            for c in range(0, 8, 2)
+        }
+
     assert patches(y) == patches(x) and not torch.equal(x, y)
     odd = torch.randn(1, 3, 10, 10)
     assert shuffle_patches(odd, 4).shape == odd.shape  # resized to 8x8 for the shuffle and back
