@@ -75,6 +75,51 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def adapt(cfg: DictConfig) -> dict[str, float]:
+    """Load ``cfg.ckpt_path`` and adapt it on ``cfg.stream`` with ``cfg.method``; print and return, per
+    shift, the source accuracy, the online accuracy during adaptation and the adapted test accuracy."""
+    import lightning as L
+    from hydra.utils import get_class, instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    model_class = get_class(cfg.model_class)
+    datamodule = instantiate(cfg.stream, _convert_="all")
+
+    def load() -> L.LightningModule:
+        return model_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+
+    def test(callbacks: list, loggers: list) -> list[dict[str, float]]:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+        return trainer.test(load(), datamodule=datamodule, verbose=False)
+
+    source = test([], []) if cfg.compare_source else None
+    tta = instantiate(cfg.method, _convert_="all")
+    adapted = test([tta], instantiate_group(cfg.get("logger")))
+    online = tta.online_error()
+    rows, metrics = [], {}
+    for idx, shift in enumerate(datamodule.shifts if not datamodule.mixed else ["mixed"]):
+        key = f"test/acc/dataloader_idx_{idx}" if len(adapted) > 1 else "test/acc"
+        row = {"source": source[idx].get(key) if source else None, "online": 1 - online.get(idx, float("nan"))}
+        row["adapted"] = adapted[idx].get(key)
+        rows.append((shift, row))
+        metrics |= {f"{shift}/{name}": value for name, value in row.items() if value is not None}
+    _print_adaptation(rows, f"entreg-adapt {cfg.method.method} on {cfg.ckpt_path}")
+    return metrics
+
+
+def _print_adaptation(rows: list[tuple[str, dict[str, float | None]]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("shift", "source acc", "online acc (pre-update)", "adapted acc"):
+        table.add_column(column, justify="left" if column == "shift" else "right")
+    for shift, row in rows:
+        cells = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("source", "online", "adapted")]
+        table.add_row(shift, *cells)
+    Console().print(table)
+
+
 def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:
     """Hydra overrides for a rank > 0 started by ``torchrun``, which runs the entry point once per rank.
 
@@ -96,6 +141,12 @@ def _train_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="adapt")
+def adapt_main(cfg: DictConfig) -> None:
+    """``entreg-adapt``: test-time adaptation of a checkpoint on a shifted stream."""
+    adapt(cfg)
 
 
 def train_main() -> float | None:

@@ -235,10 +235,16 @@ def test_sar_recovery_resets_below_the_threshold_and_skips_nan():
     sar = SAR(net, num_classes=4, margin=1e-9, optimizer=SGD)  # nothing reliable: the loss is NaN
     sar.adapt(batch())
     assert sar.ema is None and sar.resets == 0  # NaN does not enter the moving average
-    sar = SAR(net, num_classes=4, margin=10.0, lr=0.1, recovery_threshold=100.0)  # any loss is "too low"
+    # any loss is "too low": the reference restores the weights but keeps momentum and the moving average
+    sar = SAR(net, num_classes=4, margin=10.0, lr=0.1, recovery_threshold=100.0)
     _, info = sar.adapt(batch())
-    assert info.reset and sar.resets == 1 and sar.ema is None
+    assert info.reset and sar.resets == 1 and sar.ema == pytest.approx(info.loss) and sar.optimizer.state
     assert all(torch.equal(v, source[k]) for k, v in net.state_dict().items())
+    _, info = sar.adapt(batch(seed=2))
+    assert info.reset and sar.resets == 2  # the low average survived: the next batch resets again
+    clean = SAR(net, num_classes=4, margin=10.0, lr=0.1, recovery_threshold=100.0, reference_recovery=False)
+    _, info = clean.adapt(batch())
+    assert info.reset and clean.ema is None and not clean.optimizer.state
 
 
 # --- DeYO ------------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ class TestTimeAdaptation(L.Callback):
         target_key: index/key of the labels, for the online error (``None``: none).
         reset: ``continual`` (never), ``episodic`` (before every batch) or ``per_dataloader`` (when
             the dataloader changes: one dataloader per distribution shift).
+        fisher_batches: EATA only: compute its Fisher information on this many batches of the
+            datamodule's clean validation data when the loop starts (0: no Fisher penalty).
         **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``optimizer``...).
 
     Example:
@@ -65,18 +67,25 @@ class TestTimeAdaptation(L.Callback):
         input_key: OutputKey = 0,
         target_key: OutputKey = 1,
         reset: ResetMode = "continual",
+        fisher_batches: int = 0,
         **method_kwargs: Any,
     ) -> None:
         check_method_kwargs(method, method_kwargs)  # unknown names fail now, not when the test loop starts
         if reset not in RESET_MODES:
             raise ValueError(f"reset must be one of {RESET_MODES}, got {reset!r}")
+        if not isinstance(fisher_batches, int) or fisher_batches < 0:
+            raise ValueError(f"fisher_batches must be an int >= 0, got {fisher_batches!r}")
+        if fisher_batches and method != "eata":
+            raise ValueError(f"fisher_batches is for method='eata' (its Fisher penalty), not {method!r}")
         self.method_name, self.num_classes, self.module = method, num_classes, module
         self.input_key, self.target_key, self.reset = input_key, target_key, reset
+        self.fisher_batches = fisher_batches
         self.method_kwargs = method_kwargs
         self.method: TTAMethod | None = None
         self.last_logits: Tensor | None = None
         self.last_info: StepInfo | None = None
         self.batches = 0
+        self.online: dict[int, list[int]] = {}  # dataloader -> [wrong, seen] of the pre-update predictions
         self._dataloader_idx: int | None = None
         self._warned_single = False
 
@@ -94,13 +103,28 @@ class TestTimeAdaptation(L.Callback):
         trainer.test_loop.inference_mode = False  # adaptation needs autograd in the test/predict loops
         trainer.predict_loop.inference_mode = False
 
-    def _start(self, pl_module: L.LightningModule) -> None:
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         num_classes = self.num_classes or getattr(pl_module.hparams, "num_classes", None)
         if num_classes is None:
             raise ValueError("TestTimeAdaptation needs num_classes (the module has no hparams.num_classes)")
         model = find_submodule(pl_module, self.module)
         self.method = build_method(self.method_name, model, int(num_classes), **self.method_kwargs)
-        self.batches, self._dataloader_idx = 0, None
+        self.batches, self.online, self._dataloader_idx = 0, {}, None
+        if self.fisher_batches:
+            self._set_fishers(trainer)
+
+    def _set_fishers(self, trainer: L.Trainer) -> None:
+        """EATA's Fisher information on the first ``fisher_batches`` batches of the clean validation data."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            raise ValueError("fisher_batches needs a datamodule with a val_dataloader of clean samples")
+        device = trainer.strategy.root_device
+        batches = []
+        for batch in datamodule.val_dataloader():
+            if len(batches) == self.fisher_batches:
+                break
+            batches.append(self._select(batch, self.input_key).to(device))
+        self.method.set_fishers(batches)
 
     def _select(self, batch: Any, key: OutputKey) -> Tensor | None:
         if isinstance(batch, Tensor):
@@ -140,14 +164,21 @@ class TestTimeAdaptation(L.Callback):
         }
         target = None if self.target_key is None else self._select(batch, self.target_key)
         if target is not None and target.shape == logits.shape[:1]:
-            metrics["tta/online_error"] = float((logits.argmax(1) != target).float().mean())
+            wrong = int((logits.argmax(1) != target).sum())
+            metrics["tta/online_error"] = wrong / len(target)
+            counts = self.online.setdefault(dataloader_idx, [0, 0])
+            counts[0], counts[1] = counts[0] + wrong, counts[1] + len(target)
         log_metrics(trainer, metrics, step=self.batches - 1)
 
+    def online_error(self) -> dict[int, float]:
+        """Error of the pre-update predictions per dataloader (the papers' online error)."""
+        return {idx: wrong / seen for idx, (wrong, seen) in self.online.items() if seen}
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
+        self._start(trainer, pl_module)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
+        self._start(trainer, pl_module)
 
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0

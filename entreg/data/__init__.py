@@ -2,5 +2,6 @@
 
 from entreg.data.digits import DigitsDataModule
 from entreg.data.folders import CIFAR10DataModule, ImageFolderDataModule
+from entreg.data.shifts import ShiftedDigitsDataModule
 
-__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule"]
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "ImageFolderDataModule", "ShiftedDigitsDataModule"]

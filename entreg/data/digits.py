@@ -87,6 +87,7 @@ class DigitsDataModule(SplitDataModule):
         train_idx, rest = train_test_split(index, train_size=n_train, stratify=labels, random_state=self.seed)
         val_idx, test_idx = train_test_split(rest, train_size=n_val, stratify=labels[rest], random_state=self.seed)
         mean, std = images[train_idx].mean(), images[train_idx].std()
+        self.normalization = (float(mean), float(std))  # of the [0, 1] images: shifted copies reuse it
         images = (images - mean) / std
         self.train_set, self.val_set, self.test_set = (
             TensorDataset(images[idx], labels[idx]) for idx in (train_idx, val_idx, test_idx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,6 +92,7 @@ class ClassificationModule(L.LightningModule):
         self.train_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
+        self._more_test_metrics: dict[int, ClassificationMetrics] = {}  # test dataloaders 1, 2, ... (shifts)
         self.skipped_steps = 0
         self._good_batches = 0  # finite batches since the last optimizer step
         self._buffer_snapshot = BufferSnapshot(self)
@@ -161,14 +163,24 @@ class ClassificationModule(L.LightningModule):
                     param.grad = None
         self._good_batches = 0
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _test_metrics_for(self, dataloader_idx: int) -> ClassificationMetrics:
+        if dataloader_idx == 0:
+            return self.test_metrics
+        if dataloader_idx not in self._more_test_metrics:
+            metrics = copy.deepcopy(self.test_metrics)  # same settings and device, fresh states
+            metrics.reset()
+            self._more_test_metrics[dataloader_idx] = metrics
+        return self._more_test_metrics[dataloader_idx]
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, dataloader_idx: int = 0) -> Tensor:
         x, y = batch
         logits = self(x)
         if not self._all_finite(logits):
             rank_zero_warn(f"Non-finite {stage} logits: batch left out of the {stage} metrics.")
             return logits
         entropy = categorical_entropy(logits)
-        self.stage_metrics(stage).update(logits, y, entropy)
+        metrics = self._test_metrics_for(dataloader_idx) if stage == "test" else self.stage_metrics(stage)
+        metrics.update(logits, y, entropy)
         if stage == "val":
             self._val_entropies.append(entropy.detach())
         return logits
@@ -176,15 +188,15 @@ class ClassificationModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self._eval_step(batch, "test", dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
-    def _log_stage(self, stage: str) -> None:
-        metrics = self.stage_metrics(stage)
+    def _log_stage(self, stage: str, metrics: ClassificationMetrics | None = None, suffix: str = "") -> None:
+        metrics = metrics or self.stage_metrics(stage)
         seen = metrics.entropy.count.clone()
         if self.trainer.world_size > 1:
             seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
@@ -193,7 +205,8 @@ class ClassificationModule(L.LightningModule):
         values = metrics.compute()
         # compute() already synchronised the values; sync_dist averages identical numbers (exact) and
         # keeps Lightning from warning about unsynchronised epoch-level logging under DDP
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
+        values = {f"{stage}/{name}{suffix}": value for name, value in values.items()}
+        self.log_dict(values, sync_dist=True, add_dataloader_idx=False)
         metrics.reset()
 
     def on_train_epoch_end(self) -> None:
@@ -207,7 +220,13 @@ class ClassificationModule(L.LightningModule):
         self._val_entropies.clear()
 
     def on_test_epoch_end(self) -> None:
-        self._log_stage("test")
+        if not self._more_test_metrics:
+            self._log_stage("test")
+            return
+        # several test dataloaders (e.g. one per distribution shift): Lightning's per-dataloader names
+        for idx in [0, *sorted(self._more_test_metrics)]:
+            self._log_stage("test", self._test_metrics_for(idx), f"/dataloader_idx_{idx}")
+        self._more_test_metrics.clear()
 
     def configure_optimizers(self) -> Any:
         make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))

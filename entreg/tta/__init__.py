@@ -9,8 +9,10 @@ from typing import Any
 from torch import nn
 
 from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.come import come_entropy
 from entreg.tta.deyo import DeYO
 from entreg.tta.eata import EATA, ETA, fisher_information
+from entreg.tta.ostta import OSTTA
 from entreg.tta.sar import SAR
 from entreg.tta.tent import Tent
 
@@ -18,6 +20,7 @@ __all__ = [
     "EATA",
     "ETA",
     "METHODS",
+    "OSTTA",
     "SAR",
     "DeYO",
     "StepInfo",
@@ -25,11 +28,12 @@ __all__ = [
     "Tent",
     "build_method",
     "check_method_kwargs",
+    "come_entropy",
     "entropy_margin",
     "fisher_information",
 ]
 
-METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Tent, EATA, ETA, SAR, DeYO)}
+METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Tent, EATA, ETA, SAR, DeYO, OSTTA)}
 
 
 def _unknown_method(name: str) -> ValueError:

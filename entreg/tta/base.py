@@ -12,11 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from entreg.entropy import categorical_entropy
+from entreg.tta.come import come_entropy
 from entreg.tta.norm import BATCHNORM_ONLY, collect_norm_params, force_batch_statistics
 
-__all__ = ["OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin"]
+__all__ = ["ENTROPIES", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+ENTROPIES = ("shannon", "come")
 
 
 def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
@@ -53,6 +55,8 @@ class TTAMethod:
         num_classes: number of classes (thresholds scale with ln C).
         optimizer: factory ``params -> Optimizer``; default SGD(lr, momentum=0.9).
         lr: learning rate of the default optimizer.
+        entropy: ``"shannon"``, or ``"come"`` for COME's opinion entropy (ICLR 2025) in place of the
+            Shannon entropy everywhere the method uses it (selection, weights, loss).
         recovery: reset when the loss EMA drops below ``recovery_threshold``.
         recovery_threshold: SAR's constant 0.2.
     """
@@ -68,6 +72,7 @@ class TTAMethod:
         num_classes: int,
         optimizer: OptimizerFactory | None = None,
         lr: float = 2.5e-4,
+        entropy: str = "shannon",
         recovery: bool = False,
         recovery_threshold: float = 0.2,
     ) -> None:
@@ -75,10 +80,12 @@ class TTAMethod:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if entropy not in ENTROPIES:
+            raise ValueError(f"entropy must be one of {ENTROPIES}, got {entropy!r}")
         if not recovery_threshold >= 0:
             raise ValueError(f"recovery_threshold must be >= 0, got {recovery_threshold}")
         self.model, self.num_classes = model, num_classes
-        self.recovery, self.recovery_threshold = recovery, recovery_threshold
+        self.recovery, self.recovery_threshold, self.entropy_kind = recovery, recovery_threshold, entropy
         force_batch_statistics(model)
         self.params = collect_norm_params(model, self.norm_types, self.exclude, self.exclude_final)
         if not self.params:
@@ -102,8 +109,8 @@ class TTAMethod:
         self.resets += 1
 
     def entropy(self, logits: Tensor) -> Tensor:
-        """Per-sample Shannon entropy of softmax(logits) over dim 1."""
-        return categorical_entropy(logits, dim=1)
+        """Per-sample entropy of the predictions (N, C): Shannon, or COME's opinion entropy."""
+        return come_entropy(logits) if self.entropy_kind == "come" else categorical_entropy(logits, dim=1)
 
     def _update(self, loss: Tensor | None) -> float | None:
         """Backward and optimizer step for ``loss`` (``None``: no step); gradients are cleared after."""
@@ -120,9 +127,13 @@ class TTAMethod:
         if loss is not None and not math.isnan(loss):
             self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
         if self.ema is not None and self.ema < self.recovery_threshold:
-            self.reset()
+            self._recover()
             return True
         return False
+
+    def _recover(self) -> None:
+        """What a collapse triggers: a full reset (SAR's reference differs, see :class:`SAR`)."""
+        self.reset()
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         """One update on batch ``x``; returns (logits before the update, what was done). Subclasses implement it."""

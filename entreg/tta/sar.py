@@ -37,6 +37,10 @@ class SAR(TTAMethod):
             always on: it is part of SAR; the reference hard-codes the threshold 0.2).
         margin: entropy threshold E0, default 0.4 ln C.
         rho: SAM neighbourhood radius (0.05).
+        reference_recovery: recover as the reference code does (default): restore the weights but
+            keep the optimizer's momentum and the low moving average (so the next batches reset
+            again until it rises above the threshold). ``False``: a clean reset of weights,
+            optimizer state and moving average, as the paper describes it.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
@@ -54,7 +58,13 @@ class SAR(TTAMethod):
     exclude_final = SAR_EXCLUDE_FINAL
 
     def __init__(
-        self, model: nn.Module, num_classes: int, margin: float | None = None, rho: float = 0.05, **kwargs
+        self,
+        model: nn.Module,
+        num_classes: int,
+        margin: float | None = None,
+        rho: float = 0.05,
+        reference_recovery: bool = True,
+        **kwargs,
     ) -> None:
         kwargs.setdefault("recovery", True)
         super().__init__(model, num_classes, **kwargs)
@@ -63,7 +73,16 @@ class SAR(TTAMethod):
             raise ValueError(f"margin must be > 0 nats, got {margin}")
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
-        self.rho = float(rho)
+        self.rho, self.reference_recovery = float(rho), reference_recovery
+
+    def _recover(self) -> None:
+        if not self.reference_recovery:
+            self.reset()
+            return
+        # the reference's SAR.reset() reloads the weights; SAM's load_state_dict leaves the base SGD's
+        # momentum in place, and SAR.forward then writes the low moving average back
+        self.model.load_state_dict(self._source[0], strict=True)
+        self.resets += 1
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         logits = self.model(x)

@@ -1,0 +1,128 @@
+"""Distribution shifts of the digits test split, for test-time adaptation: seeded, in torch.
+
+The shifts follow ImageNet-C's families at five severities (pixel values in [0, 1]); they are
+simple stand-ins for the benchmark's corruptions, computed on the fly with no extra package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from entreg.data.digits import DigitsDataModule
+
+__all__ = ["SHIFTS", "ShiftedDigitsDataModule", "apply_shift"]
+
+SEVERITY = {  # ImageNet-C's parameters for the five severities
+    "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
+    "impulse_noise": (0.03, 0.06, 0.09, 0.17, 0.27),
+    "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
+    "gaussian_blur": (0.5, 0.75, 1.0, 1.25, 1.5),  # sigma in pixels of a 32x32 image
+}
+SHIFTS = tuple(SEVERITY)
+
+
+def apply_shift(images: Tensor, shift: str, severity: int, generator: torch.Generator) -> Tensor:
+    """``images`` (N, C, H, W) in [0, 1] under ``shift`` at ``severity`` 1-5, clipped to [0, 1].
+
+    Example:
+        >>> x = torch.full((2, 1, 8, 8), 0.5)
+        >>> y = apply_shift(x, "contrast", 5, torch.Generator().manual_seed(0))
+        >>> torch.allclose(y, x)  # a constant image keeps its mean under a contrast change
+        True
+    """
+    if shift not in SEVERITY:
+        raise ValueError(f"unknown shift {shift!r}; valid: {list(SHIFTS)}")
+    if severity not in range(1, 6):
+        raise ValueError(f"severity must be 1..5, got {severity}")
+    c = SEVERITY[shift][severity - 1]
+    if shift == "gaussian_noise":
+        out = images + c * torch.randn(images.shape, generator=generator)
+    elif shift == "impulse_noise":
+        u = torch.rand(images.shape, generator=generator)
+        out = torch.where(u < c / 2, 0.0, torch.where(u > 1 - c / 2, 1.0, images))
+    elif shift == "contrast":
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        out = (images - mean) * c + mean
+    elif shift == "brightness":
+        out = images + c
+    else:
+        from torchvision.transforms.functional import gaussian_blur
+
+        radius = int(3 * c + 0.5)
+        out = gaussian_blur(images, kernel_size=2 * radius + 1, sigma=c)
+    return out.clamp(0.0, 1.0)
+
+
+class ShiftedDigitsDataModule(DigitsDataModule):
+    """The digits test split under shifts: one test dataloader per shift (so that a per-shift reset
+    sees each shift separately) or, with ``mixed=True``, one shuffled stream of all of them.
+
+    Training and validation data are the clean digits, as for :class:`DigitsDataModule`.
+
+    Args:
+        shifts: names from :data:`SHIFTS`.
+        severity: 1-5.
+        mixed: one stream mixing all shifts.
+        class_sorted: order each stream by label (SAR's label-shift scenario) instead of shuffling.
+        test_batch_size: batch size of the test streams (default: ``batch_size``).
+        **kwargs: :class:`DigitsDataModule` arguments (``size``, ``channels``, ``batch_size``, ``seed``...).
+
+    Example:
+        >>> dm = ShiftedDigitsDataModule(shifts=["gaussian_noise", "contrast"], size=8)
+        >>> dm.setup("test")
+        >>> [len(loader.dataset) for loader in dm.test_dataloader()]
+        [597, 597]
+    """
+
+    def __init__(
+        self,
+        shifts: Sequence[str] = ("gaussian_noise", "contrast", "gaussian_blur"),
+        severity: int = 5,
+        mixed: bool = False,
+        class_sorted: bool = False,
+        test_batch_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        bad = [s for s in shifts if s not in SEVERITY]
+        if bad or not shifts:
+            raise ValueError(f"shifts must be a non-empty list of {list(SHIFTS)}, got {list(shifts)}")
+        if severity not in range(1, 6):
+            raise ValueError(f"severity must be 1..5, got {severity}")
+        self.shifts, self.severity, self.mixed, self.class_sorted = list(shifts), severity, mixed, class_sorted
+        self.test_batch_size = test_batch_size or self.batch_size
+        self.shifted_sets: list[TensorDataset] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.shifted_sets:
+            return
+        mean, std = self.normalization
+        images, labels = self.test_set.tensors
+        clean = images * std + mean
+        g = torch.Generator().manual_seed(self.seed)
+        sets = [(apply_shift(clean, s, self.severity, g) - mean) / std for s in self.shifts]
+        if self.mixed:
+            x, y = torch.cat(sets), labels.repeat(len(sets))
+            order = torch.randperm(len(y), generator=g)
+            self.shifted_sets = [TensorDataset(x[order], y[order])]
+        else:
+            self.shifted_sets = []
+            for x in sets:
+                order = (
+                    torch.argsort(labels, stable=True)
+                    if self.class_sorted
+                    else torch.randperm(len(labels), generator=g)
+                )
+                self.shifted_sets.append(TensorDataset(x[order], labels[order]))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(d, batch_size=self.test_batch_size, shuffle=False) for d in self.shifted_sets]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()
