@@ -97,14 +97,13 @@ def test_ddp_equals_one_process_on_the_global_batch(tmp_path, strategy):
 
 
 class AssertOwnMemory(L.Callback):
-    """On each spawned worker: no metric or callback state of entreg lives in shared memory."""
+    """On each spawned worker: no metric state of entreg lives in shared memory (the callbacks build
+    theirs during the run, never before the launch)."""
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
         states = [getattr(m, name) for m in metrics for name in m._defaults]
         states = [t for t in states if isinstance(t, torch.Tensor)]  # list states are rebuilt per process anyway
-        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, EntropyMonitor))
-        states += [t for stats in monitor._stats.values() for t in (stats.sums, stats.extremes)]
         assert len(states) > 10 and not any(t.is_shared() for t in states)
 
 

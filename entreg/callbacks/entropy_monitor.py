@@ -97,7 +97,6 @@ class EntropyMonitor(L.Callback):
         self._stage: str | None = None  # the stage whose batch is running with hooks attached
         self._batch_entropy: Tensor | None = None
         self._log_step = False
-        self._eval_values: list[Tensor] = []
         self._histograms = False
         self._last_histogram_step = -1
         self._warned = False
@@ -150,8 +149,6 @@ class EntropyMonitor(L.Callback):
         h = self._entropy(output)
         self._batch_entropy = h
         self._stats[self._stage].update(h)
-        if self._stage != "train" and self._histograms:
-            self._eval_values.append(h.float())
 
     def _on_features(self, features: Tensor) -> None:
         z = features.flatten(1).float()
@@ -212,6 +209,7 @@ class EntropyMonitor(L.Callback):
             return
         strategy = trainer.strategy
         stats = self._stats[stage].reduced(strategy)
+        values = self._stats[stage].values()  # for the histogram
         self._stats[stage].reset()
         metrics: dict[str, float] = {}
         if stats["count"] > 0:
@@ -221,9 +219,7 @@ class EntropyMonitor(L.Callback):
         if self._feature_capture is not None:
             metrics |= self._representation_entropy(strategy, stage)
         if self._histograms and stage != "train":
-            values = torch.cat(self._eval_values) if self._eval_values else torch.empty(0, device=strategy.root_device)
-            self._eval_values = []
-            values = all_gather_uneven(strategy, values)
+            values = all_gather_uneven(strategy, values[torch.isfinite(values)].float())
             if values.numel():
                 log_histogram(trainer, f"{stage}/{self.name}_hist", values)
         if not metrics:

@@ -10,8 +10,10 @@ __all__ = ["EntropyStats"]
 
 
 class EntropyStats:
-    """Sum, count, min and max of per-sample entropies, kept on one device without host syncs.
+    """Mean, min and max of per-sample entropies, kept on their device without host syncs.
 
+    ``update`` only keeps a reference to the batch's (detached) values: a training step pays about
+    a microsecond; the statistics are computed when asked for (once per epoch or logging step).
     Non-finite values (a NaN batch) are left out and counted in ``nonfinite``, so one bad batch
     cannot poison a mean or a controller. :meth:`reduced` gives the statistics over all ranks,
     equal to one process that saw every rank's samples.
@@ -28,42 +30,47 @@ class EntropyStats:
         self.reset()
 
     def reset(self) -> None:
-        """Zero the statistics, in new tensors (never shared with another process)."""
-        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # total, count, nonfinite
-        self.extremes = torch.full((2,), float("inf"), dtype=torch.float64, device=self.device)  # -max, min
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"sums": self.sums.cpu(), "extremes": self.extremes.cpu()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.sums = state["sums"].to(device=self.device, dtype=torch.float64, copy=True)
-        self.extremes = state["extremes"].to(device=self.device, dtype=torch.float64, copy=True)
+        self._chunks: list[Tensor] = []
 
     def update(self, entropy: Tensor) -> None:
-        """Add a batch of entropies. No host synchronisation: masks instead of boolean indexing."""
-        h = entropy.detach().reshape(-1).to(torch.float64)
+        self._chunks.append(entropy.detach().reshape(-1))
+
+    def values(self) -> Tensor:
+        """Every value seen since the last reset, in order (float64)."""
+        if not self._chunks:
+            return torch.empty(0, dtype=torch.float64, device=self.device)
+        return torch.cat(self._chunks).to(torch.float64)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values().cpu()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._chunks = [state["values"].to(device=self.device, dtype=torch.float64, copy=True)]
+
+    def _sums(self, h: Tensor, strategy: Strategy | None) -> Tensor:
+        """(total, count, nonfinite) of the finite values ``h``, summed over ranks."""
         finite = torch.isfinite(h)
         count = finite.sum(dtype=torch.float64)
-        self.sums += torch.stack([torch.where(finite, h, 0.0).sum(), count, h.numel() - count])
-        inf = h.new_full((), float("inf"))  # a fill on the device, not a host-to-device copy
-        low = torch.where(finite, h, inf).amin() if h.numel() else inf
-        high = torch.where(finite, h, -inf).amax() if h.numel() else -inf
-        self.extremes = torch.minimum(self.extremes, torch.stack([-high, low]))
-
-    def _sums(self, strategy: Strategy | None) -> Tensor:
-        sums = self.sums.clone()  # the strategy reduces in place
+        sums = torch.stack([torch.where(finite, h, 0.0).sum(), count, h.numel() - count])
         if strategy is not None and strategy.world_size > 1:
             sums = strategy.reduce(sums, reduce_op="sum")
         return sums
 
     def reduced_mean(self, strategy: Strategy | None) -> tuple[Tensor, Tensor]:
         """(mean, count) over all ranks with one collective; mean is NaN when count is 0."""
-        sums = self._sums(strategy)
+        sums = self._sums(self.values(), strategy)
         return sums[0] / sums[1], sums[1]
 
     def reduced(self, strategy: Strategy | None) -> dict[str, Tensor]:
         """Mean, min, max, count and nonfinite count over all ranks (every rank must call it)."""
-        sums, extremes = self._sums(strategy), self.extremes.clone()
+        h = self.values()
+        sums = self._sums(h, strategy)
+        extremes = torch.full((2,), float("inf"), dtype=torch.float64, device=h.device)  # -max, min
+        if h.numel():
+            finite = torch.isfinite(h)
+            extremes = torch.stack(
+                [-torch.where(finite, h, -extremes[0]).max(), torch.where(finite, h, extremes[1]).min()]
+            )
         if strategy is not None and strategy.world_size > 1:
             extremes = strategy.reduce(extremes, reduce_op="min")
         return {
