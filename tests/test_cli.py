@@ -128,3 +128,23 @@ def test_torchrun_launch_with_two_cpu_processes(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "strategy: ddp" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]  # rank 1 left nothing in the working dir
+
+
+def test_entreg_adapt_prints_the_comparison(tmp_path):
+    import lightning as L
+
+    from entreg.data import DigitsDataModule
+    from entreg.modules import ClassificationModule
+
+    model = ClassificationModule("small_cnn", 10, 1, backbone_kwargs={"widths": (8, 16)})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, DigitsDataModule(size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    args = [sys.executable, "-m", "entreg.adapt", f"ckpt_path={tmp_path / 'model.ckpt'}", "method=sar", "stream.size=8"]
+    args += ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    result = run(args, cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    for text in ("gaussian_noise", "contrast", "gaussian_blur", "online acc (pre-update)", "adapted acc"):
+        assert text in result.stdout
+    (run_dir,) = (tmp_path / "logs" / "adapt" / "runs").iterdir()
+    assert list(run_dir.rglob("events.out.tfevents.*"))  # tta/entropy, tta/selected, tta/online_error ...

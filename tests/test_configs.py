@@ -9,12 +9,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from entreg.cli import instantiate_group, train
+from entreg.callbacks import TestTimeAdaptation
+from entreg.cli import adapt, instantiate_group, train
 
 from .test_data import write_fake_cifar10, write_image_folder
 
 CONFIG_DIR = Path(entreg.configs.__file__).parent
 GROUPS = ("data", "model", "backbone", "callbacks", "logger", "trainer")
+ADAPT_GROUPS = ("method", "stream")
 
 
 def options(group: str) -> list[str]:
@@ -22,8 +24,9 @@ def options(group: str) -> list[str]:
 
 
 def test_every_config_file_is_covered_here():
-    covered = {f"{group}/{name}" for group in (*GROUPS, "experiment") for name in options(group)}
-    covered |= {"train", "paths/default", "hydra/default"}  # composed by every test below and by the CLI tests
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS)
+    covered = {f"{group}/{name}" for group in groups for name in options(group)}
+    covered |= {"train", "adapt", "paths/default", "hydra/default"}  # composed by every test below and by the CLI tests
     files = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")}
     assert files == covered
 
@@ -89,3 +92,51 @@ def test_default_experiment_reaches_90_percent(compose_train, tmp_path):
     assert metrics["test/entropy_min"] >= cfg.model.output_activation_kwargs.target_entropy  # the ERA floor
     assert list((tmp_path / "checkpoints").glob("*.ckpt")), "no checkpoint written"
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+
+
+@pytest.fixture
+def digits_checkpoint(tmp_path):
+    """A small classifier trained for one epoch on 8x8 digits, saved as entreg-train would."""
+    import lightning as L
+
+    from entreg.data import DigitsDataModule
+    from entreg.modules import ClassificationModule
+
+    torch.manual_seed(0)
+    model = ClassificationModule("small_cnn", 10, 1, backbone_kwargs={"widths": (8, 16)})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, DigitsDataModule(size=8, batch_size=64))
+    path = tmp_path / "digits.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def compose_adapt(tmp_path, *overrides: str):
+    from hydra import compose, initialize_config_module
+
+    base = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    base += ["logger=none", "stream.size=8", f"paths.output_dir={tmp_path}"]
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        return compose("adapt", overrides=[*base, *overrides])
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_every_method_config_adapts(method, tmp_path, digits_checkpoint):
+    cfg = compose_adapt(tmp_path, f"method={method}", f"ckpt_path={digits_checkpoint}", "stream.severity=2")
+    assert isinstance(instantiate(cfg.method), TestTimeAdaptation)
+    metrics = adapt(cfg)
+    assert set(metrics) >= {"gaussian_noise/source", "gaussian_noise/online", "gaussian_blur/adapted"}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+
+
+@pytest.mark.parametrize("stream", options("stream"))
+def test_every_stream_config(stream, tmp_path):
+    cfg = compose_adapt(tmp_path, f"stream={stream}", "ckpt_path=unused")
+    datamodule = instantiate(cfg.stream, _convert_="all")
+    datamodule.setup("test")
+    loaders = datamodule.test_dataloader()
+    assert len(loaders) == (1 if cfg.stream.mixed else len(cfg.stream.shifts))
+    _, labels = next(iter(loaders[0]))
+    if cfg.stream.class_sorted:
+        assert bool((labels[1:] >= labels[:-1]).all())
