@@ -96,22 +96,38 @@ class TestTimeAdaptation(L.Callback):
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.world_size > 1:
-            raise NotImplementedError(
-                "TestTimeAdaptation runs in one process for now: under DDP each rank would adapt its own copy"
-            )
         trainer.test_loop.inference_mode = False  # adaptation needs autograd in the test/predict loops
         trainer.predict_loop.inference_mode = False
 
-    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         num_classes = self.num_classes or getattr(pl_module.hparams, "num_classes", None)
         if num_classes is None:
             raise ValueError("TestTimeAdaptation needs num_classes (the module has no hparams.num_classes)")
         model = find_submodule(pl_module, self.module)
         self.method = build_method(self.method_name, model, int(num_classes), **self.method_kwargs)
         self.batches, self.online, self._dataloader_idx = 0, {}, None
-        if self.fisher_batches:
+        if trainer.world_size > 1:
+            self._start_distributed(trainer, stage)
+        if self.fisher_batches:  # every rank reads the same clean batches: identical Fisher values
             self._set_fishers(trainer)
+
+    def _start_distributed(self, trainer: L.Trainer, stage: str) -> None:
+        """Lightning does not wrap the model in DDP outside fit: the method sums its gradients and
+        counts over ranks itself. Every batch holds collectives, so all ranks must see as many."""
+        self.method.strategy = trainer.strategy
+        counts = trainer.num_test_batches if stage == "test" else trainer.num_predict_batches
+        local = torch.tensor([float(sum(counts))], device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(local).reshape(-1)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(
+                f"TestTimeAdaptation under DDP needs the same number of {stage} batches on every rank, got "
+                f"{gathered.tolist()}: use Lightning's distributed sampler (use_distributed_sampler=True pads them)"
+            )
+        if any(isinstance(m, nn.BatchNorm2d) for m in self.method.model.modules()):
+            rank_zero_warn(
+                "TestTimeAdaptation under DDP with BatchNorm: each rank normalises with its own batch, so the "
+                "result differs from one process on the global batch (GroupNorm/LayerNorm models are exact)"
+            )
 
     def _set_fishers(self, trainer: L.Trainer) -> None:
         """EATA's Fisher information on the first ``fisher_batches`` batches of the clean validation data."""
@@ -144,7 +160,8 @@ class TestTimeAdaptation(L.Callback):
         if x is None:
             raise KeyError(f"TestTimeAdaptation: no input at input_key={self.input_key!r} in the batch")
         self.batches += 1
-        if not torch.isfinite(x).all():
+        bad = method.all_sum((~torch.isfinite(x)).any().float().reshape(1))  # skip on every rank together
+        if bad.item():
             rank_zero_warn(f"TestTimeAdaptation: batch {self.batches - 1} has NaN/Inf inputs: skipped, model untouched")
             self.last_logits, self.last_info = None, None
             return
@@ -157,17 +174,21 @@ class TestTimeAdaptation(L.Callback):
             )
         logits, info = method.adapt(x)
         self.last_logits, self.last_info = logits, info
+        target = None if self.target_key is None else self._select(batch, self.target_key)
+        labelled = target is not None and target.shape == logits.shape[:1]
+        wrong = (logits.argmax(1) != target).sum() if labelled else logits.new_zeros(())
+        local = [categorical_entropy(logits, dim=1).sum(), len(x), wrong, len(x) if labelled else 0]
+        local = torch.stack([torch.as_tensor(v, dtype=logits.dtype, device=logits.device) for v in local])
+        entropy_sum, seen, wrong, labels = method.all_sum(local).tolist()  # over all ranks
         metrics = {
-            "tta/entropy": float(categorical_entropy(logits, dim=1).mean()),
-            "tta/selected": info.selected / max(info.total, 1),
+            "tta/entropy": entropy_sum / seen,
+            "tta/selected": info.selected / seen,
             "tta/resets": float(method.resets),
         }
-        target = None if self.target_key is None else self._select(batch, self.target_key)
-        if target is not None and target.shape == logits.shape[:1]:
-            wrong = int((logits.argmax(1) != target).sum())
-            metrics["tta/online_error"] = wrong / len(target)
+        if labels:
+            metrics["tta/online_error"] = wrong / labels
             counts = self.online.setdefault(dataloader_idx, [0, 0])
-            counts[0], counts[1] = counts[0] + wrong, counts[1] + len(target)
+            counts[0], counts[1] = counts[0] + int(wrong), counts[1] + int(labels)
         log_metrics(trainer, metrics, step=self.batches - 1)
 
     def online_error(self) -> dict[int, float]:
@@ -175,10 +196,10 @@ class TestTimeAdaptation(L.Callback):
         return {idx: wrong / seen for idx, (wrong, seen) in self.online.items() if seen}
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, "test")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(trainer, pl_module)
+        self._start(trainer, pl_module, "predict")
 
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0

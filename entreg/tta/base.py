@@ -7,6 +7,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,9 @@ from torch import Tensor, nn
 from entreg.entropy import categorical_entropy
 from entreg.tta.come import come_entropy
 from entreg.tta.norm import BATCHNORM_ONLY, collect_norm_params, force_batch_statistics
+
+if TYPE_CHECKING:  # the methods themselves need no Lightning
+    from lightning.pytorch.strategies import Strategy
 
 __all__ = ["ENTROPIES", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin"]
 
@@ -95,6 +99,7 @@ class TTAMethod:
         self.optimizer = make(self.params)
         self.ema: float | None = None
         self.resets = 0
+        self.strategy: Strategy | None = None  # set under DDP by the callback
         self._source = self._snapshot()
 
     def _snapshot(self) -> tuple[dict, dict]:
@@ -112,15 +117,45 @@ class TTAMethod:
         """Per-sample entropy of the predictions (N, C): Shannon, or COME's opinion entropy."""
         return come_entropy(logits) if self.entropy_kind == "come" else categorical_entropy(logits, dim=1)
 
-    def _update(self, loss: Tensor | None) -> float | None:
-        """Backward and optimizer step for ``loss`` (``None``: no step); gradients are cleared after."""
-        value = None
-        if loss is not None:
-            loss.backward()
-            self.optimizer.step()
-            value = float(loss.detach())
+    # --- one process or several ------------------------------------------------------------
+    # Under DDP (``strategy`` set by the callback) every loss is a mean over the samples of all
+    # ranks: each rank back-propagates its own sum divided by the global count and the gradients
+    # are summed across ranks, so the update equals one process on the global batch.
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.strategy is None else self.strategy.world_size
+
+    def all_sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over ranks (itself in one process)."""
+        if self.world_size == 1:
+            return value
+        return self.strategy.reduce(value.detach().clone(), reduce_op="sum")
+
+    def _sync_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        for p in self.params:  # every rank reduces every tensor, in the same order
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self.strategy.reduce(p.grad, reduce_op="sum")
+
+    def backward_mean(self, values: Tensor, extra: Tensor | None = None) -> tuple[float, int]:
+        """Back-propagate the mean of ``values`` over all ranks (plus ``extra``, a term every rank
+        computes identically, e.g. a penalty on the parameters); returns (loss, global count). With
+        no value anywhere the gradients are zero and the loss NaN, as the mean of an empty set."""
+        count = int(self.all_sum(values.new_tensor(float(values.numel()))).item())
+        loss = values.sum() / count if count else values.sum() * 0.0
+        if extra is not None:
+            loss = loss + extra / self.world_size
+        loss.backward()
+        self._sync_grads()
+        value = float(self.all_sum(loss.detach())) if count else math.nan
+        return value, count
+
+    def step_optimizer(self) -> None:
+        self.optimizer.step()
         self.optimizer.zero_grad()
-        return value
 
     def _track(self, loss: float | None) -> bool:
         """SAR's moving average of the loss (NaN skipped) and its reset; whether a reset happened."""

@@ -110,18 +110,19 @@ class DeYO(TTAMethod):
         logits = self.model(x)
         h = self.entropy(logits)
         confident = torch.nonzero(h < self.margin).flatten()
-        if len(confident) == 0:
-            return logits, StepInfo(selected=0, total=len(x))
         h = h[confident]
-        with torch.no_grad():
-            destroyed = self.model(shuffle_patches(x[confident].detach(), self.patches_per_side))
-        difference = plpd(logits[confident], destroyed)
+        difference = h.detach()[:0]  # empty unless some sample is confident
+        if len(confident):  # the reference draws no random numbers for a batch without one
+            with torch.no_grad():
+                destroyed = self.model(shuffle_patches(x[confident].detach(), self.patches_per_side))
+            difference = plpd(logits[confident], destroyed).detach()
         shape_based = torch.nonzero(difference > self.plpd_threshold).flatten()
-        if len(shape_based) == 0:
-            return logits, StepInfo(selected=0, total=len(x))
-        h, difference = h[shape_based], difference[shape_based].detach()
+        h, difference = h[shape_based], difference[shape_based]
         if self.reweight_ent or self.reweight_plpd:  # alpha = exp(E0 - H) + exp(PLPD)
             alpha = self.reweight_ent * torch.exp(self.margin_e0 - h.detach())
             h = h * (alpha + self.reweight_plpd * torch.exp(difference))
-        loss = h.mean()
-        return logits, StepInfo(selected=len(h), total=len(x), loss=self._update(loss))
+        loss, count = self.backward_mean(h)
+        if count:  # no step when no sample passes both filters
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        return logits, StepInfo(selected=count, total=len(x), loss=loss if count else None)

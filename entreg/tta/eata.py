@@ -102,9 +102,11 @@ class EATA(TTAMethod):
         self.model_probs = None
 
     def _moving_average(self, probs: Tensor) -> Tensor | None:
-        if len(probs) == 0:
+        """m <- 0.9 m + 0.1 mean(p) over the kept samples of all ranks (the plain mean the first time)."""
+        total = self.all_sum(torch.cat([probs.detach().sum(0), probs.new_tensor([len(probs)])]))
+        if total[-1] == 0:
             return self.model_probs
-        mean = probs.detach().mean(0)
+        mean = total[:-1] / total[-1]
         return mean if self.model_probs is None else 0.9 * self.model_probs + 0.1 * mean
 
     def penalty(self) -> Tensor | None:
@@ -124,13 +126,12 @@ class EATA(TTAMethod):
             cos = F.cosine_similarity(self.model_probs.unsqueeze(0), probs, dim=1)
             diverse = torch.nonzero(cos.abs() < self.d_margin).flatten()
             h, probs = h[diverse], probs[diverse]
-        loss = None
-        if len(h):
-            loss = (h * torch.exp(self.e_margin - h.detach())).mean()
-            penalty = self.penalty()
-            loss = loss if penalty is None else loss + penalty
+        loss, count = self.backward_mean(h * torch.exp(self.e_margin - h.detach()), extra=self.penalty())
+        if count:  # the reference takes no step at all (not even the penalty's) when nothing is kept
+            self.optimizer.step()
+        self.optimizer.zero_grad()
         self.model_probs = self._moving_average(probs)
-        return logits, StepInfo(selected=len(h), total=len(x), loss=self._update(loss))
+        return logits, StepInfo(selected=count, total=len(x), loss=loss if count else None)
 
 
 class ETA(EATA):

@@ -52,6 +52,12 @@ class OSTTA(TTAMethod):
         logits = self.model(x)
         probs = logits.softmax(1)
         keep = torch.nonzero(probs.gather(1, frozen_label[:, None]).squeeze(1) >= frozen_conf).flatten()
-        mean = probs.mean(0)
-        loss = self.entropy(logits)[keep].mean() + self.alpha * (mean * mean.log()).sum()
-        return logits, StepInfo(selected=len(keep), total=len(x), loss=self._update(loss))
+        # the batch's mean prediction over all ranks; each rank's graph holds its own share of it
+        local = probs.sum(0)
+        total = self.all_sum(torch.cat([local.detach(), probs.new_tensor([len(x)])]))
+        mean = (local + (total[:-1] - local.detach())) / total[-1]
+        diversity = self.alpha * (mean * mean.log()).sum()  # -alpha * H(mean prediction)
+        loss, count = self.backward_mean(self.entropy(logits)[keep], extra=diversity * self.world_size)
+        self.step_optimizer()  # also when nothing is kept, as in the reference
+        value = loss - float(diversity) * (self.world_size - 1) if count else None
+        return logits, StepInfo(selected=count, total=int(total[-1]), loss=value)

@@ -88,18 +88,15 @@ class SAR(TTAMethod):
         logits = self.model(x)
         h = self.entropy(logits)
         reliable = torch.nonzero(h < self.margin).flatten()
-        h[reliable].mean().backward()  # an empty selection gives NaN here and zero gradients, as in the reference
+        self.backward_mean(h[reliable])  # an empty selection: NaN loss and zero gradients, as in the reference
         perturbation = sam_perturbation(self.params, self.rho)
         theta = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             torch._foreach_add_(self.params, perturbation)
         self.optimizer.zero_grad()
         h2 = self.entropy(self.model(x))[reliable]
-        h2 = h2[torch.nonzero(h2 < self.margin).flatten()]
-        loss = h2.mean()
-        loss.backward()
+        loss, count = self.backward_mean(h2[torch.nonzero(h2 < self.margin).flatten()])
         with torch.no_grad():
             torch._foreach_copy_(self.params, theta)  # back to theta; step with the gradient at theta + e
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return logits, StepInfo(selected=len(h2), total=len(x), loss=float(loss.detach()))
+        self.step_optimizer()  # also with nothing selected: the momentum moves the weights, as in the reference
+        return logits, StepInfo(selected=count, total=len(x), loss=loss)

@@ -31,5 +31,6 @@ class Tent(TTAMethod):
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         logits = self.model(x)
-        loss = self.entropy(logits).mean()
-        return logits, StepInfo(selected=len(x), total=len(x), loss=self._update(loss))
+        loss, count = self.backward_mean(self.entropy(logits))
+        self.step_optimizer()
+        return logits, StepInfo(selected=count, total=count, loss=loss)
