@@ -158,3 +158,14 @@ def test_bad_arguments_fail_at_construction():
         TestTimeAdaptation("tent", reset="sometimes")
     with pytest.raises(TypeError, match="unexpected argument 'plpd_threshold'"):
         TestTimeAdaptation("sar", plpd_threshold=0.2)
+
+
+def test_batch_size_one_on_groupnorm_adapts_without_warning(tmp_path, recwarn):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    model = PlainClassifier(nn.Sequential(*layers, nn.Linear(8, 5)))
+    before = model.net[1].weight.detach().clone()
+    tta = TestTimeAdaptation("sar", num_classes=5, margin=10.0, lr=0.05)
+    make_trainer(tmp_path, callbacks=[tta]).test(model, stream(3, 1), verbose=False)
+    assert not any("BatchNorm" in str(w.message) for w in recwarn)
+    assert tta.batches == 3 and not torch.equal(model.net[1].weight, before)
