@@ -88,6 +88,7 @@ class TestTimeAdaptation(L.Callback):
         self.online: dict[int, list[int]] = {}  # dataloader -> [wrong, seen] of the pre-update predictions
         self._dataloader_idx: int | None = None
         self._warned_single = False
+        self._has_batchnorm = False
 
     def __repr__(self) -> str:
         return (
@@ -106,6 +107,7 @@ class TestTimeAdaptation(L.Callback):
         model = find_submodule(pl_module, self.module)
         self.method = build_method(self.method_name, model, int(num_classes), **self.method_kwargs)
         self.batches, self.online, self._dataloader_idx = 0, {}, None
+        self._has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         if trainer.world_size > 1:
             self._start_distributed(trainer, stage)
         if self.fisher_batches:  # every rank reads the same clean batches: identical Fisher values
@@ -123,7 +125,7 @@ class TestTimeAdaptation(L.Callback):
                 f"TestTimeAdaptation under DDP needs the same number of {stage} batches on every rank, got "
                 f"{gathered.tolist()}: use Lightning's distributed sampler (use_distributed_sampler=True pads them)"
             )
-        if any(isinstance(m, nn.BatchNorm2d) for m in self.method.model.modules()):
+        if self._has_batchnorm:
             rank_zero_warn(
                 "TestTimeAdaptation under DDP with BatchNorm: each rank normalises with its own batch, so the "
                 "result differs from one process on the global batch (GroupNorm/LayerNorm models are exact)"
@@ -165,8 +167,7 @@ class TestTimeAdaptation(L.Callback):
             rank_zero_warn(f"TestTimeAdaptation: batch {self.batches - 1} has NaN/Inf inputs: skipped, model untouched")
             self.last_logits, self.last_info = None, None
             return
-        has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in method.model.modules())
-        if len(x) == 1 and has_batchnorm and not self._warned_single:
+        if len(x) == 1 and self._has_batchnorm and not self._warned_single:
             self._warned_single = True
             rank_zero_warn(
                 "TestTimeAdaptation with batch size 1 on a BatchNorm model: BatchNorm then normalises with the "

@@ -32,7 +32,8 @@ def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
 
 @dataclass
 class StepInfo:
-    """What one adaptation step did: samples in the loss, batch size, the loss value (None: no step)."""
+    """What one adaptation step did: samples in the loss (over all DDP ranks), samples in this
+    rank's batch, the loss value (None: no step) and whether the model was reset."""
 
     selected: int
     total: int

@@ -60,4 +60,4 @@ class OSTTA(TTAMethod):
         loss, count = self.backward_mean(self.entropy(logits)[keep], extra=diversity * self.world_size)
         self.step_optimizer()  # also when nothing is kept, as in the reference
         value = loss - float(diversity) * (self.world_size - 1) if count else None
-        return logits, StepInfo(selected=count, total=int(total[-1]), loss=value)
+        return logits, StepInfo(selected=count, total=len(x), loss=value)

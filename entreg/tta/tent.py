@@ -33,4 +33,4 @@ class Tent(TTAMethod):
         logits = self.model(x)
         loss, count = self.backward_mean(self.entropy(logits))
         self.step_optimizer()
-        return logits, StepInfo(selected=count, total=count, loss=loss)
+        return logits, StepInfo(selected=count, total=len(x), loss=loss)
