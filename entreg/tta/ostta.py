@@ -59,5 +59,5 @@ class OSTTA(TTAMethod):
         diversity = self.alpha * (mean * mean.log()).sum()  # -alpha * H(mean prediction)
         loss, count = self.backward_mean(self.entropy(logits)[keep], extra=diversity * self.world_size)
         self.step_optimizer()  # also when nothing is kept, as in the reference
-        value = loss - float(diversity) * (self.world_size - 1) if count else None
+        value = loss - float(diversity.detach()) * (self.world_size - 1) if count else None
         return logits, StepInfo(selected=count, total=len(x), loss=value)
