@@ -19,7 +19,7 @@ from entreg.tta.norm import BATCHNORM_ONLY, collect_norm_params, force_batch_sta
 if TYPE_CHECKING:  # the methods themselves need no Lightning
     from lightning.pytorch.strategies import Strategy
 
-__all__ = ["ENTROPIES", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin"]
+__all__ = ["ENTROPIES", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin", "resolve_margin"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 ENTROPIES = ("shannon", "come")
@@ -28,6 +28,14 @@ ENTROPIES = ("shannon", "come")
 def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
     """The references' entropy threshold ``fraction * ln C`` (E0 = 0.4 ln C: 2.763 for ImageNet)."""
     return fraction * math.log(num_classes)
+
+
+def resolve_margin(name: str, value: float | None, num_classes: int, fraction: float = 0.4) -> float:
+    """A method's entropy threshold: ``value``, or ``fraction * ln C`` when it is None; must be > 0."""
+    margin = entropy_margin(num_classes, fraction) if value is None else float(value)
+    if not margin > 0:
+        raise ValueError(f"{name} must be > 0 nats (default {fraction} ln C), got {value}")
+    return margin
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
 from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
 
 __all__ = ["DeYO", "plpd", "shuffle_patches"]
@@ -95,10 +95,8 @@ class DeYO(TTAMethod):
         **kwargs,
     ) -> None:
         super().__init__(model, num_classes, **kwargs)
-        self.margin = entropy_margin(num_classes, 0.5) if margin is None else float(margin)
-        self.margin_e0 = entropy_margin(num_classes) if margin_e0 is None else float(margin_e0)
-        if not (self.margin > 0 and self.margin_e0 > 0):
-            raise ValueError(f"margin and margin_e0 must be > 0 nats, got {margin}, {margin_e0}")
+        self.margin = resolve_margin("margin", margin, num_classes, 0.5)
+        self.margin_e0 = resolve_margin("margin_e0", margin_e0, num_classes)
         if not -1 <= plpd_threshold < 1:
             raise ValueError(f"plpd_threshold is a probability difference in [-1, 1), got {plpd_threshold}")
         if not isinstance(patches_per_side, int) or patches_per_side < 2:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
 
 __all__ = ["EATA", "ETA", "fisher_information"]
 
@@ -82,9 +82,7 @@ class EATA(TTAMethod):
         **kwargs,
     ) -> None:
         super().__init__(model, num_classes, **kwargs)
-        self.e_margin = entropy_margin(num_classes) if e_margin is None else float(e_margin)
-        if not self.e_margin > 0:
-            raise ValueError(f"e_margin must be > 0 nats, got {e_margin}")
+        self.e_margin = resolve_margin("e_margin", e_margin, num_classes)
         if not d_margin >= 0:
             raise ValueError(f"d_margin must be >= 0, got {d_margin}")
         if not fisher_alpha >= 0:

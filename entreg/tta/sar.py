@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
 from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
 
 __all__ = ["SAR", "sam_perturbation"]
@@ -68,9 +68,7 @@ class SAR(TTAMethod):
     ) -> None:
         kwargs.setdefault("recovery", True)
         super().__init__(model, num_classes, **kwargs)
-        self.margin = entropy_margin(num_classes) if margin is None else float(margin)
-        if not self.margin > 0:
-            raise ValueError(f"margin must be > 0 nats, got {margin}")
+        self.margin = resolve_margin("margin", margin, num_classes)
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
         self.rho, self.reference_recovery = float(rho), reference_recovery
