@@ -149,6 +149,7 @@ def test_eata_masks_weights_and_moving_average():
     expected = manual_step(reference, params, lambda m: eata_reference_loss(m(x1), e_margin, 0.9, None)[0])
     _, info = eata.adapt(x1)
     assert info.selected == kept1 and 0 < kept1 < 8
+    assert torch.equal(info.mask, entropy(LogitNet().double()(x1)) < e_margin)
     torch.testing.assert_close(list(net.bn.parameters()), expected)
     torch.testing.assert_close(eata.model_probs, m1)
     # batch 2: redundancy filter against m1, then m <- 0.9 m + 0.1 mean(p kept)
@@ -306,6 +307,30 @@ def test_deyo_takes_no_step_when_no_sample_passes_plpd():
     _, info = deyo.adapt(batch(side=4))
     assert info.selected == 0 and info.loss is None
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["tent", "eta", "sar", "deyo", "ostta"])
+def test_step_info_mask_marks_the_samples_in_the_loss(name):
+    norm = "gn" if name in ("sar", "deyo") else "bn"
+    x = batch(n=16, side=4)
+    source = LogitNet(norm=norm).double()
+    margin = float(entropy(source(x)).detach().median())  # about half the batch passes the entropy filters
+    kwargs = {"tent": {}, "ostta": {}, "eta": {"e_margin": margin, "d_margin": 1.01}}.get(name, {"margin": margin})
+    if name == "deyo":  # LogitNet averages over space: shuffled patches change nothing, PLPD = 0
+        kwargs["plpd_threshold"] = -0.5
+    method = build_method(name, copy.deepcopy(source), 4, optimizer=SGD, **kwargs)
+    for _ in range(2):  # OSTTA keeps every sample of the first batch (adapted == frozen), not of the second
+        torch.manual_seed(0)
+        logits, info = method.adapt(x)
+    mask = info.mask
+    assert mask.dtype == torch.bool and mask.shape == (16,) and int(mask.sum()) == info.selected
+    if name == "tent":
+        assert mask.all()
+    elif name == "ostta":
+        frozen_conf, frozen_label = method.frozen(x).softmax(1).max(1)
+        assert torch.equal(mask, logits.softmax(1).gather(1, frozen_label[:, None]).squeeze(1) >= frozen_conf)
+    else:  # a subset of the samples below the entropy margin of the pre-update logits
+        assert 0 < info.selected and not (mask & (entropy(logits) >= margin)).any()
 
 
 def test_thresholds_scale_with_the_number_of_classes():

@@ -41,12 +41,15 @@ def resolve_margin(name: str, value: float | None, num_classes: int, fraction: f
 @dataclass
 class StepInfo:
     """What one adaptation step did: samples in the loss (over all DDP ranks), samples in this
-    rank's batch, the loss value (None: no step) and whether the model was reset."""
+    rank's batch, the loss value (None: no step), whether the model was reset, and ``mask``: which
+    of this rank's samples entered the loss (bool, one per sample; e.g. to see how many samples of
+    unknown classes an open-set filter let through)."""
 
     selected: int
     total: int
     loss: float | None = None
     reset: bool = False
+    mask: Tensor | None = None
 
 
 class TTAMethod:
@@ -182,6 +185,11 @@ class TTAMethod:
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         """One update on batch ``x``; returns (logits before the update, what was done). Subclasses implement it."""
         raise NotImplementedError
+
+    @staticmethod
+    def selection_mask(n: int, index: Tensor) -> Tensor:
+        """Boolean mask of length ``n`` that is True at ``index``."""
+        return torch.zeros(n, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
 
     def adapt(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         """Adapt on ``x`` (with gradients on, whatever the caller's mode); returns the detached

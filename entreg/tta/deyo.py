@@ -123,4 +123,5 @@ class DeYO(TTAMethod):
         if count:  # no step when no sample passes both filters
             self.optimizer.step()
         self.optimizer.zero_grad()
-        return logits, StepInfo(selected=count, total=len(x), loss=loss if count else None)
+        mask = self.selection_mask(len(x), confident[shape_based])
+        return logits, StepInfo(count, len(x), loss if count else None, mask=mask)

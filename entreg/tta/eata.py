@@ -123,13 +123,14 @@ class EATA(TTAMethod):
         if self.model_probs is not None:
             cos = F.cosine_similarity(self.model_probs.unsqueeze(0), probs, dim=1)
             diverse = torch.nonzero(cos.abs() < self.d_margin).flatten()
-            h, probs = h[diverse], probs[diverse]
+            h, probs, reliable = h[diverse], probs[diverse], reliable[diverse]
         loss, count = self.backward_mean(h * torch.exp(self.e_margin - h.detach()), extra=self.penalty())
         if count:  # the reference takes no step at all (not even the penalty's) when nothing is kept
             self.optimizer.step()
         self.optimizer.zero_grad()
         self.model_probs = self._moving_average(probs)
-        return logits, StepInfo(selected=count, total=len(x), loss=loss if count else None)
+        mask = self.selection_mask(len(x), reliable)
+        return logits, StepInfo(count, len(x), loss if count else None, mask=mask)
 
 
 class ETA(EATA):

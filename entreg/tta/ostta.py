@@ -60,4 +60,4 @@ class OSTTA(TTAMethod):
         loss, count = self.backward_mean(self.entropy(logits)[keep], extra=diversity * self.world_size)
         self.step_optimizer()  # also when nothing is kept, as in the reference
         value = loss - float(diversity.detach()) * (self.world_size - 1) if count else None
-        return logits, StepInfo(selected=count, total=len(x), loss=value)
+        return logits, StepInfo(count, len(x), value, mask=self.selection_mask(len(x), keep))

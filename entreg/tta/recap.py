@@ -292,4 +292,5 @@ class ReCAP(TTAMethod):
         if count:  # no step when no sample is kept
             self.optimizer.step()
         self.optimizer.zero_grad()
-        return out, StepInfo(selected=count, total=len(x), loss=value if count else None)
+        mask = self.selection_mask(len(x), reliable)
+        return out, StepInfo(count, len(x), value if count else None, mask=mask)

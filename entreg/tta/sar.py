@@ -93,8 +93,9 @@ class SAR(TTAMethod):
             torch._foreach_add_(self.params, perturbation)
         self.optimizer.zero_grad()
         h2 = self.entropy(self.model(x))[reliable]
-        loss, count = self.backward_mean(h2[torch.nonzero(h2 < self.margin).flatten()])
+        kept = torch.nonzero(h2 < self.margin).flatten()
+        loss, count = self.backward_mean(h2[kept])
         with torch.no_grad():
             torch._foreach_copy_(self.params, theta)  # back to theta; step with the gradient at theta + e
         self.step_optimizer()  # also with nothing selected: the momentum moves the weights, as in the reference
-        return logits, StepInfo(selected=count, total=len(x), loss=loss)
+        return logits, StepInfo(count, len(x), loss, mask=self.selection_mask(len(x), reliable[kept]))

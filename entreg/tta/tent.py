@@ -6,6 +6,7 @@ batch, adapting only ``BatchNorm2d`` affine parameters with batch statistics.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from entreg.tta.base import StepInfo, TTAMethod
@@ -33,4 +34,4 @@ class Tent(TTAMethod):
         logits = self.model(x)
         loss, count = self.backward_mean(self.entropy(logits))
         self.step_optimizer()
-        return logits, StepInfo(selected=count, total=len(x), loss=loss)
+        return logits, StepInfo(count, len(x), loss, mask=torch.ones(len(x), dtype=torch.bool, device=x.device))
