@@ -132,7 +132,12 @@ def test_every_method_config_adapts(method, tmp_path, digits_checkpoint):
 
 @pytest.mark.parametrize("stream", options("stream"))
 def test_every_stream_config(stream, tmp_path):
-    cfg = compose_adapt(tmp_path, f"stream={stream}", "ckpt_path=unused")
+    overrides = []
+    if stream == "digits_c":  # 32 px, a 10-image test split and 2 corruptions, cached under tmp_path
+        pytest.importorskip("imagecorruptions")
+        overrides = ["stream.size=32", "stream.split=[1000,787,10]", "stream.shifts=[gaussian_noise,frost]"]
+        overrides += [f"stream.cache_dir={tmp_path / 'digits_c'}"]
+    cfg = compose_adapt(tmp_path, f"stream={stream}", "ckpt_path=unused", *overrides)
     datamodule = instantiate(cfg.stream, _convert_="all")
     datamodule.setup("test")
     loaders = datamodule.test_dataloader()
