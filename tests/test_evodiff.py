@@ -1,0 +1,109 @@
+"""EVODiffScheduler: diffusers compatibility, the DPM-Solver++(2M) reduction and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from entreg.diffusion.evodiff import EVODiffScheduler, projection
+
+NEUTRAL = {"balance": False, "adaptive_ratio": False, "corrector": False, "final_step": "dpmsolver"}
+
+
+def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A smooth stand-in for a network: any fixed function of (x, t) exercises the solvers equally."""
+    return torch.tanh(0.7 * x + float(t) / 1000.0) * 0.9
+
+
+def sample(scheduler, steps: int, shape=(2, 3, 4, 4)) -> torch.Tensor:
+    scheduler.set_timesteps(steps)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_model(x, t), t, x).prev_sample
+    return x
+
+
+def test_from_config_swaps_into_a_pipeline_config_and_round_trips(tmp_path):
+    source = DPMSolverMultistepScheduler(prediction_type="v_prediction", timestep_spacing="trailing", beta_end=0.03)
+    evo = EVODiffScheduler.from_config(source.config, bounded_zeta=False)
+    assert (evo.config.prediction_type, evo.config.timestep_spacing, evo.config.beta_end) == (
+        "v_prediction",
+        "trailing",
+        0.03,
+    )
+    assert evo.config.bounded_zeta is False and evo.config.balance is True
+    evo.save_config(tmp_path)
+    again = EVODiffScheduler.from_pretrained(tmp_path)
+    assert {k: v for k, v in again.config.items() if not k.startswith("_")} == {
+        k: v for k, v in evo.config.items() if not k.startswith("_")
+    }
+    # any scheduler of a pipeline: keys EVODiff does not know are ignored, the shared ones kept
+    ddim = EVODiffScheduler.from_config(DDIMScheduler(beta_schedule="scaled_linear").config)
+    assert ddim.config.beta_schedule == "scaled_linear"
+    back = DPMSolverMultistepScheduler.from_config(evo.config)  # and back again
+    assert back.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.parametrize(
+    ("config", "atol"),
+    [
+        # epsilon: x0 = (x - sigma eps) / alpha amplifies diffusers' float32 coefficients by 1/alpha ~ 157 at
+        # the first step (we compute the coefficients in float64), hence the looser tolerance
+        ({}, 1e-3),
+        ({"timestep_spacing": "trailing"}, 1e-3),
+        ({"use_lu_lambdas": True}, 1e-3),
+        ({"use_karras_sigmas": True}, 1e-3),
+        ({"prediction_type": "v_prediction"}, 1e-5),
+        ({"prediction_type": "sample", "timestep_spacing": "trailing"}, 1e-5),
+        ({"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}, 1e-5),
+    ],
+)
+@pytest.mark.parametrize("steps", [3, 8, 25])
+def test_neutral_coefficients_reproduce_dpm_solver_2m(config, atol, steps):
+    reference = sample(DPMSolverMultistepScheduler(**config), steps)
+    ours = sample(EVODiffScheduler(**config, **NEUTRAL), steps)
+    torch.testing.assert_close(ours, reference, atol=atol, rtol=0)
+    evodiff = sample(EVODiffScheduler(**config), steps)
+    assert (evodiff - reference).abs().max() > 10 * atol  # and the EVODiff coefficients do change the result
+
+
+def test_one_model_evaluation_per_step_and_float64_is_kept():
+    scheduler = EVODiffScheduler(use_lu_lambdas=True)
+    scheduler.set_timesteps(10)
+    assert len(scheduler.timesteps) == 10 and scheduler.order == 1
+    x = torch.randn(2, 4, dtype=torch.float64)
+    out = scheduler.step(toy_model(x, scheduler.timesteps[0]), scheduler.timesteps[0], x).prev_sample
+    assert out.dtype == torch.float64
+
+
+def test_projection_is_the_clipped_least_squares_coefficient_per_channel():
+    b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    a = b * torch.tensor([0.5, -1.0, 7.0], dtype=torch.float64)[None, :, None, None]
+    torch.testing.assert_close(projection(a, b, True).flatten(), torch.tensor([0.5, -1.0, 2.0] * 2).double())
+    per_sample = projection(a, b, False)  # one coefficient per sample: <a, b> / <b, b> over all channels
+    expected = (a * b).sum((1, 2, 3)) / (b * b).sum((1, 2, 3))
+    torch.testing.assert_close(per_sample.flatten(), expected.clamp(-2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"final_step": "heun"}, "final_step must be"),
+        ({"solver_order": 3}, "solver_order must be 2"),
+        ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type must be 'dpmsolver\\+\\+'"),
+    ],
+)
+def test_bad_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EVODiffScheduler(**kwargs)
+
+
+def test_custom_grids_are_checked():
+    scheduler = EVODiffScheduler()
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        scheduler.set_timesteps(sigmas=[1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="not both"):
+        scheduler.set_timesteps(5, sigmas=[2.0, 1.0, 0.0])
+    scheduler.set_timesteps(sigmas=[80.0, 1.0, 0.002])
+    assert len(scheduler.timesteps) == 2 and scheduler.sigmas.dtype == torch.float64
