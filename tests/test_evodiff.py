@@ -84,6 +84,7 @@ def test_projection_is_the_clipped_least_squares_coefficient_per_channel():
     per_sample = projection(a, b, False)  # one coefficient per sample: <a, b> / <b, b> over all channels
     expected = (a * b).sum((1, 2, 3)) / (b * b).sum((1, 2, 3))
     torch.testing.assert_close(per_sample.flatten(), expected.clamp(-2, 2))
+    assert projection(a, torch.zeros_like(b), True).eq(0).all()  # b = 0: the minimum-norm coefficient, not NaN
 
 
 @pytest.mark.parametrize(

@@ -82,8 +82,12 @@ def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
 
 
 def projection(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
-    """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2]."""
-    return (inner(a, b, per_channel) / inner(b, b, per_channel)).clamp(-CLIP, CLIP)
+    """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2]; 0 where ``b`` is 0
+    (the minimum-norm solution; the reference divides by zero there, e.g. when two float32 evaluations are
+    equal on a fine grid)."""
+    norm = inner(b, b, per_channel)
+    ratio = inner(a, b, per_channel) / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm > 0, ratio, torch.zeros_like(ratio)).clamp(-CLIP, CLIP)
 
 
 @dataclass
