@@ -108,3 +108,8 @@ def test_custom_grids_are_checked():
         scheduler.set_timesteps(5, sigmas=[2.0, 1.0, 0.0])
     scheduler.set_timesteps(sigmas=[80.0, 1.0, 0.002])
     assert len(scheduler.timesteps) == 2 and scheduler.sigmas.dtype == torch.float64
+    # a grid given by its noise levels gets the timesteps diffusers gives the same levels
+    dpm = DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    dpm.set_timesteps(12)
+    scheduler.set_timesteps(sigmas=dpm.sigmas)
+    torch.testing.assert_close(scheduler.timesteps, dpm.timesteps.double(), atol=1e-3, rtol=0)

@@ -192,7 +192,8 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         if self.config.use_flow_sigmas:
             times = grid[:-1] * self.config.num_train_timesteps
         else:
-            log_sigmas = np.log(((1 - self.alphas_cumprod) / self.alphas_cumprod).numpy().astype(np.float64))
+            abar = self.alphas_cumprod.double()
+            log_sigmas = (((1 - abar) / abar).sqrt().log()).numpy()
             times = torch.from_numpy(self._sigma_to_t(grid[:-1].numpy(), log_sigmas))
         self.sigmas = grid
         self.timesteps = times.to(device=device)
