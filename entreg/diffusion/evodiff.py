@@ -81,28 +81,35 @@ def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
     return (a * b).sum(dim=dims, keepdim=True)
 
 
+def clipped_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den clipped to [-2, 2]; 0 where ``den`` is 0 (the minimum-norm least-squares coefficient; the
+    reference divides by zero there, e.g. when two float32 evaluations are equal on a fine grid)."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.zeros_like(num)).clamp(-CLIP, CLIP)
+
+
 def projection(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
-    """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2]; 0 where ``b`` is 0
-    (the minimum-norm solution; the reference divides by zero there, e.g. when two float32 evaluations are
-    equal on a fine grid)."""
-    norm = inner(b, b, per_channel)
-    ratio = inner(a, b, per_channel) / torch.where(norm > 0, norm, torch.ones_like(norm))
-    return torch.where(norm > 0, ratio, torch.zeros_like(ratio)).clamp(-CLIP, CLIP)
+    """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2] (0 where b = 0)."""
+    return clipped_ratio(inner(a, b, per_channel), inner(b, b, per_channel))
 
 
 @dataclass
 class _Pending:
-    """A predictor step waiting for its corrector: everything the corrector reuses."""
+    """A predictor step waiting for its corrector: everything the corrector reuses (x^E in the
+    scheduler's coordinates, the rest in EDM units; inner products cached)."""
 
-    x_euler: Tensor  # x^E, EDM coordinates
+    x_euler: Tensor  # x^E
     d1: Tensor  # D_0 - b_1 D_1
+    d1_norm: Tensor  # <d1, d1>
     d_prev: Tensor  # D_0 (the latest evaluation before the step)
+    d_prev_norm: Tensor  # <D_0, D_0>
     d_prev2: Tensor  # D_1
     r: float
     r_tilde: Tensor
     h: float
     s_t: float
     s_prev: float
+    alpha_t: float
     base: float  # sqrt((s_t/s_0) / (s_0/s_1))
     w: float
 
@@ -163,7 +170,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
     __init__ = register_to_config(__init__)
 
     def _reset_state(self) -> None:
-        self._history: list[Tensor] = []  # the last two data predictions D
+        self._history: list[tuple[Tensor, Tensor | None]] = []  # the last two data predictions D, <D, D>
         self._levels: list[float] = []  # their noise levels s
         self._pending: _Pending | None = None
         self._bounds: tuple[float, float, int] | None = None
@@ -203,21 +210,20 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self._step_index = None
         self._begin_index = None
 
-    # --- the update, in EDM coordinates (x / alpha, noise level s = sigma / alpha) -------------------
+    # --- the update: EDM units (noise level s = sigma / alpha), folded into the sample's coordinates -----
 
-    def _alpha_s(self, index: int, dtype: torch.dtype) -> tuple[Tensor, float]:
+    def _alpha_s(self, index: int) -> tuple[float, float]:
         """alpha and the EDM noise level s = sigma / alpha at grid ``index`` (s = 0 at the end of a zero grid)."""
-        sigma = self.sigmas[index].to(dtype)
+        sigma = self.sigmas[index].double()
         if float(sigma) == 0.0:
-            return torch.ones((), dtype=dtype), 0.0
+            return 1.0, 0.0
         alpha, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
-        return alpha, float(sigma_t / alpha)
+        return float(alpha), float(sigma_t / alpha)
 
     def _grid_bounds(self) -> tuple[float, float, int]:
         """(largest, smallest positive) noise level in EDM units and the number of steps between them."""
         if self._bounds is None:
-            levels = [self._alpha_s(i, torch.float64)[1] for i in range(len(self.sigmas))]
-            positive = [s for s in levels if s > 0]
+            positive = [s for s in (self._alpha_s(i)[1] for i in range(len(self.sigmas))) if s > 0]
             self._bounds = positive[0], positive[-1], len(positive) - 1
         return self._bounds
 
@@ -227,53 +233,72 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         position = (s_t + s_min) / (s_max + s_min)
         return 0.5 * (1.0 - position * position)
 
-    def _predict(self, x: Tensor, s_prev: float, s_t: float, final: bool) -> Tensor:
-        """The next point from ``x`` at ``s_prev`` (EDM coordinates), storing the corrector's inputs."""
-        d0 = self._history[-1]
+    def _balance(self, d_new: Tensor, d_old: Tensor, d_old_norm: Tensor, w: float, base: float) -> Tensor | float:
+        """b = (1 - w) base + w <D_new, D_old> / <D_old, D_old> (clipped), or 1 without balancing."""
+        if not self.config.balance:
+            return 1.0
+        return (1 - w) * base + w * clipped_ratio(inner(d_new, d_old, self.config.per_channel), d_old_norm)
+
+    def _predict(self, x: Tensor, now: tuple[float, float], nxt: tuple[float, float], final: bool) -> Tensor:
+        """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs."""
+        (alpha_s, s_prev), (alpha_t, s_t) = now, nxt
+        d0, d0_norm = self._history[-1]
         rho, h = s_t / s_prev, 1.0 / s_t - 1.0 / s_prev
-        x_euler = rho * x + s_t * h * d0
+        # x^E = alpha_t (rho x / alpha_s + s_t h D_0): DDIM in the sample's coordinates
+        x_euler = torch.add(x * (alpha_t * rho / alpha_s), d0, alpha=alpha_t * s_t * h)
         if len(self._history) < 2:  # the first step: DDIM (DPM-Solver++(1))
             return x_euler
-        d1_prev, s_prev2 = self._history[-2], self._levels[-2]
+        (d1_prev, d1_prev_norm), s_prev2 = self._history[-2], self._levels[-2]
+        step = alpha_t * 0.5 * s_t * h
         if final and self.config.final_step == "evodiff":
             c = 1 - 0.5 * math.sqrt(rho) if rho < 0.5 else 1 - 0.5 * math.sqrt(rho - 0.5)
-            return (1 - math.sqrt(s_t * s_prev)) * x_euler + 0.5 * s_t * h * (d0 - c * d1_prev)
+            shrunk = x_euler * (1 - math.sqrt(s_t * s_prev))
+            return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
-        base = math.sqrt(rho / (s_prev / s_prev2))
-        w = self._weight(s_t)
-        per_channel = self.config.per_channel
-        b1 = (1 - w) * base + w * projection(d0, d1_prev, per_channel) if self.config.balance else 1.0
+        base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
+        b1 = self._balance(d0, d1_prev, d1_prev_norm, w, base)
         d1 = d0 - b1 * d1_prev
         if self.config.adaptive_ratio:
             b1 = torch.as_tensor(b1, dtype=x.dtype, device=x.device)
             r_tilde = (torch.sigmoid(TEMPERATURE * b1.abs()) * r).clamp(RATIO_BOUNDS[0] * r, RATIO_BOUNDS[1] * r)
         else:
             r_tilde = torch.as_tensor(r, dtype=x.dtype, device=x.device)
-        x_pred = x_euler + 0.5 * s_t * h / r_tilde * d1
+        x_pred = torch.addcmul(x_euler, step / r_tilde, d1)
         if self.config.corrector and not final:
-            self._pending = _Pending(x_euler, d1, d0, d1_prev, r, r_tilde, h, s_t, s_prev, base, w)
+            d1_norm = inner(d1, d1, self.config.per_channel)
+            self._pending = _Pending(
+                x_euler, d1, d1_norm, d0, d0_norm, d1_prev, r, r_tilde, h, s_t, s_prev, alpha_t, base, w
+            )
         return x_pred
 
-    def _correct(self, pending: _Pending, d_new: Tensor) -> Tensor:
-        """The corrector of the pending predictor with the new evaluation ``d_new`` (EDM coordinates)."""
-        p, per_channel = pending, self.config.per_channel
-        b2 = (1 - p.w) * p.base + p.w * projection(d_new, p.d_prev, per_channel) if self.config.balance else 1.0
+    def _correct(self, p: _Pending, d_new: Tensor) -> Tensor:
+        """The corrector of the pending predictor with the new evaluation ``d_new``.
+
+        With d2 = D_t - b2 D_0, P = r d2 / h, M = d1 / (r h) and f = d2 - d1 / r^2 (so P - M = r f / h), the
+        reference's projections reduce to inner products of d1 and f:
+        eta* = <P + M, P - M> / |P - M|^2 / 2 = (1 + 2 <d1, f> / (r^2 |f|^2)) / 2 and
+        zeta* = <x^P - x^E - s h B / (2 r~), d1> / |d1|^2 / (s h), B = a d1 + b d2."""
+        per_channel = self.config.per_channel
+        b2 = self._balance(d_new, p.d_prev, p.d_prev_norm, p.w, p.base)
         d2 = d_new - b2 * p.d_prev
-        minus, plus = p.d1 / (p.r * p.h), p.r * d2 / p.h
-        eta = 0.5 * torch.sigmoid((0.5 * projection(plus + minus, plus - minus, per_channel)).abs())
-        b_theta = (-eta / p.r) * p.d1 + p.r * (1 - eta) * d2
-        residual = 0.5 * p.s_t * p.h / p.r_tilde * (p.d1 - b_theta)  # x^P - x^E - s_t h / (2 r~) B
-        zeta_star = projection(residual, p.d1, per_channel) / (p.h * p.s_t)
+        f = torch.add(d2, p.d1, alpha=-1.0 / p.r**2)
+        d1_f, f_f = inner(p.d1, f, per_channel), inner(f, f, per_channel)
+        eta = 0.5 * torch.sigmoid((0.5 * clipped_ratio(f_f + 2.0 / p.r**2 * d1_f, f_f)).abs())
+        a, b = -eta / p.r, p.r * (1 - eta)  # B = a d1 + b d2
+        d1_d2 = d1_f + p.d1_norm / p.r**2
+        along = (1 - a) * p.d1_norm - b * d1_d2  # <(1 - a) d1 - b d2, d1>
+        zeta_star = clipped_ratio(0.5 * p.s_t * p.h / p.r_tilde * along, p.d1_norm) / (p.h * p.s_t)
         if self._grid_bounds()[2] > MANY_STEPS:
-            ratio = p.s_t / p.s_prev
-            slope = (p.d_prev - p.d_prev2) / p.h
-            consistency = torch.sigmoid(projection(p.d_prev, slope, per_channel) * (2 - ratio**2))
+            ratio, g = p.s_t / p.s_prev, p.d_prev - p.d_prev2  # the slope (D_0 - D_1) / h
+            slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, inner(g, g, per_channel))
+            consistency = torch.sigmoid(slope_coef * (2 - ratio**2))
             zeta = torch.sigmoid(-(zeta_star.abs() - ZETA_SHIFT) * consistency)
             if self.config.bounded_zeta:
                 zeta = zeta.clamp(min=1 / (1 + math.exp(ZETA_SHIFT)))
         else:
             zeta = torch.sigmoid(zeta_star.abs() - ZETA_SHIFT)
-        return p.x_euler + 0.5 * p.s_t * p.h / zeta * b_theta
+        scale = p.alpha_t * 0.5 * p.s_t * p.h / zeta
+        return torch.addcmul(torch.addcmul(p.x_euler, scale * a, p.d1), scale * b, d2)
 
     def step(
         self,
@@ -291,22 +316,20 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             self._init_step_index(timestep)
         k = self.step_index
         dtype = torch.promote_types(sample.dtype, torch.float32)
-        sample = sample.to(dtype)
-        data = self.convert_model_output(model_output.to(dtype), sample=sample)
-        alpha, s_now = self._alpha_s(k, dtype)
-        x = sample / alpha
+        x = sample.to(dtype)
+        data = self.convert_model_output(model_output.to(dtype), sample=x)
+        now, nxt = self._alpha_s(k), self._alpha_s(k + 1)
         if self._pending is not None:
             x = self._correct(self._pending, data)
             self._pending = None
-        self._history = [*self._history[-1:], data]
-        self._levels = [*self._levels[-1:], s_now]
-        alpha_next, s_next = self._alpha_s(k + 1, dtype)
-        if s_next == 0.0:
+        norm = inner(data, data, self.config.per_channel) if self.config.balance else None
+        self._history = [*self._history[-1:], (data, norm)]
+        self._levels = [*self._levels[-1:], now[1]]
+        if nxt[1] == 0.0:
             prev = data
         else:
             last_positive = k + 1 == len(self.sigmas) - 1 or float(self.sigmas[k + 2]) == 0.0
-            final = last_positive and self.config.lower_order_final
-            prev = alpha_next * self._predict(x, s_now, s_next, final)
+            prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
         prev = prev.to(model_output.dtype)
