@@ -34,6 +34,8 @@ _LAZY = {
     "ClassificationModule": "entreg.modules",
     "EntropyController": "entreg.callbacks",
     "EntropyMonitor": "entreg.callbacks",
+    "EVODiffScheduler": "entreg.diffusion",
+    "GaussianMixture": "entreg.diffusion",
     "DigitsDataModule": "entreg.data",
     "CIFAR10DataModule": "entreg.data",
     "ImageFolderDataModule": "entreg.data",
