@@ -11,6 +11,7 @@ from entreg.data.base import SplitDataModule
 __all__ = ["DigitsDataModule", "load_digits_tensors"]
 
 NUM_IMAGES = 1797
+SCALES = ("standard", "minus_one_one")
 
 
 def load_digits_tensors(size: int = 32, channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,8 @@ class DigitsDataModule(SplitDataModule):
     """Bundled digits with a seeded, stratified train/val/test split (default 1000/200/597).
 
     Needs no download; everything is held in memory as tensors. Images are standardised with the
-    training split's mean and std.
+    training split's mean and std (``scale="standard"``), or mapped to [-1, 1] as ``2 x - 1`` of the
+    [0, 1] images (``scale="minus_one_one"``, for diffusion models).
 
     Args:
         size: image side (8 = original; >= 8).
@@ -42,6 +44,7 @@ class DigitsDataModule(SplitDataModule):
         seed: seed of the split and of the training order (independent of the training seed).
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
         num_classes: always 10; accepted so that configs can read ``data.num_classes``.
+        scale: ``"standard"`` (zero mean, unit std) or ``"minus_one_one"``.
 
     Example:
         >>> dm = DigitsDataModule(size=8, batch_size=32)
@@ -60,6 +63,7 @@ class DigitsDataModule(SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
         num_classes: int = 10,
+        scale: str = "standard",
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         if size < 8:
@@ -73,8 +77,11 @@ class DigitsDataModule(SplitDataModule):
             )
         if num_classes != 10:
             raise ValueError(f"the digits data set has 10 classes, got num_classes={num_classes}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.save_hyperparameters()
         self.size, self.channels, self.split, self.num_classes = size, channels, split, num_classes
+        self.scale = scale
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -86,7 +93,10 @@ class DigitsDataModule(SplitDataModule):
         n_train, n_val, _ = self.split
         train_idx, rest = train_test_split(index, train_size=n_train, stratify=labels, random_state=self.seed)
         val_idx, test_idx = train_test_split(rest, train_size=n_val, stratify=labels[rest], random_state=self.seed)
-        mean, std = images[train_idx].mean(), images[train_idx].std()
+        if self.scale == "minus_one_one":  # (x - 0.5) / 0.5 = 2 x - 1
+            mean, std = torch.tensor(0.5), torch.tensor(0.5)
+        else:
+            mean, std = images[train_idx].mean(), images[train_idx].std()
         self.normalization = (float(mean), float(std))  # of the [0, 1] images: shifted copies reuse it
         images = (images - mean) / std
         self.train_set, self.val_set, self.test_set = (
