@@ -120,6 +120,82 @@ def _print_adaptation(rows: list[tuple[str, dict[str, float | None]]], title: st
     Console().print(table)
 
 
+def sample(cfg: DictConfig) -> dict[str, float]:
+    """Load the DiffusionModule checkpoint ``cfg.ckpt_path``, draw ``cfg.n`` samples with ``cfg.sampler`` in
+    ``cfg.num_inference_steps`` steps, write ``samples.png`` and ``metrics.json`` to ``cfg.paths.output_dir``,
+    print and return the metrics (against ``cfg.data``'s validation split when a data config is given)."""
+    import json
+    import time
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from entreg.modules.diffusion import DiffusionModule
+
+    L.seed_everything(cfg.seed)
+    datamodule = instantiate(cfg.data, _convert_="all") if cfg.get("data") else None
+    reference = instantiate(cfg.reference_mixture) if cfg.get("reference_mixture") else None
+    if reference is None:
+        reference = getattr(datamodule, "mixture", None)
+    extractor = instantiate(cfg.feature_extractor) if cfg.get("feature_extractor") else None
+    model = DiffusionModule.load_checkpoint(
+        cfg.ckpt_path, map_location=cfg.device, feature_extractor=extractor, reference_mixture=reference
+    )
+    model = model.to(cfg.device).eval()
+    scheduler = model.make_scheduler(cfg.sampler.scheduler, **cfg.sampler.options)
+    start = time.perf_counter()
+    samples = model.sample(cfg.n, scheduler, cfg.num_inference_steps, torch.Generator().manual_seed(cfg.seed))
+    seconds = time.perf_counter() - start
+    samples = samples.float().cpu()
+    metrics = {"n": cfg.n, "num_inference_steps": cfg.num_inference_steps, "seconds": seconds}
+    metrics |= {"finite_fraction": float(torch.isfinite(samples).flatten(1).all(1).float().mean())}
+    if datamodule is not None:
+        datamodule.setup("validate")
+        real = torch.stack([datamodule.val_set[i][0] for i in range(min(cfg.n, len(datamodule.val_set)))])
+        metrics |= model.sample_metrics(samples, real)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _save_samples(model.to_image(samples) if samples.ndim == 4 else samples, output_dir / "samples.png", cfg.nrow)
+    record = {"ckpt_path": str(cfg.ckpt_path), "sampler": cfg.sampler.scheduler, **metrics}
+    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    _print_sample_metrics(metrics, f"entreg-sample {cfg.sampler.scheduler} on {cfg.ckpt_path}", output_dir)
+    return metrics
+
+
+def _save_samples(samples: Any, path: Any, nrow: int) -> None:
+    """An image grid of images in [0, 1], or a 256x256 histogram of the first two coordinates of vectors."""
+    import torch
+    from torchvision.utils import save_image
+
+    if samples.ndim == 2:
+        points = samples[torch.isfinite(samples).all(1)][:, :2].double()
+        points = torch.cat([points, torch.zeros(len(points), 2 - points.shape[1], dtype=points.dtype)], 1)
+        low, high = (points.amin(0), points.amax(0)) if len(points) else (torch.zeros(2), torch.ones(2))
+        edges = [
+            torch.linspace(float(a), float(b) + 1e-9, 257, dtype=torch.float64) for a, b in zip(low, high, strict=True)
+        ]
+        counts = torch.histogramdd(points, bins=edges).hist.T.flip(0)  # y up
+        samples = (counts / counts.max().clamp(min=1)).sqrt()[None, None].float()
+    save_image(samples, path, nrow=nrow)
+
+
+def _print_sample_metrics(metrics: dict[str, float], title: str, output_dir: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(table)
+    console.print(f"samples: {output_dir / 'samples.png'}", soft_wrap=True)
+    console.print(f"metrics: {output_dir / 'metrics.json'}", soft_wrap=True)
+
+
 def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:
     """Hydra overrides for a rank > 0 started by ``torchrun``, which runs the entry point once per rank.
 
@@ -147,6 +223,12 @@ def _train_main(cfg: DictConfig) -> float | None:
 def adapt_main(cfg: DictConfig) -> None:
     """``entreg-adapt``: test-time adaptation of a checkpoint on a shifted stream."""
     adapt(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def sample_main(cfg: DictConfig) -> None:
+    """``entreg-sample``: sample a diffusion checkpoint with a chosen scheduler and NFE."""
+    sample(cfg)
 
 
 def train_main() -> float | None:
