@@ -298,6 +298,7 @@ class DiffusionModule(L.LightningModule):
         many points of each as the smaller set has)."""
         metrics: dict[str, float] = {}
         if samples.ndim > 2 and self.feature_extractor is not None:
+            self.feature_extractor.eval()
             features = [self.feature_extractor(x.to(self.device)).flatten(1).cpu() for x in (real, samples)]
             metrics["fd"] = frechet_distance(*features)
         if samples.ndim == 2:
