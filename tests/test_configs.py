@@ -17,6 +17,7 @@ from .test_data import write_fake_cifar10, write_image_folder
 CONFIG_DIR = Path(entreg.configs.__file__).parent
 GROUPS = ("data", "model", "backbone", "callbacks", "logger", "trainer")
 ADAPT_GROUPS = ("method", "stream")
+DIFFUSION_DATA = {"diffusion_unet": ["data=digits_diffusion", "data.size=8"], "diffusion_mlp": ["data=gmm2d"]}
 
 
 def options(group: str) -> list[str]:
@@ -24,9 +25,15 @@ def options(group: str) -> list[str]:
 
 
 def test_every_config_file_is_covered_here():
-    groups = (*GROUPS, "experiment", *ADAPT_GROUPS)
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler")
     covered = {f"{group}/{name}" for group in groups for name in options(group)}
-    covered |= {"train", "adapt", "paths/default", "hydra/default"}  # composed by every test below and by the CLI tests
+    covered |= {
+        "train",
+        "adapt",
+        "sample",
+        "paths/default",
+        "hydra/default",
+    }  # composed by every test below and by the CLI tests
     files = {str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")}
     assert files == covered
 
@@ -53,12 +60,22 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
         overrides += data_on_disk.get(option, [])
     if group == "trainer" and "gpu" in option and not torch.cuda.is_available():
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    if option in DIFFUSION_DATA:  # diffusion models take no backbone
+        overrides += ["~backbone", *DIFFUSION_DATA[option]]
     cfg = compose_train(*overrides, fast=group not in ("callbacks", "logger"))
     if group == "data":
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.setup("fit")
-        x, y = next(iter(datamodule.train_dataloader()))
-        assert x.shape[1] == cfg.data.channels and int(y.max()) < cfg.data.num_classes
+        batch = next(iter(datamodule.train_dataloader()))
+        if len(batch) == 1:  # unlabelled points
+            assert batch[0].shape[1:] == (cfg.data.dim,)
+        else:
+            x, y = batch
+            assert x.shape[1] == cfg.data.channels and int(y.max()) < cfg.data.num_classes
+    elif option in DIFFUSION_DATA:
+        model = instantiate(cfg.model, _convert_="all").eval()
+        x = model.sample(2, num_inference_steps=2)
+        assert x.shape[1:] == model.sample_shape and model(x, torch.tensor([1, 999])).shape == x.shape
     elif group in ("model", "backbone"):
         model = instantiate(cfg.model, _convert_="all")
         size = 32
@@ -75,13 +92,17 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs(experiment, compose_train, data_on_disk):
-    cfg = compose_train(
-        f"experiment={experiment}",
-        "trainer.fast_dev_run=true",
-        *data_on_disk.get("cifar10" if experiment.startswith("cifar10") else "", []),
-    )
+    overrides = data_on_disk.get("cifar10" if experiment.startswith("cifar10") else "", [])
+    if "diffusion" in experiment:  # 8 samples in 2 steps at the one validation epoch; digits at 8x8
+        overrides = ["model.sample_every_n_epochs=1", "model.sample_steps=2", "model.num_val_samples=8"]
+        overrides += ["data.batch_size=8", *(["data.size=8"] if "digits" in experiment else [])]
+    cfg = compose_train(f"experiment={experiment}", "trainer.fast_dev_run=true", *overrides)
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/nll"] > 0
+    if "diffusion" in experiment:
+        sample_metric = "val/fd" if "digits" in experiment else "val/log_likelihood"
+        assert metrics["val/loss"] > 0 and sample_metric in metrics
+    else:
+        assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/nll"] > 0
 
 
 def test_default_experiment_reaches_90_percent(compose_train, tmp_path):
@@ -145,3 +166,19 @@ def test_every_stream_config(stream, tmp_path):
     _, labels = next(iter(loaders[0]))
     if cfg.stream.class_sorted:
         assert bool((labels[1:] >= labels[:-1]).all())
+
+
+@pytest.mark.parametrize("sampler", options("sampler"))
+def test_every_sampler_config_samples(sampler):
+    from hydra import compose, initialize_config_module
+
+    from entreg.modules.diffusion import DiffusionModule
+    from entreg.nn.denoisers import MLPDenoiser
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("sample", overrides=[f"sampler={sampler}", "ckpt_path=unused", "paths.output_dir=unused"])
+    model = DiffusionModule(MLPDenoiser(2, hidden=8), prediction_type="v_prediction")
+    scheduler = model.make_scheduler(cfg.sampler.scheduler, **cfg.sampler.options)
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_schedule == "linear"
+    x = model.sample(3, scheduler, 4, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 2) and bool(torch.isfinite(x).all())
