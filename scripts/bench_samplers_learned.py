@@ -35,12 +35,16 @@ Metrics, mean over seeds (± the std over seeds at NFE 10):
 
 Device: the UNet runs on ``--device`` (``auto``: CUDA when present); schedulers, noise, reference and
 metrics stay on the CPU, so the numbers do not depend on the device beyond float rounding in the UNet.
-On 2 busy CPU cores one forward of 500 samples takes ~0.5-1.5 s and a full run needs ~3,600 of them (over
-an hour); the committed JSON comes from one GPU run (see ``device`` and ``seconds`` in it).
+Cost: a full run makes ~3,600 UNet forwards of 500 samples (3 seeds x (15 sampler-grid rows x 64 NFE +
+200 reference steps), + 100 for the halving check). On 2 CPU cores shared with other jobs (load ~7) one
+forward of the 32-64 UNet took ~0.8 s and a training step of even the 8-16 UNet at batch 256 ~3.5 s, so the full
+default run does not fit on such CPUs (hours, and a 6-minute CPU training budget gives ~100 steps: an untrained
+model); it is meant for a GPU (not yet run there: the device needs diffusers, lightning and
+scikit-learn installed). ``--quick`` is a smoke test of the pipeline only.
 
 Run (from the repository root):
-    PYTHONPATH=. python scripts/bench_samplers_learned.py                    # GPU: ~6 minutes
-    PYTHONPATH=. python scripts/bench_samplers_learned.py --quick            # CPU: 2-5 minutes, smoke run only
+    PYTHONPATH=. python scripts/bench_samplers_learned.py                    # on a GPU (training capped at 6 minutes)
+    PYTHONPATH=. python scripts/bench_samplers_learned.py --quick            # CPU smoke test (~10 min at load 7)
 
 Writes ``bench_samplers_learned.json`` next to this script (``--out``).
 """
