@@ -110,3 +110,24 @@ def test_the_reference_rule_above_20_steps_diverges_where_the_bounded_one_does_n
         results[bounded], _ = sample_vp(scheduler, gmm, x_t)
     assert not (results[False].abs().max() < 100)  # diverged (or NaN)
     assert results[True].abs().max() < 10
+
+
+def test_benchmark_reference_path_equals_diffusers_dpm_solver():
+    """The benchmark's reference solver (neutral coefficients on a grid given by ``sigmas=``) on diffusers'
+    own grid reproduces DPMSolverMultistepScheduler with the exact mixture model (harness check)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    gmm = GaussianMixture.random(dim=2, components=8, rank=1, seed=0)
+    noise = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    dpm = DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    dpm.set_timesteps(10)
+    ours = EVODiffScheduler(balance=False, adaptive_ratio=False, corrector=False, final_step="dpmsolver")
+    ours.set_timesteps(sigmas=dpm.sigmas)
+    model = exact_epsilon(gmm, dpm)
+    out = []
+    for scheduler in (dpm, ours):
+        x = noise.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t), t, x).prev_sample
+        out.append(x)
+    torch.testing.assert_close(out[1], out[0], atol=1e-3, rtol=0)
