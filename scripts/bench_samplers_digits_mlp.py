@@ -62,7 +62,14 @@ def main() -> dict:
             optimizer=partial(torch.optim.AdamW, lr=2e-3),
             sample_every_n_epochs=0,
         )
-        trainer = L.Trainer(max_epochs=60, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer = L.Trainer(
+            max_epochs=60,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(model, dm)
         model.eval()
         reference = model.make_scheduler("dpmsolver", use_exponential_sigmas=True)
