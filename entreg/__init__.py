@@ -32,6 +32,7 @@ _LAZY = {
     "PredictiveEntropy": "entreg.metrics",
     "ClassificationMetrics": "entreg.metrics",
     "ClassificationModule": "entreg.modules",
+    "DiffusionModule": "entreg.modules",
     "EntropyController": "entreg.callbacks",
     "EntropyMonitor": "entreg.callbacks",
     "EVODiffScheduler": "entreg.diffusion",
