@@ -212,3 +212,15 @@ def test_entreg_sample_writes_a_png_and_metrics(case, request, tmp_path):
     assert written["n"] == 64 and written["finite_fraction"] == 1.0 and written["num_inference_steps"] == 6
     expected = {"fd"} if case == "digits" else {"log_likelihood", "sliced_wasserstein"}
     assert expected <= set(written) and all(math.isfinite(metrics[name]) for name in expected)
+
+
+def test_ema_warms_up_like_diffusers():
+    model = DiffusionModule(MLPDenoiser(2), ema_decay=0.99)
+    raw, averaged = next(model.denoiser.parameters()), next(model.ema.module.parameters())
+    with torch.no_grad():
+        raw.fill_(1.0)
+    model.ema.update_parameters(model.denoiser)  # the first update copies
+    with torch.no_grad():
+        raw.fill_(3.0)
+    model.ema.update_parameters(model.denoiser)  # n = 1: decay min(0.99, 2 / 11)
+    torch.testing.assert_close(averaged, torch.full_like(raw, 1.0 + (1 - 2 / 11) * 2.0))

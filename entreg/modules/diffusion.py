@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.loggers import has_tensorboard
@@ -42,6 +42,16 @@ def _locate(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """An ``AveragedModel`` update whose decay at update n is min(decay, (1 + n) / (10 + n))."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return update
+
+
 class DiffusionModule(L.LightningModule):
     """Diffusion training: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with DDPM's noise schedule, the
     denoiser regressing eps, x_0 or v (MSE). An exponential moving average of the weights (``self.ema``,
@@ -65,7 +75,9 @@ class DiffusionModule(L.LightningModule):
         num_train_timesteps: diffusion steps of the training schedule.
         beta_schedule: diffusers' beta schedule (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``, ``sigmoid``).
         optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_: true``); default AdamW(lr=1e-3).
-        ema_decay: decay of the EMA weights, in [0, 1).
+        ema_decay: decay of the EMA weights, in [0, 1), reached after a warm-up: update n uses
+            min(ema_decay, (1 + n) / (10 + n)), as diffusers' EMAModel does, so short fits are not
+            sampled from weights near the initialisation.
         sample_scheduler: sampler of validation samples: a name of :data:`SAMPLERS` (``dpmsolver``,
             ``evodiff``, ``ddim``, ``euler``, ``unipc``) or a scheduler class path.
         sample_steps: its number of inference steps (NFE).
@@ -124,7 +136,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"data_range must be (low, high) with low < high, got {tuple(data_range)}")
         self.save_hyperparameters(ignore=["denoiser", "optimizer", "feature_extractor", "reference_mixture"])
         self.denoiser = denoiser
-        self.ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(denoiser, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.feature_extractor = feature_extractor.eval().requires_grad_(False) if feature_extractor else None
         self.reference_mixture = reference_mixture
