@@ -6,7 +6,6 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -16,6 +15,7 @@ from entreg.distributed import all_gather_uneven
 from entreg.entropy import categorical_entropy
 from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
+from entreg.modules.skipping import SkipNonFiniteSteps
 from entreg.nn.backbones import build_backbone
 from entreg.nn.output import build_output_activation
 from entreg.nn.penalties import ConfidencePenalty
@@ -28,7 +28,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 STAGES = ("train", "val", "test")
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(SkipNonFiniteSteps):
     """A classifier = backbone (by name) + output activation (none or ERA) + cross-entropy with
     optional label smoothing and confidence penalty.
 
@@ -93,8 +93,6 @@ class ClassificationModule(L.LightningModule):
         self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
         self._more_test_metrics: dict[int, ClassificationMetrics] = {}  # test dataloaders 1, 2, ... (shifts)
-        self.skipped_steps = 0
-        self._good_batches = 0  # finite batches since the last optimizer step
         self._buffer_snapshot = BufferSnapshot(self)
         self._val_entropies: list[Tensor] = []
 
@@ -114,13 +112,6 @@ class ClassificationModule(L.LightningModule):
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         return getattr(self, f"{stage}_metrics")
 
-    def _all_finite(self, value: Tensor) -> bool:
-        """Whether ``value`` is finite on every rank (all ranks must agree to skip a step together)."""
-        bad = (~torch.isfinite(value)).any().float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        return not bool(bad)
-
     def compute_loss(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """Training loss and per-sample entropy of the output logits: cross-entropy (with label
         smoothing) plus the confidence penalty."""
@@ -133,35 +124,16 @@ class ClassificationModule(L.LightningModule):
         self._buffer_snapshot.save()
         logits = self(x)
         loss, entropy = self.compute_loss(logits, y)
-        if not self._all_finite(loss):
+        if not self.all_finite(loss):
             self._buffer_snapshot.restore()  # undo the batch's BatchNorm statistics
-            self.skipped_steps += 1
-            rank_zero_warn(
-                f"Non-finite training loss at step {self.global_step} (batch {batch_idx}): batch skipped, "
-                f"weights not updated ({self.skipped_steps} skipped so far)."
-            )
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-            return self._zero_loss()
-        self._good_batches += 1
+            return self.skip_batch(batch_idx)
+        self.count_good_batch()
         self.train_metrics.update(logits, y, entropy)
         # averaged over ranks: equal-size rank batches give the global batch's value
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         h = entropy.detach().mean()
         self.log("train/entropy", h, on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
         return loss
-
-    def _zero_loss(self) -> Tensor:
-        """Exactly zero, but connected to every trainable parameter: a skipped batch still runs
-        backward (Lightning cannot skip a step under DDP, and DDP's all-reduce needs every rank),
-        contributing zero gradient."""
-        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._good_batches == 0:  # every batch since the last step was skipped: no update at all
-            for group in optimizer.param_groups:  # optimizers leave parameters without .grad untouched
-                for param in group["params"]:
-                    param.grad = None
-        self._good_batches = 0
 
     def _test_metrics_for(self, dataloader_idx: int) -> ClassificationMetrics:
         if dataloader_idx == 0:
@@ -175,7 +147,7 @@ class ClassificationModule(L.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, dataloader_idx: int = 0) -> Tensor:
         x, y = batch
         logits = self(x)
-        if not self._all_finite(logits):
+        if not self.all_finite(logits):
             rank_zero_warn(f"Non-finite {stage} logits: batch left out of the {stage} metrics.")
             return logits
         entropy = categorical_entropy(logits)

@@ -9,15 +9,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.loggers import has_tensorboard
+from entreg.modules.skipping import SkipNonFiniteSteps
 
 __all__ = ["PREDICTION_TYPES", "SAMPLERS", "DiffusionModule", "digits_feature_extractor"]
 
@@ -52,7 +51,7 @@ def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor]
     return update
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(SkipNonFiniteSteps):
     """Diffusion training: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with DDPM's noise schedule, the
     denoiser regressing eps, x_0 or v (MSE). An exponential moving average of the weights (``self.ema``,
     a ``torch.optim.swa_utils.AveragedModel``, in the checkpoint) is updated after every training batch
@@ -150,8 +149,6 @@ class DiffusionModule(L.LightningModule):
         self.sample_scheduler, self.sample_steps = sample_scheduler, sample_steps
         self.sample_every_n_epochs, self.num_val_samples = sample_every_n_epochs, num_val_samples
         self.data_range = (low, high)
-        self.skipped_steps = 0
-        self._good_batches = 0  # finite batches since the last optimizer step
         self._skipped_batch = False
         self._val_real: list[Tensor] = []
 
@@ -196,36 +193,15 @@ class DiffusionModule(L.LightningModule):
         prediction = denoiser(self.noise_scheduler.add_noise(x0, noise, t), t)
         return F.mse_loss(prediction.float(), self.prediction_target(x0, noise, t).float())
 
-    def _all_finite(self, value: Tensor) -> bool:
-        """Whether ``value`` is finite on every rank (all ranks must agree to skip a step together)."""
-        bad = (~torch.isfinite(value)).any().float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        return not bool(bad)
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = _data(batch)
         loss = self.diffusion_loss(self.denoiser, x0)
-        self._skipped_batch = not self._all_finite(loss)
+        self._skipped_batch = not self.all_finite(loss)
         if self._skipped_batch:
-            self.skipped_steps += 1
-            rank_zero_warn(
-                f"Non-finite training loss at step {self.global_step} (batch {batch_idx}): batch skipped, "
-                f"weights not updated ({self.skipped_steps} skipped so far)."
-            )
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-            # exactly zero but connected to every trainable parameter: under DDP every rank must run backward
-            return sum(p.sum() for p in self.denoiser.parameters() if p.requires_grad) * 0.0
-        self._good_batches += 1
+            return self.skip_batch(batch_idx)
+        self.count_good_batch()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0), sync_dist=True)
         return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._good_batches == 0:  # every batch since the last step was skipped: no update at all
-            for group in optimizer.param_groups:  # optimizers leave parameters without .grad untouched
-                for param in group["params"]:
-                    param.grad = None
-        self._good_batches = 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._skipped_batch:
