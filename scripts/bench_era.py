@@ -52,20 +52,18 @@ import copy
 import datetime as dt
 import io
 import json
-import logging
 import math
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quantile
+from benchkit import ForeignCpu, quantile, quiet_libraries
 from torch import Tensor, nn
 
 ARMS: dict[str, list[str]] = {
@@ -388,17 +386,6 @@ def print_speed(results: list[dict[str, Any]], batch: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def quiet_libraries() -> None:
-    """Silence Lightning's info logs and two known harmless warnings (the tables stay readable)."""
-    import lightning  # noqa: F401  (its import sets its loggers to INFO: import first, then lower them)
-
-    for name in list(logging.root.manager.loggerDict):
-        if name == "lightning" or name.startswith(("lightning.", "lightning_fabric", "pytorch_lightning")):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

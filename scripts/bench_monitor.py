@@ -51,14 +51,12 @@ import datetime as dt
 import gc
 import importlib.util
 import json
-import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +66,7 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu
+from benchkit import ForeignCpu, quiet_libraries
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -531,14 +529,6 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
         print("WARNING: other processes used CPU during most rounds (NOISY rows); rerun on a quiet machine.")
 
 
-def quiet_libraries() -> None:
-    """Silence Lightning's info logs and the warnings that short runs on random data trigger."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for message in ("does not have many workers", "LeafSpec", "smaller than the logging interval", "no `val_"):
-        warnings.filterwarnings("ignore", message=f".*{message}.*")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -566,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     if not args.verbose:
-        quiet_libraries()
+        quiet_libraries("smaller than the logging interval", "no `val_")
     max_minutes = args.max_minutes if args.max_minutes is not None else (1.0 if args.quick else 4.0)
     configs = []
     for key in sorted(set(args.configs)):

@@ -99,14 +99,12 @@ import argparse
 import copy
 import datetime as dt
 import json
-import logging
 import math
 import os
 import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +112,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quantile
+from benchkit import ForeignCpu, quantile, quiet_libraries
 from torch import Tensor, nn
 
 from entreg.data.digits import DigitsDataModule
@@ -823,19 +821,6 @@ def increment_stats(log: list[dict[str, Any]]) -> dict[str, Any]:
         "iqr": [quantile(ratios, 0.25), quantile(ratios, 0.75)],
         "ratios": ratios,
     }
-
-
-def quiet_libraries() -> None:
-    """Silence Lightning's info logs and its warnings about workers (the tables stay readable)."""
-    import lightning  # noqa: F401  (its import sets its loggers to INFO: import first, then lower them)
-
-    for name in list(logging.root.manager.loggerDict):
-        if name == "lightning" or name.startswith(("lightning.", "lightning_fabric", "pytorch_lightning")):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # entreg/tta/ostta.py calls float() on a tensor that requires grad (harmless, once per run)
-    warnings.filterwarnings("ignore", message=r"Converting a tensor with requires_grad=True to a scalar.*")
 
 
 def run_callback_speed(

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: CPU time taken by other processes, and quantiles.
+"""Shared by the benchmark scripts: CPU time taken by other processes, quantiles, quiet logs.
 
 On a shared 2-core machine a busy neighbour stalls every 2-thread parallel region, so the
 benchmarks measure how much CPU other processes used during each repeat and leave busy
@@ -7,9 +7,12 @@ repeats out of their statistics.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import time
+import warnings
 from pathlib import Path
 
 
@@ -41,3 +44,15 @@ def quantile(values: list[float], q: float) -> float:
     pos = q * (len(s) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def quiet_libraries(*messages: str) -> None:
+    """Silence Lightning's info logs, two known harmless warnings and any warning containing one of
+    ``messages`` (the tables stay readable)."""
+    import lightning  # noqa: F401  (its import sets its loggers to INFO: import first, then lower them)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "lightning" or name.startswith(("lightning.", "lightning_fabric", "pytorch_lightning")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    for message in ("does not have many workers", "isinstance(treespec, LeafSpec)", *messages):
+        warnings.filterwarnings("ignore", message=f".*{re.escape(message)}.*")
