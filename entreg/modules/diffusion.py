@@ -45,8 +45,8 @@ def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor]
     """An ``AveragedModel`` update whose decay at update n is min(decay, (1 + n) / (10 + n))."""
 
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        n = num_averaged.to(averaged[0].dtype)  # stays on the device: no host sync per step
+        torch._foreach_lerp_(averaged, current, 1.0 - ((1.0 + n) / (10.0 + n)).clamp(max=decay))
 
     return update
 
