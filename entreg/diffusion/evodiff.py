@@ -82,10 +82,17 @@ def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
 
 
 def clipped_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """num / den clipped to [-2, 2]; 0 where ``den`` is 0 (the minimum-norm least-squares coefficient; the
-    reference divides by zero there, e.g. when two float32 evaluations are equal on a fine grid)."""
-    safe = torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(den > 0, num / safe, torch.zeros_like(num)).clamp(-CLIP, CLIP)
+    """num / den clipped to [-2, 2] for inner products ``num = <a, b>``, ``den = <b, b>``: 0 where ``den`` is 0
+    (then ``num`` is 0 too; the minimum-norm least-squares coefficient, where the reference divides 0 by 0,
+    e.g. when two float32 evaluations are equal on a fine grid)."""
+    return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp_(-CLIP, CLIP)
+
+
+def minus_scaled(a: Tensor, b: Tensor, coef: Tensor | float) -> Tensor:
+    """a - coef b in one pass (``coef`` a broadcastable tensor or a number)."""
+    if isinstance(coef, Tensor):
+        return torch.addcmul(a, coef, b, value=-1.0)
+    return torch.add(a, b, alpha=-coef)
 
 
 def projection(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
@@ -174,6 +181,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self._levels: list[float] = []  # their noise levels s
         self._pending: _Pending | None = None
         self._bounds: tuple[float, float, int] | None = None
+        self._grid: list[tuple[float, float]] | None = None  # (alpha, s) per grid index
 
     def set_timesteps(
         self,
@@ -213,12 +221,16 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
     # --- the update: EDM units (noise level s = sigma / alpha), folded into the sample's coordinates -----
 
     def _alpha_s(self, index: int) -> tuple[float, float]:
-        """alpha and the EDM noise level s = sigma / alpha at grid ``index`` (s = 0 at the end of a zero grid)."""
-        sigma = self.sigmas[index].double()
-        if float(sigma) == 0.0:
-            return 1.0, 0.0
-        alpha, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
-        return float(alpha), float(sigma_t / alpha)
+        """alpha and the EDM noise level s = sigma / alpha at grid ``index`` (s = 0 at the end of a zero grid);
+        the whole grid is converted once, in float64."""
+        if self._grid is None:
+            sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64).cpu()
+            alphas, sigma_ts = self._sigma_to_alpha_sigma_t(sigmas)
+            self._grid = [
+                (1.0, 0.0) if sigma == 0.0 else (alpha, sigma_t / alpha)
+                for sigma, alpha, sigma_t in zip(sigmas.tolist(), alphas.tolist(), sigma_ts.tolist(), strict=True)
+            ]
+        return self._grid[index]
 
     def _grid_bounds(self) -> tuple[float, float, int]:
         """(largest, smallest positive) noise level in EDM units and the number of steps between them."""
@@ -233,14 +245,18 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         position = (s_t + s_min) / (s_max + s_min)
         return 0.5 * (1.0 - position * position)
 
-    def _balance(self, d_new: Tensor, d_old: Tensor, d_old_norm: Tensor, w: float, base: float) -> Tensor | float:
-        """b = (1 - w) base + w <D_new, D_old> / <D_old, D_old> (clipped), or 1 without balancing."""
+    def _balance(self, cross: Tensor | None, d_old_norm: Tensor | None, w: float, base: float) -> Tensor | float:
+        """b = (1 - w) base + w <D_new, D_old> / <D_old, D_old> (clipped; ``cross`` = <D_new, D_old>), or 1
+        without balancing."""
         if not self.config.balance:
             return 1.0
-        return (1 - w) * base + w * clipped_ratio(inner(d_new, d_old, self.config.per_channel), d_old_norm)
+        return clipped_ratio(cross, d_old_norm).mul_(w).add_((1 - w) * base)
 
-    def _predict(self, x: Tensor, now: tuple[float, float], nxt: tuple[float, float], final: bool) -> Tensor:
-        """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs."""
+    def _predict(
+        self, x: Tensor, now: tuple[float, float], nxt: tuple[float, float], final: bool, cross: Tensor | None
+    ) -> Tensor:
+        """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs;
+        ``cross`` = <D_0, D_1>."""
         (alpha_s, s_prev), (alpha_t, s_t) = now, nxt
         d0, d0_norm = self._history[-1]
         rho, h = s_t / s_prev, 1.0 / s_t - 1.0 / s_prev
@@ -256,11 +272,11 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
-        b1 = self._balance(d0, d1_prev, d1_prev_norm, w, base)
-        d1 = d0 - b1 * d1_prev
+        b1 = self._balance(cross, d1_prev_norm, w, base)
+        d1 = minus_scaled(d0, d1_prev, b1)
         if self.config.adaptive_ratio:
             b1 = torch.as_tensor(b1, dtype=x.dtype, device=x.device)
-            r_tilde = (torch.sigmoid(TEMPERATURE * b1.abs()) * r).clamp(RATIO_BOUNDS[0] * r, RATIO_BOUNDS[1] * r)
+            r_tilde = b1.abs().mul_(TEMPERATURE).sigmoid_().mul_(r).clamp_(RATIO_BOUNDS[0] * r, RATIO_BOUNDS[1] * r)
         else:
             r_tilde = torch.as_tensor(r, dtype=x.dtype, device=x.device)
         x_pred = torch.addcmul(x_euler, step / r_tilde, d1)
@@ -271,23 +287,26 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             )
         return x_pred
 
-    def _correct(self, p: _Pending, d_new: Tensor) -> Tensor:
-        """The corrector of the pending predictor with the new evaluation ``d_new``.
+    def _correct(self, p: _Pending, d_new: Tensor, cross: Tensor | None) -> Tensor:
+        """The corrector of the pending predictor with the new evaluation ``d_new`` (``cross`` = <D_t, D_0>).
 
         With d2 = D_t - b2 D_0, P = r d2 / h, M = d1 / (r h) and f = d2 - d1 / r^2 (so P - M = r f / h), the
         reference's projections reduce to inner products of d1 and f:
         eta* = <P + M, P - M> / |P - M|^2 / 2 = (1 + 2 <d1, f> / (r^2 |f|^2)) / 2 and
         zeta* = <x^P - x^E - s h B / (2 r~), d1> / |d1|^2 / (s h), B = a d1 + b d2."""
         per_channel = self.config.per_channel
-        b2 = self._balance(d_new, p.d_prev, p.d_prev_norm, p.w, p.base)
-        d2 = d_new - b2 * p.d_prev
+        b2 = self._balance(cross, p.d_prev_norm, p.w, p.base)
+        d2 = minus_scaled(d_new, p.d_prev, b2)
         f = torch.add(d2, p.d1, alpha=-1.0 / p.r**2)
         d1_f, f_f = inner(p.d1, f, per_channel), inner(f, f, per_channel)
-        eta = 0.5 * torch.sigmoid((0.5 * clipped_ratio(f_f + 2.0 / p.r**2 * d1_f, f_f)).abs())
-        a, b = -eta / p.r, p.r * (1 - eta)  # B = a d1 + b d2
-        d1_d2 = d1_f + p.d1_norm / p.r**2
-        along = (1 - a) * p.d1_norm - b * d1_d2  # <(1 - a) d1 - b d2, d1>
-        zeta_star = clipped_ratio(0.5 * p.s_t * p.h / p.r_tilde * along, p.d1_norm) / (p.h * p.s_t)
+        eta = clipped_ratio(torch.add(f_f, d1_f, alpha=2.0 / p.r**2), f_f).mul_(0.5).abs_().sigmoid_().mul_(0.5)
+        a, b = eta * (-1.0 / p.r), eta.mul(-p.r).add_(p.r)  # B = a d1 + b d2
+        d1_d2 = torch.add(d1_f, p.d1_norm, alpha=1.0 / p.r**2)
+        along = torch.addcmul(p.d1_norm, a, p.d1_norm, value=-1.0).addcmul_(
+            b, d1_d2, value=-1.0
+        )  # <(1-a) d1 - b d2, d1>
+        along = along.mul_(0.5 * p.s_t * p.h / p.r_tilde)
+        zeta_star = clipped_ratio(along, p.d1_norm).div_(p.h * p.s_t)
         if self._grid_bounds()[2] > MANY_STEPS:
             ratio, g = p.s_t / p.s_prev, p.d_prev - p.d_prev2  # the slope (D_0 - D_1) / h
             slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, inner(g, g, per_channel))
@@ -296,8 +315,8 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             if self.config.bounded_zeta:
                 zeta = zeta.clamp(min=1 / (1 + math.exp(ZETA_SHIFT)))
         else:
-            zeta = torch.sigmoid(zeta_star.abs() - ZETA_SHIFT)
-        scale = p.alpha_t * 0.5 * p.s_t * p.h / zeta
+            zeta = zeta_star.abs_().sub_(ZETA_SHIFT).sigmoid_()
+        scale = zeta.reciprocal_().mul_(p.alpha_t * 0.5 * p.s_t * p.h)
         return torch.addcmul(torch.addcmul(p.x_euler, scale * a, p.d1), scale * b, d2)
 
     def step(
@@ -319,8 +338,10 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         x = sample.to(dtype)
         data = self.convert_model_output(model_output.to(dtype), sample=x)
         now, nxt = self._alpha_s(k), self._alpha_s(k + 1)
+        balance = self.config.balance and self._history
+        cross = inner(data, self._history[-1][0], self.config.per_channel) if balance else None  # <D_t, D_0>
         if self._pending is not None:
-            x = self._correct(self._pending, data)
+            x = self._correct(self._pending, data, cross)
             self._pending = None
         norm = inner(data, data, self.config.per_channel) if self.config.balance else None
         self._history = [*self._history[-1:], (data, norm)]
@@ -329,7 +350,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             prev = data
         else:
             last_positive = k + 1 == len(self.sigmas) - 1 or float(self.sigmas[k + 2]) == 0.0
-            prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final)
+            prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final, cross)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
         prev = prev.to(model_output.dtype)
