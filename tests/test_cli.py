@@ -46,9 +46,15 @@ def test_python_m_entreg_train_prints_results_and_writes_logs(tmp_path):
 
 def test_help_lists_the_config_groups(tmp_path):
     result = run([str(ENTRY), "--help"], cwd=tmp_path)
-    assert "entreg-train" in result.stdout
+    assert result.stdout.startswith("entreg-train is powered by Hydra")
     for group in ("backbone", "data", "experiment", "model", "trainer"):
         assert f"{group}:" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["entreg-adapt", "entreg-sample"])
+def test_every_entry_point_names_itself_in_help(tmp_path, command):
+    result = run([str(ENTRY.with_name(command)), "--help"], cwd=tmp_path)
+    assert result.stdout.startswith(f"{command} is powered by Hydra")
 
 
 def test_multirun_over_seeds(tmp_path):
