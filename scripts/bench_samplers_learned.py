@@ -40,7 +40,8 @@ Cost: a full run makes ~3,600 UNet forwards of 500 samples (3 seeds x (15 sample
 forward of the 32-64 UNet took ~0.8 s and a training step of even the 8-16 UNet at batch 256 ~3.5 s, so the full
 default run does not fit on such CPUs (hours, and a 6-minute CPU training budget gives ~100 steps: an untrained
 model); it is meant for a GPU. The committed ``bench_samplers_learned.json`` is from one H100
-(``--train-minutes 4.5 --threads 8``: 5,651 iterations; the whole run took 6 minutes). ``--quick`` is a smoke test of the pipeline only.
+(``--train-minutes 4.5 --threads 8``: 5,651 iterations; the whole run took 6 minutes). ``--quick`` is a
+smoke test of the pipeline only.
 
 Run (from the repository root):
     PYTHONPATH=. python scripts/bench_samplers_learned.py                    # on a GPU (training capped at 6 minutes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -113,3 +115,20 @@ def test_custom_grids_are_checked():
     dpm.set_timesteps(12)
     scheduler.set_timesteps(sigmas=dpm.sigmas)
     torch.testing.assert_close(scheduler.timesteps, dpm.timesteps.double(), atol=1e-3, rtol=0)
+
+
+def test_the_reference_last_step_warns_on_grids_far_from_its_edm_endpoint():
+    """The reference's last step multiplies x by 1 - sqrt(s_t s_0) (absolute EDM units): harmless on its own
+    grid ending at 0.002; on diffusers' default grid (last level s = 0.34 at 10 steps) it multiplies x by 0.51, at
+    5 steps by -0.21."""
+    with pytest.warns(UserWarning, match="final_step='dpmsolver'"):
+        sample(EVODiffScheduler(), 10)
+    edm = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 11).pow(7)  # the reference's EDM grid, in the same units
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scheduler = EVODiffScheduler()
+        scheduler.set_timesteps(sigmas=edm)
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * float(edm[0])
+        for t in scheduler.timesteps:
+            x = scheduler.step(toy_model(x, t), t, x).prev_sample
+        sample(EVODiffScheduler(final_step="dpmsolver"), 10)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,7 @@ TEMPERATURE = 0.25  # r~ = clip(sigmoid(|b| * TEMPERATURE) * r, ...)
 RATIO_BOUNDS = (0.25, 1.5)
 ZETA_SHIFT = 0.5
 MANY_STEPS = 20  # above this many steps the reference changes its zeta rule
+SHRINK_WARNING = 0.1  # warn when the reference's last step shrinks the sample by more than this fraction
 
 
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
@@ -268,7 +270,16 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         step = alpha_t * 0.5 * s_t * h
         if final and self.config.final_step == "evodiff":
             c = 1 - 0.5 * math.sqrt(rho) if rho < 0.5 else 1 - 0.5 * math.sqrt(rho - 0.5)
-            shrunk = x_euler * (1 - math.sqrt(s_t * s_prev))
+            shrink = math.sqrt(s_t * s_prev)
+            if shrink > SHRINK_WARNING:
+                warnings.warn(
+                    f"EVODiff's last step multiplies the sample by 1 - sqrt(s_t s_0) = {1 - shrink:.3f}: the reference "
+                    f"tuned it in absolute EDM noise units for grids ending near 0.002, and this grid ends at "
+                    f"{s_t:.3g}; final_step='dpmsolver' makes the last step an ordinary one (better on such grids, "
+                    "see the README's EVODiff benchmark)",
+                    stacklevel=3,
+                )
+            shrunk = x_euler * (1 - shrink)
             return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
