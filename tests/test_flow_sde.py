@@ -21,27 +21,12 @@ from entreg.flow.plans import (
 )
 from entreg.flow.rollout import log_prob_under, ode_states, rollout
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, sde_step, step_entropy, transition_log_prob
+from tests.flow_toy import MixtureVelocity, shifted_grid
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 STD = 0.3
-
-
-def shifted_grid(steps: int, shift: float) -> list[float]:
-    """SD3's shifted grid t = s u / (1 + (s - 1) u), u = 1 - k / steps."""
-    return [shift * u / (1 + (shift - 1) * u) for u in (1 - k / steps for k in range(steps + 1))]
-
-
-def mixture_velocity(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-    """The exact rectified-flow velocity E[eps - x0 | x_t] of an isotropic Gaussian mixture: per component,
-    x_t ~ N((1 - t) mu, ((1 - t)^2 s^2 + t^2) I) and v = (t - (1 - t) s^2) / var (x - (1 - t) mu) - mu."""
-    t = t[:, None]
-    var = (1 - t) ** 2 * STD**2 + t**2
-    centred = x[:, None, :] - (1 - t[:, :, None]) * MEANS  # (B, K, 2)
-    log_w = WEIGHTS.log() - (centred**2).sum(-1) / (2 * var)
-    r = torch.softmax(log_w, dim=1)  # posterior over components (equal variances: the normaliser cancels)
-    per_component = (t - (1 - t) * STD**2)[:, :, None] / var[:, :, None] * centred - MEANS
-    return (r[:, :, None] * per_component).sum(1)
+mixture_velocity = MixtureVelocity(MEANS, STD, WEIGHTS).requires_grad_(False)
 
 
 def mode_fractions(x: torch.Tensor) -> torch.Tensor:

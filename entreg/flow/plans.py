@@ -54,6 +54,7 @@ __all__ = [
     "flow_grpo_plan",
     "mixgrpo_plan",
     "mixgrpo_window_start",
+    "ode_plan",
     "step_entropies",
 ]
 
@@ -129,6 +130,11 @@ def _plan(steps: int, sde: Sequence[tuple[int, int]]) -> RolloutPlan:
     if plan.steps != steps or len(plan.sde_segments) != len(starts):
         raise ValueError(f"SDE segments {list(sde)} do not fit a grid of {steps} steps")
     return plan
+
+
+def ode_plan(steps: int) -> RolloutPlan:
+    """Every step deterministic (the ODE's Euler steps)."""
+    return _plan(steps, [])
 
 
 def flow_grpo_plan(steps: int) -> RolloutPlan:

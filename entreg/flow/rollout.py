@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +71,12 @@ def rollout(
     generator: torch.Generator | None = None,
     start: int = 0,
     reduce: str = "mean",
+    noises: Iterator[Tensor] | None = None,
 ) -> Rollout:
     """Run ``plan`` from state ``x`` at grid index ``start`` (a segment boundary; 0: ``x`` is the noise) to
     t = 0. ODE segments take Euler steps, SDE segments Euler-Maruyama steps of :func:`entreg.flow.sde.sde_step`
-    (a merged segment evaluates the velocity once, at its start). No gradients are recorded."""
+    (a merged segment evaluates the velocity once, at its start), with standard normal noise from ``noises``
+    (one tensor of x's shape per SDE segment) or drawn from ``generator``. No gradients are recorded."""
     t = _times(grid)
     if len(t) != plan.steps + 1:
         raise ValueError(f"the grid has {len(t) - 1} steps but the plan covers {plan.steps}")
@@ -89,7 +91,8 @@ def rollout(
             if segment.kind == "ode":
                 x = x + (t_next - t_now) * v
                 continue
-            step = sde_step(x, v, t_now, t_next, noise_level, t_max=t[1], generator=generator, reduce=reduce)
+            noise = None if noises is None else next(noises)
+            step = sde_step(x, v, t_now, t_next, noise_level, t[1], generator, reduce, noise)
             transitions.append(Transition(segment, t_now, t_next, x, step.sample, step.std, step.log_prob))
             x = step.sample
     return Rollout(x, transitions, len(segments))

@@ -1,0 +1,68 @@
+"""Group-relative advantages and the PPO-clipped policy loss of GRPO for flow models.
+
+GRPO (Shao et al. 2024, DeepSeekMath) scores every sample against the other samples of its group, the samples
+that share a prompt (Flow-GRPO, arXiv 2505.05470; code yifan123/flow_grpo @ ac4c86e, ``stat_tracking.py``) or,
+in G2RPO and E-GRPO, a branch point (arXiv 2601.00423): ``A = (r - mean_group) / (std_group + eps)``, clipped
+to ``[-clip, clip]`` (5 in the references). The policy loss per stochastic transition is PPO's
+``max(-A rho, -A clip(rho, 1 - c, 1 + c))`` with ``rho = exp(log pi - log pi_old)``.
+
+Example:
+    >>> import torch
+    >>> adv = group_advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 1]))
+    >>> [round(a, 3) for a in adv.tolist()]  # std is the population std; a constant group gets 0
+    [-1.0, 1.0, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PolicyLoss", "group_advantages", "ppo_clip_loss"]
+
+
+def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float = 5.0) -> Tensor:
+    """(r - mean of its group) / (population std of its group + eps), clipped to [-clip, clip]; ``groups``
+    holds integer group ids (any values) aligned with ``rewards`` (1-D)."""
+    if rewards.ndim != 1 or groups.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and groups must be 1-D of equal length, got {tuple(rewards.shape)}, {tuple(groups.shape)}"
+        )
+    if eps < 0 or clip <= 0:
+        raise ValueError(f"need eps >= 0 and clip > 0, got {eps=}, {clip=}")
+    _, index = torch.unique(groups, return_inverse=True)
+    count = torch.zeros(int(index.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, index, torch.ones_like(rewards)
+    )
+    mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
+    centred = rewards - mean[index]
+    std = (torch.zeros_like(count).index_add_(0, index, centred**2) / count).sqrt()
+    return (centred / (std[index] + eps)).clamp(-clip, clip)
+
+
+@dataclass
+class PolicyLoss:
+    """The loss (mean over samples) and, detached: the fraction of samples whose ratio was clipped and the
+    approximate KL from the old policy, mean(log pi_old - log pi)."""
+
+    loss: Tensor
+    clip_fraction: Tensor
+    approx_kl: Tensor
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> PolicyLoss:
+    """PPO's clipped surrogate, ``mean(max(-A rho, -A clip(rho, 1 - c, 1 + c)))``, ``rho = exp(log_prob -
+    old_log_prob)``; ``clip_range`` c > 0 (1e-4 in Flow-GRPO and E-GRPO, whose log-probabilities are means over
+    dimensions)."""
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
+        approx_kl = (old_log_prob - log_prob).mean()
+    return PolicyLoss(loss, clip_fraction, approx_kl)

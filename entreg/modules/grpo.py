@@ -1,0 +1,452 @@
+"""Group-relative policy optimisation of a flow model with a reward: Flow-GRPO, MixGRPO, G2RPO and E-GRPO."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from entreg.flow.grpo import group_advantages, ppo_clip_loss
+from entreg.flow.plans import (
+    RolloutPlan,
+    egrpo_plans,
+    flow_grpo_plan,
+    mixgrpo_plan,
+    mixgrpo_window_start,
+    ode_plan,
+)
+from entreg.flow.rollout import Transition, log_prob_under, ode_states, rollout
+from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
+
+__all__ = ["VARIANTS", "GRPOModule"]
+
+VARIANTS = ("flow_grpo", "mixgrpo", "g2rpo", "egrpo")
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+Reward = Callable[[Tensor, "Tensor | None"], Tensor]
+COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
+
+
+def shifted_time_grid(steps: int, shift: float) -> list[float]:
+    """t_k = s u / (1 + (s - 1) u), u = 1 - k / steps (SD3's shift), from 1 to 0."""
+    return [shift * u / (1 + (shift - 1) * u) for u in (1 - k / steps for k in range(steps + 1))]
+
+
+class _Iterations(IterableDataset):
+    """``length`` dummy items per epoch: GRPO draws its own prompts and noise (seeded by the iteration)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass
+class _Unit:
+    """A set of stochastic transitions trained together: rows of the rollout batch, their advantages and,
+    when ``shared`` > 1, the number of consecutive rows that share their state at ``branch`` (one forward)."""
+
+    transitions: list[Transition]
+    advantages: Tensor
+    cond: Tensor | None
+    shared: int
+    branch: int  # grid index of the plan's first SDE step: the only transition whose state may be shared
+
+
+class GRPOModule(L.LightningModule):
+    """Fine-tune a rectified-flow velocity network with a reward by group-relative policy optimisation.
+
+    Every training iteration draws ``prompts`` prompts (class labels, or none for an unconditional model) and
+    ``group_size`` rollouts per prompt on the shifted grid of ``steps`` levels, scores the final samples with
+    ``reward``, normalises the rewards within each group (:func:`entreg.flow.grpo.group_advantages`) and takes
+    PPO-clipped policy-gradient steps on the log-probabilities of the stochastic transitions
+    (:mod:`entreg.flow.sde`). The variants differ in which transitions are stochastic
+    (:mod:`entreg.flow.plans`):
+
+    * ``flow_grpo``: every step SDE, independent noise per rollout; ``minibatches`` optimizer steps per
+      iteration (the groups split between them);
+    * ``mixgrpo``: an SDE window of ``window_size`` steps that moves one step towards the data every
+      ``shift_every`` iterations within the first ``active_steps`` steps; shared noise within a group;
+    * ``g2rpo`` / ``egrpo``: a deterministic anchor trajectory per prompt (shared noise); at every branch point
+      ``group_size`` branches take one SDE step (E-GRPO: merged until its entropy reaches ``tau``; G2RPO:
+      single steps) and continue by ODE; a group is the branches of one branch point; one optimizer step per
+      branch point, as in the reference, and one forward for the shared branch state.
+
+    Optional KL to the frozen base model (``kl_coef``): the closed form between the equal-variance Gaussian
+    transitions, with the step length in the variance (:func:`entreg.flow.sde.gaussian_kl`).
+
+    Logged every iteration: ``train/reward`` (mean, and ``_std``), ``train/advantage_abs``,
+    ``train/clip_fraction``, ``train/approx_kl``, ``train/kl`` (to the base, when ``kl_coef`` > 0) and the cost
+    counters ``cost/sample_forwards`` (rollout model evaluations, per sample), ``cost/train_forward_backwards``,
+    ``cost/reward_calls`` and ``cost/units`` (forward = 1, forward + backward = 3). Every ``eval_every``
+    iterations, from fixed noise: ``eval/reward`` of deterministic (ODE) samples, ``eval/path_kl`` (the sum over
+    all steps of the KL between the policy's and the base's SDE transitions along the policy's own SDE
+    trajectories) and the metrics of ``eval_metrics(samples, cond)`` (e.g. diversity), under ``eval/``.
+
+    Multi-GPU: every rank draws the same prompts and noise (seeded by ``seed`` and the iteration) and keeps
+    rollouts ``rank, rank + W, ...`` of each group, so a group's members sit on different ranks; rewards are
+    all-gathered, so advantages use whole groups, and a W-process run equals the single-process one.
+
+    Args:
+        net: the velocity network, called ``net(x, time_scale * t)`` or ``net(x, time_scale * t,
+            class_labels=c)``; fine-tuned in place (a frozen copy is the base model).
+        reward: ``reward(samples, cond) -> (B,)`` (no gradient needed).
+        sample_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        num_classes: draw class-label prompts from ``range(num_classes)``; None: unconditional.
+        variant: ``flow_grpo``, ``mixgrpo``, ``g2rpo`` or ``egrpo``.
+        steps, shift: sampling grid (``steps`` levels, SD3 shift).
+        noise_level: the SDE's ``a`` (sigma_t = a sqrt(t / (1 - t))).
+        tau: E-GRPO's entropy threshold on exp(h) per dimension (:mod:`entreg.flow.plans`).
+        active_steps: steps eligible for SDE (MixGRPO's window range, G2RPO/E-GRPO's branch points); default
+            the first half (E-GRPO trains the first 8 of 16).
+        window_size, shift_every: MixGRPO's window and how many iterations it stays at each position.
+        group_size, prompts: rollouts per group and groups (prompts) per iteration (global, over all ranks).
+        clip_range, adv_clip, adv_eps: PPO ratio clip, advantage clip, std epsilon.
+        kl_coef: weight of the KL to the base model (0: no reference forwards).
+        reduce: log-probabilities as the mean (references) or sum over dimensions.
+        minibatches: optimizer steps per iteration for ``flow_grpo`` and ``mixgrpo``.
+        iterations_per_epoch: training iterations per Lightning epoch.
+        time_scale: multiplies t before the network (1000 for :class:`entreg.modules.flow.FlowMatchingModule`).
+        optimizer: factory ``params -> Optimizer``; default AdamW(lr=1e-4).
+        grad_clip: max gradient norm (None: none).
+        eval_every, eval_samples: evaluation period (0: never) and samples per evaluation.
+        eval_metrics: ``(samples, cond) -> dict[str, float]`` added to the evaluation.
+        seed: seed of prompts and noise.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class Velocity(nn.Module):  # v(x, t) = b, a learnable constant
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.b = nn.Parameter(torch.zeros(2))
+        ...     def forward(self, x, t):
+        ...         return self.b.expand_as(x)
+        >>> module = GRPOModule(Velocity(), reward=lambda x, c: -(x - 1).pow(2).sum(1), sample_shape=(2,),
+        ...                     variant="egrpo", steps=4, group_size=4, prompts=2, eval_every=0)
+        >>> trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(module)
+        >>> module.cost["reward_calls"] > 0
+        True
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        reward: Reward,
+        sample_shape: tuple[int, ...],
+        num_classes: int | None = None,
+        variant: str = "egrpo",
+        steps: int = 16,
+        shift: float = 3.0,
+        noise_level: float = 0.7,
+        tau: float = 2.2,
+        active_steps: int | None = None,
+        window_size: int = 4,
+        shift_every: int = 25,
+        group_size: int = 8,
+        prompts: int = 4,
+        clip_range: float = 1e-4,
+        adv_clip: float = 5.0,
+        adv_eps: float = 1e-4,
+        kl_coef: float = 0.0,
+        reduce: str = "mean",
+        minibatches: int = 2,
+        iterations_per_epoch: int = 100,
+        time_scale: float = 1000.0,
+        optimizer: OptimizerFactory | None = None,
+        grad_clip: float | None = 1.0,
+        eval_every: int = 10,
+        eval_samples: int = 256,
+        eval_metrics: Callable[[Tensor, Tensor | None], dict[str, float]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        active_steps = steps // 2 if active_steps is None else active_steps
+        if steps < 2 or not 1 <= active_steps <= steps:
+            raise ValueError(f"need steps >= 2 and 1 <= active_steps <= steps, got {steps=}, {active_steps=}")
+        if variant == "mixgrpo" and not 1 <= window_size <= active_steps:
+            raise ValueError(f"window_size must be in [1, active_steps={active_steps}], got {window_size}")
+        if group_size < 2 or prompts < 1 or minibatches < 1:
+            raise ValueError(
+                f"need group_size >= 2, prompts >= 1, minibatches >= 1, got {group_size}, {prompts}, {minibatches}"
+            )
+        if shift <= 0 or noise_level <= 0 or tau < 0 or kl_coef < 0:
+            raise ValueError(
+                f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {shift}, {noise_level}, {tau}, {kl_coef}"
+            )
+        if variant in ("flow_grpo", "mixgrpo") and prompts % minibatches:
+            raise ValueError(f"prompts ({prompts}) must be divisible by minibatches ({minibatches})")
+        self.save_hyperparameters(ignore=["net", "reward", "optimizer", "eval_metrics"])
+        self.automatic_optimization = False
+        self.net, self.reward, self.eval_metrics = net, reward, eval_metrics
+        self.base = copy.deepcopy(net).requires_grad_(False).eval()
+        self.optimizer_factory = optimizer
+        self.grid = shifted_time_grid(steps, shift)
+        self.iteration = 0
+        self.cost = dict.fromkeys(COST_KEYS, 0)
+
+    # --- the policy ------------------------------------------------------------------------------------------
+
+    def velocity(self, net: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """``net``'s velocity at ``(x, t)`` (t in [0, 1])."""
+        scaled = t * self.hparams.time_scale
+        return net(x, scaled) if cond is None else net(x, scaled, class_labels=cond)
+
+    def _policy(self, net: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+        return lambda x, t, cond: self.velocity(net, x, t, cond)
+
+    def plans(self) -> list[RolloutPlan]:
+        """The plans of this iteration: one for Flow-GRPO and MixGRPO, one per branch point otherwise."""
+        h = self.hparams
+        if h.variant == "flow_grpo":
+            return [flow_grpo_plan(h.steps)]
+        if h.variant == "mixgrpo":
+            start = mixgrpo_window_start(self.iteration, h.shift_every, h.window_size, h.active_steps)
+            return [mixgrpo_plan(h.steps, start, h.window_size)]
+        tau = h.tau if h.variant == "egrpo" else 0.0
+        return egrpo_plans(self.grid, h.noise_level, tau, h.active_steps)
+
+    # --- rollouts --------------------------------------------------------------------------------------------
+
+    def _generator(self, purpose: int) -> torch.Generator:
+        """Identical on every rank: seeded by ``seed``, the iteration and ``purpose``."""
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.iteration * 1009 + purpose)
+
+    def _mine(self, n_members: int) -> Tensor:
+        """This rank's member indices within a group: rank, rank + W, ..."""
+        return torch.arange(self.global_rank, n_members, self.trainer.world_size if self._trainer else 1)
+
+    def _prompts(self) -> Tensor | None:
+        h = self.hparams
+        if h.num_classes is None:
+            return None
+        return torch.randint(0, h.num_classes, (h.prompts,), generator=self._generator(1)).to(self.device)
+
+    def _noise(self, n: int, purpose: int) -> Tensor:
+        return torch.randn(n, *self.hparams.sample_shape, generator=self._generator(purpose)).to(self.device)
+
+    def _collect(self) -> tuple[list[_Unit], Tensor, Tensor]:
+        """Roll out this iteration's groups (this rank's members) and return the training units, this rank's
+        rewards and their global group ids."""
+        h = self.hparams
+        policy, prompts, mine = self._policy(self.net), self._prompts(), self._mine(h.group_size)
+        g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
+        units: list[_Unit] = []
+        rewards, groups = [], []
+        plans = self.plans()
+        if h.variant in ("flow_grpo", "mixgrpo"):
+            (plan,) = plans
+            shared = h.variant == "mixgrpo"
+            noise = self._noise(h.prompts if shared else h.prompts * h.group_size, 2)
+            if shared:
+                noise = noise.repeat_interleave(h.group_size, 0)
+            all_cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
+            out = self._rollout_sliced(policy, noise, plan, all_cond, g_sde, 0, mine)
+            self.cost["sample_forwards"] += out[0].nfe * len(out[0].sample)
+            rewards.append(self._score(out[0].sample, out[1]))
+            groups.append(torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
+            per = h.prompts // h.minibatches
+            rows_per_prompt = len(mine)
+            for b in range(h.minibatches):
+                rows = slice(b * per * rows_per_prompt, (b + 1) * per * rows_per_prompt)
+                trs = [self._slice_transition(tr, rows) for tr in out[0].transitions]
+                # MixGRPO's ODE prefix from shared noise makes a group's states equal up to its window
+                share = len(mine) if shared else 1
+                units.append(_Unit(trs, torch.empty(0), None if out[1] is None else out[1][rows], share, plan.branch))
+            return units, torch.cat(rewards), torch.cat(groups)
+        noise = self._noise(h.prompts, 2)
+        anchor = ode_states(policy, noise, self.grid, max(p.branch for p in plans), prompts)
+        self.cost["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
+        for k, plan in enumerate(plans):
+            x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
+            all_cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
+            out, cond = self._rollout_sliced(policy, x, plan, all_cond, g_sde, plan.branch, mine)
+            self.cost["sample_forwards"] += out.nfe * len(out.sample)
+            rewards.append(self._score(out.sample, cond))
+            groups.append(k * h.prompts + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
+            units.append(_Unit(out.transitions, torch.empty(0), cond, len(mine), plan.branch))
+        return units, torch.cat(rewards), torch.cat(groups)
+
+    def _rollout_sliced(
+        self,
+        policy: Callable,
+        x: Tensor,
+        plan: RolloutPlan,
+        cond: Tensor | None,
+        g: torch.Generator,
+        start: int,
+        mine: Tensor,
+    ) -> tuple[Any, Tensor | None]:
+        """Roll out every member's SDE noise identically on all ranks, but only this rank's members: the noise
+        of all members is drawn in order so a member's noise does not depend on the number of ranks."""
+        h = self.hparams
+        per_group = h.group_size
+        rows = (torch.arange(h.prompts)[:, None] * per_group + mine[None, :]).flatten().to(self.device)
+        n_sde = len([s for s in plan.segments if s.kind == "sde" and s.start >= start])
+        noises = [torch.randn(len(x), *h.sample_shape, generator=g).to(self.device)[rows] for _ in range(n_sde)]
+        draws = iter(noises)
+        cond_rows = None if cond is None else cond[rows]
+        out = rollout(
+            policy, x[rows], self.grid, plan, h.noise_level, cond_rows, start=start, reduce=h.reduce, noises=draws
+        )
+        return out, cond_rows
+
+    @staticmethod
+    def _slice_transition(tr: Transition, rows: slice) -> Transition:
+        return Transition(tr.segment, tr.t, tr.t_next, tr.x[rows], tr.sample[rows], tr.std, tr.log_prob[rows])
+
+    def _score(self, samples: Tensor, cond: Tensor | None) -> Tensor:
+        with torch.no_grad():
+            rewards = self.reward(samples, cond).float().reshape(-1)
+        self.cost["reward_calls"] += len(samples)
+        return rewards
+
+    # --- training --------------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        return factory(self.net.parameters())
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """All ranks' ``x`` concatenated (rank order)."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape[1:])
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        h = self.hparams
+        self.net.eval()  # sampling and training use the same (deterministic) network
+        units, rewards, groups = self._collect()
+        all_rewards, all_groups = self._gather(rewards), self._gather(groups)
+        if not bool(torch.isfinite(all_rewards).all()):
+            warnings.warn(f"iteration {self.iteration}: non-finite rewards, iteration skipped", stacklevel=2)
+            self.iteration += 1
+            return
+        advantages = group_advantages(all_rewards, all_groups, h.adv_eps, h.adv_clip)
+        start = self.global_rank * len(rewards)
+        mine = advantages[start : start + len(rewards)]
+        offset = 0
+        optimizer = self.optimizers()
+        stats = {"clip_fraction": [], "approx_kl": [], "kl": []}
+        for unit in units:
+            n = len(unit.transitions[0].x) if unit.transitions else 0
+            unit.advantages = mine[offset : offset + n]
+            offset += n
+            if not unit.transitions:
+                continue
+            loss = self._unit_loss(unit, stats)
+            if not bool(torch.isfinite(loss)):
+                warnings.warn(f"iteration {self.iteration}: non-finite loss, optimizer step skipped", stacklevel=2)
+                optimizer.zero_grad()
+                continue
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if h.grad_clip is not None:
+                self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+        self._log_iteration(all_rewards, advantages, stats)
+        self.iteration += 1
+        if h.eval_every and self.iteration % h.eval_every == 0:
+            self.log_dict({f"eval/{k}": v for k, v in self.evaluate().items()}, sync_dist=False)
+
+    def _unit_loss(self, unit: _Unit, stats: dict[str, list[Tensor]]) -> Tensor:
+        h = self.hparams
+        loss = torch.zeros((), device=self.device)
+        for tr in unit.transitions:
+            shared = unit.shared if tr.segment.start == unit.branch else 1
+            log_prob, mean = self._log_prob(self.net, tr, unit.cond, shared, grad=True)
+            self.cost["train_forward_backwards"] += len(tr.x) // shared
+            policy_loss = ppo_clip_loss(log_prob, tr.log_prob, unit.advantages, h.clip_range)
+            step_loss = policy_loss.loss
+            stats["clip_fraction"].append(policy_loss.clip_fraction)
+            stats["approx_kl"].append(policy_loss.approx_kl)
+            if h.kl_coef > 0:
+                with torch.no_grad():
+                    _, base_mean = self._log_prob(self.base, tr, unit.cond, shared, grad=False)
+                self.cost["sample_forwards"] += len(tr.x) // shared
+                kl = gaussian_kl(mean, base_mean, tr.std, h.reduce).mean()
+                step_loss = step_loss + h.kl_coef * kl
+                stats["kl"].append(kl.detach())
+            loss = loss + step_loss / len(unit.transitions)
+        return loss
+
+    def _log_prob(
+        self, net: nn.Module, tr: Transition, cond: Tensor | None, shared: int, grad: bool
+    ) -> tuple[Tensor, Tensor]:
+        """log pi(sample | x) and the mean under ``net``; rows sharing their state (``shared`` consecutive) are
+        evaluated once."""
+        h = self.hparams
+        if shared == 1:
+            return log_prob_under(self._policy(net), tr, h.noise_level, self.grid[1], cond, h.reduce)
+        x = tr.x[::shared]
+        c = None if cond is None else cond[::shared]
+        with torch.set_grad_enabled(grad):
+            v = self.velocity(net, x, torch.full((len(x),), tr.t, device=x.device, dtype=x.dtype), c)
+            sigma = sde_sigma(tr.t, h.noise_level, self.grid[1])
+            mean = sde_mean(x, v, tr.t, tr.t_next, sigma).repeat_interleave(shared, 0)
+        return transition_log_prob(tr.sample, mean, tr.std, h.reduce), mean
+
+    def _log_iteration(self, rewards: Tensor, advantages: Tensor, stats: dict[str, list[Tensor]]) -> None:
+        values = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std(),
+            "train/advantage_abs": advantages.abs().mean(),
+        }
+        for key, items in stats.items():
+            if items:
+                values[f"train/{key}"] = torch.stack(items).mean()
+        units = self.cost["sample_forwards"] + 3 * self.cost["train_forward_backwards"]
+        values.update({f"cost/{k}": float(v) for k, v in self.cost.items()})
+        values["cost/units"] = float(units)
+        self.log_dict(values, prog_bar=False, sync_dist=False)
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Reward of ODE samples and path-KL to the base along SDE trajectories, from fixed noise (seed + 1)."""
+        h = self.hparams
+        g = torch.Generator().manual_seed(h.seed + 1)
+        n = h.eval_samples
+        noise = torch.randn(n, *h.sample_shape, generator=g).to(self.device)
+        cond = None if h.num_classes is None else (torch.arange(n) % h.num_classes).to(self.device)
+        policy = self._policy(self.net)
+        samples = rollout(policy, noise, self.grid, ode_plan(h.steps), h.noise_level, cond).sample
+        metrics = {"reward": float(self.reward(samples, cond).float().mean())}
+        sde = rollout(
+            policy, noise, self.grid, flow_grpo_plan(h.steps), h.noise_level, cond, generator=g, reduce=h.reduce
+        )
+        path_kl = torch.zeros(n, device=self.device)
+        for tr in sde.transitions:
+            _, mean = self._log_prob(self.net, tr, cond, 1, grad=False)
+            _, base_mean = self._log_prob(self.base, tr, cond, 1, grad=False)
+            path_kl += gaussian_kl(mean, base_mean, tr.std, "sum")
+        metrics["path_kl"] = float(path_kl.mean())
+        if self.eval_metrics is not None:
+            metrics.update(self.eval_metrics(samples, cond))
+        return metrics
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.cost)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("grpo", {})
+        self.iteration = state.get("iteration", 0)
+        self.cost = dict(state.get("cost", self.cost))
