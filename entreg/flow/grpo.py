@@ -24,8 +24,9 @@ __all__ = ["PolicyLoss", "group_advantages", "ppo_clip_loss"]
 
 
 def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float = 5.0) -> Tensor:
-    """(r - mean of its group) / (population std of its group + eps), clipped to [-clip, clip]; ``groups``
-    holds integer group ids (any values) aligned with ``rewards`` (1-D)."""
+    """(r - mean of its group) / (population std of its group + eps), clipped to [-clip, clip] (0 for every
+    member of a constant group, also with ``eps = 0``); ``groups`` holds integer group ids (any values) aligned
+    with ``rewards`` (1-D)."""
     if rewards.ndim != 1 or groups.shape != rewards.shape:
         raise ValueError(
             f"rewards and groups must be 1-D of equal length, got {tuple(rewards.shape)}, {tuple(groups.shape)}"
@@ -39,7 +40,8 @@ def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: f
     mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
     centred = rewards - mean[index]
     std = (torch.zeros_like(count).index_add_(0, index, centred**2) / count).sqrt()
-    return (centred / (std[index] + eps)).clamp(-clip, clip)
+    scale = std[index] + eps
+    return torch.where(scale > 0, centred / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0).clamp(-clip, clip)
 
 
 @dataclass

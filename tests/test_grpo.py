@@ -1,0 +1,156 @@
+"""GRPO for flow models: advantages, the PPO-clipped loss and GRPOModule on an exact Gaussian-mixture policy."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from entreg.flow.grpo import group_advantages, ppo_clip_loss
+from entreg.flow.plans import egrpo_merges
+from entreg.modules.grpo import GRPOModule
+from tests.flow_toy import MixtureVelocity, ring_means
+
+TARGETS = ring_means()[:3].float()
+
+
+def region_reward(x: torch.Tensor, cond=None) -> torch.Tensor:
+    """max over 3 of the 8 ring modes of exp(-|x - m|^2 / 0.5)."""
+    return torch.exp(-torch.cdist(x.float(), TARGETS).pow(2) / 0.5).max(1).values
+
+
+def make_module(variant: str, **kwargs) -> tuple[GRPOModule, MixtureVelocity]:
+    torch.manual_seed(0)
+    net = MixtureVelocity(ring_means(), 0.25, time_scale=1000.0)
+    options = {
+        "variant": variant,
+        "steps": 8,
+        "group_size": 8,
+        "prompts": 4,
+        "eval_every": 0,
+        "iterations_per_epoch": 12,
+        "optimizer": partial(torch.optim.Adam, lr=0.05),
+        "shift_every": 3,
+        "window_size": 2,
+        **kwargs,
+    }
+    return GRPOModule(net, region_reward, (2,), **options), net
+
+
+def fit(module: GRPOModule, epochs: int = 1, ckpt_path: str | None = None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_group_advantages_normalise_within_groups_and_clip():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 0.0, 5.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 9, 9])
+    adv = group_advantages(rewards, groups, eps=0.0, clip=100.0)
+    for g in (7, 3, 9):
+        r = rewards[groups == g]
+        expected = (r - r.mean()) / r.std(unbiased=False) if r.std() > 0 else torch.zeros_like(r)
+        torch.testing.assert_close(adv[groups == g], expected)
+    big = group_advantages(torch.tensor([0.0] * 9 + [1.0]), torch.zeros(10, dtype=torch.long), clip=2.0)
+    assert float(big.max()) == 2.0  # (1 - 0.1) / 0.3 = 3 clipped to 2
+    with pytest.raises(ValueError, match="equal length"):
+        group_advantages(rewards, groups[:3])
+
+
+def test_ppo_clip_loss_matches_its_definition_and_clips():
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    new = torch.tensor([0.0, 0.0, 0.5, -0.5], requires_grad=True)
+    out = ppo_clip_loss(new, old, adv, clip_range=0.1)
+    ratio = new.detach().exp()
+    expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.9, 1.1)).mean()
+    torch.testing.assert_close(out.loss.detach(), expected)
+    assert float(out.clip_fraction) == 0.5
+    out.loss.backward()
+    # the two clipped samples moved in the favoured direction already: no gradient through them
+    assert new.grad[2] == 0 and new.grad[3] == 0 and new.grad[0] < 0 and new.grad[1] > 0
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_clip_loss(new, old, adv, 0.0)
+
+
+@pytest.mark.parametrize("variant", ["flow_grpo", "mixgrpo", "g2rpo", "egrpo"])
+def test_every_variant_moves_mass_to_the_rewarded_modes(variant):
+    """The policy is the exact velocity of the 8-mode ring with learnable mode weights: 12 iterations must
+    raise the weight of the 3 rewarded modes (3/8 at the start) and the reward of ODE samples."""
+    module, net = make_module(variant)
+    before = module.evaluate()["reward"]
+    fit(module)
+    weight = float(torch.softmax(net.logits.detach(), 0)[:3].sum())
+    after = module.evaluate()
+    assert weight > 0.45 and after["reward"] > before + 0.08, (weight, before, after)
+    assert after["path_kl"] > 0  # the policy moved away from the base
+
+
+def test_cost_counters_follow_each_plan():
+    h = {"steps": 8, "group_size": 8, "prompts": 4}
+    flow, _ = make_module("flow_grpo", iterations_per_epoch=2)
+    fit(flow)
+    per_iteration = h["steps"] * h["prompts"] * h["group_size"]
+    assert flow.cost == {"sample_forwards": 2 * per_iteration, "train_forward_backwards": 2 * per_iteration,
+                         "reward_calls": 2 * h["prompts"] * h["group_size"]}  # fmt: skip
+    egrpo, _ = make_module("egrpo", iterations_per_epoch=2)
+    fit(egrpo)
+    merges = egrpo_merges(egrpo.grid, 0.7, 2.2, 4)
+    anchor = max(start for start, _ in merges) * h["prompts"]
+    branches = sum(1 + (h["steps"] - start - length) for start, length in merges) * h["prompts"] * h["group_size"]
+    assert egrpo.cost == {"sample_forwards": 2 * (anchor + branches),
+                          "train_forward_backwards": 2 * len(merges) * h["prompts"],  # one per shared state
+                          "reward_calls": 2 * len(merges) * h["prompts"] * h["group_size"]}  # fmt: skip
+
+
+def test_kl_to_the_base_keeps_the_policy_closer():
+    free, _ = make_module("mixgrpo")
+    fit(free)
+    tied, _ = make_module("mixgrpo", kl_coef=50.0)
+    fit(tied)
+    assert tied.evaluate()["path_kl"] < 0.5 * free.evaluate()["path_kl"]
+
+
+def test_runs_are_reproducible_and_resume_exactly(tmp_path):
+    straight, net_a = make_module("egrpo", iterations_per_epoch=3)
+    fit(straight, epochs=2)
+    first, _ = make_module("egrpo", iterations_per_epoch=3)
+    trainer = fit(first, epochs=1)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed, net_b = make_module("egrpo", iterations_per_epoch=3)
+    fit(resumed, epochs=2, ckpt_path=str(tmp_path / "one.ckpt"))
+    assert resumed.iteration == straight.iteration == 6 and resumed.cost == straight.cost
+    torch.testing.assert_close(net_b.logits, net_a.logits, rtol=0, atol=0)
+
+
+def test_non_finite_rewards_skip_the_iteration():
+    module, net = make_module("g2rpo", iterations_per_epoch=1)
+    module.reward = lambda x, c: torch.full((len(x),), float("nan"))
+    start = net.logits.detach().clone()
+    with pytest.warns(UserWarning, match="non-finite rewards"):
+        fit(module)
+    assert torch.equal(net.logits, start) and module.iteration == 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"variant": "ppo"}, "variant must be one of"),
+        ({"variant": "egrpo", "active_steps": 9}, "active_steps"),
+        ({"variant": "flow_grpo", "group_size": 1}, "group_size >= 2"),
+        ({"variant": "mixgrpo", "window_size": 5}, "window_size"),
+        ({"variant": "flow_grpo", "prompts": 3, "minibatches": 2}, "divisible"),
+        ({"variant": "egrpo", "noise_level": 0.0}, "noise_level > 0"),
+    ],
+)
+def test_bad_configuration_raises_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(**options)
