@@ -88,7 +88,8 @@ class GRPOModule(L.LightningModule):
     Logged every iteration: ``train/reward`` (mean, and ``_std``), ``train/advantage_abs``,
     ``train/clip_fraction``, ``train/approx_kl``, ``train/kl`` (to the base, when ``kl_coef`` > 0) and the cost
     counters ``cost/sample_forwards`` (rollout model evaluations, per sample), ``cost/train_forward_backwards``,
-    ``cost/reward_calls`` and ``cost/units`` (forward = 1, forward + backward = 3). Every ``eval_every``
+    ``cost/reward_calls`` and ``cost/units`` (forward = 1, forward + backward = 3), summed over ranks (the anchor
+    trajectories of G2RPO/E-GRPO are computed on every rank and counted on each). Every ``eval_every``
     iterations, from fixed noise: ``eval/reward`` of deterministic (ODE) samples, ``eval/path_kl`` (the sum over
     all steps of the KL between the policy's and the base's SDE transitions along the policy's own SDE
     trajectories) and the metrics of ``eval_metrics(samples, cond)`` (e.g. diversity), under ``eval/``.
@@ -412,10 +413,10 @@ class GRPOModule(L.LightningModule):
         for key, items in stats.items():
             if items:
                 values[f"train/{key}"] = torch.stack(items).mean()
-        units = self.cost["sample_forwards"] + 3 * self.cost["train_forward_backwards"]
-        values.update({f"cost/{k}": float(v) for k, v in self.cost.items()})
-        values["cost/units"] = float(units)
-        self.log_dict(values, prog_bar=False, sync_dist=False)
+        self.log_dict(values, prog_bar=False, sync_dist=False)  # computed from all-gathered rewards already
+        cost = {f"cost/{k}": float(v) for k, v in self.cost.items()}
+        cost["cost/units"] = cost["cost/sample_forwards"] + 3 * cost["cost/train_forward_backwards"]
+        self.log_dict(cost, sync_dist=True, reduce_fx="sum")  # every rank counts its own work
 
     # --- evaluation ------------------------------------------------------------------------------------------
 
