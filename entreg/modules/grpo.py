@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from entreg.flow.grpo import group_advantages, ppo_clip_loss
+from entreg.flow.grpo import group_advantages, kde_entropy_bonus, ppo_clip_loss
 from entreg.flow.plans import (
     RolloutPlan,
     egrpo_plans,
@@ -49,6 +49,18 @@ class _Iterations(IterableDataset):
 
     def __len__(self) -> int:
         return self.length
+
+
+@dataclass
+class _Collected:
+    """This rank's rollouts of an iteration: training units, final samples, rewards, group ids and the
+    population (class label, or 0 when unconditional) of every sample."""
+
+    units: list[_Unit]
+    samples: Tensor
+    rewards: Tensor
+    groups: Tensor
+    populations: Tensor
 
 
 @dataclass
@@ -114,6 +126,10 @@ class GRPOModule(L.LightningModule):
         group_size, prompts: rollouts per group and groups (prompts) per iteration (global, over all ranks).
         clip_range, adv_clip, adv_eps: PPO ratio clip, advantage clip, std epsilon.
         kl_coef: weight of the KL to the base model (0: no reference forwards).
+        entropy_coef, entropy_bandwidth: our diversity option (not in the papers): the reward of every sample
+            gets ``entropy_coef`` times :func:`entreg.flow.grpo.kde_entropy_bonus` among the iteration's samples
+            of its population (its class, or all samples when unconditional), so GRPO maximises
+            ``E[r] + entropy_coef H``; logged as ``train/entropy_bonus``.
         reduce: log-probabilities as the mean (references) or sum over dimensions.
         minibatches: optimizer steps per iteration for ``flow_grpo`` and ``mixgrpo``.
         iterations_per_epoch: training iterations per Lightning epoch.
@@ -162,6 +178,8 @@ class GRPOModule(L.LightningModule):
         adv_clip: float = 5.0,
         adv_eps: float = 1e-4,
         kl_coef: float = 0.0,
+        entropy_coef: float = 0.0,
+        entropy_bandwidth: float | None = None,
         reduce: str = "mean",
         minibatches: int = 2,
         iterations_per_epoch: int = 100,
@@ -185,6 +203,8 @@ class GRPOModule(L.LightningModule):
             raise ValueError(
                 f"need group_size >= 2, prompts >= 1, minibatches >= 1, got {group_size}, {prompts}, {minibatches}"
             )
+        if entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         if shift <= 0 or noise_level <= 0 or tau < 0 or kl_coef < 0:
             raise ValueError(
                 f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {shift}, {noise_level}, {tau}, {kl_coef}"
@@ -240,14 +260,13 @@ class GRPOModule(L.LightningModule):
     def _noise(self, n: int, purpose: int) -> Tensor:
         return torch.randn(n, *self.hparams.sample_shape, generator=self._generator(purpose)).to(self.device)
 
-    def _collect(self) -> tuple[list[_Unit], Tensor, Tensor]:
-        """Roll out this iteration's groups (this rank's members) and return the training units, this rank's
-        rewards and their global group ids."""
+    def _collect(self) -> _Collected:
+        """Roll out this iteration's groups (this rank's members)."""
         h = self.hparams
         policy, prompts, mine = self._policy(self.net), self._prompts(), self._mine(h.group_size)
         g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
         units: list[_Unit] = []
-        rewards, groups = [], []
+        rewards, groups, samples, conds = [], [], [], []
         plans = self.plans()
         if h.variant in ("flow_grpo", "mixgrpo"):
             (plan,) = plans
@@ -259,6 +278,8 @@ class GRPOModule(L.LightningModule):
             out = self._rollout_sliced(policy, noise, plan, all_cond, g_sde, 0, mine)
             self.cost["sample_forwards"] += out[0].nfe * len(out[0].sample)
             rewards.append(self._score(out[0].sample, out[1]))
+            samples.append(out[0].sample)
+            conds.append(out[1])
             groups.append(torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
             per = h.prompts // h.minibatches
             rows_per_prompt = len(mine)
@@ -268,7 +289,7 @@ class GRPOModule(L.LightningModule):
                 # MixGRPO's ODE prefix from shared noise makes a group's states equal up to its window
                 share = len(mine) if shared else 1
                 units.append(_Unit(trs, torch.empty(0), None if out[1] is None else out[1][rows], share, plan.branch))
-            return units, torch.cat(rewards), torch.cat(groups)
+            return self._collected(units, samples, rewards, groups, conds)
         noise = self._noise(h.prompts, 2)
         anchor = ode_states(policy, noise, self.grid, max(p.branch for p in plans), prompts)
         self.cost["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
@@ -278,9 +299,19 @@ class GRPOModule(L.LightningModule):
             out, cond = self._rollout_sliced(policy, x, plan, all_cond, g_sde, plan.branch, mine)
             self.cost["sample_forwards"] += out.nfe * len(out.sample)
             rewards.append(self._score(out.sample, cond))
+            samples.append(out.sample)
+            conds.append(cond)
             groups.append(k * h.prompts + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
             units.append(_Unit(out.transitions, torch.empty(0), cond, len(mine), plan.branch))
-        return units, torch.cat(rewards), torch.cat(groups)
+        return self._collected(units, samples, rewards, groups, conds)
+
+    @staticmethod
+    def _collected(
+        units: list[_Unit], samples: list[Tensor], rewards: list[Tensor], groups: list[Tensor], conds: list
+    ) -> _Collected:
+        x = torch.cat(samples)
+        populations = torch.zeros(len(x), dtype=torch.long, device=x.device) if conds[0] is None else torch.cat(conds)
+        return _Collected(units, x, torch.cat(rewards), torch.cat(groups), populations)
 
     def _rollout_sliced(
         self,
@@ -334,15 +365,23 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         h = self.hparams
         self.net.eval()  # sampling and training use the same (deterministic) network
-        units, rewards, groups = self._collect()
-        all_rewards, all_groups = self._gather(rewards), self._gather(groups)
+        collected = self._collect()
+        units, n_mine = collected.units, len(collected.rewards)
+        all_rewards, all_groups = self._gather(collected.rewards), self._gather(collected.groups)
         if not bool(torch.isfinite(all_rewards).all()):
             warnings.warn(f"iteration {self.iteration}: non-finite rewards, iteration skipped", stacklevel=2)
             self.iteration += 1
             return
-        advantages = group_advantages(all_rewards, all_groups, h.adv_eps, h.adv_clip)
-        start = self.global_rank * len(rewards)
-        mine = advantages[start : start + len(rewards)]
+        shaped = all_rewards
+        if h.entropy_coef > 0:
+            bonus = kde_entropy_bonus(
+                self._gather(collected.samples), self._gather(collected.populations), h.entropy_bandwidth
+            ).float()
+            shaped = all_rewards + h.entropy_coef * bonus
+            self.log("train/entropy_bonus", bonus.mean())
+        advantages = group_advantages(shaped, all_groups, h.adv_eps, h.adv_clip)
+        start = self.global_rank * n_mine
+        mine = advantages[start : start + n_mine]
         offset = 0
         optimizer = self.optimizers()
         stats = {"clip_fraction": [], "approx_kl": [], "kl": []}
