@@ -18,6 +18,7 @@ CONFIG_DIR = Path(entreg.configs.__file__).parent
 GROUPS = ("data", "model", "backbone", "callbacks", "logger", "trainer")
 ADAPT_GROUPS = ("method", "stream")
 DIFFUSION_DATA = {"diffusion_unet": ["data=digits_diffusion", "data.size=8"], "diffusion_mlp": ["data=gmm2d"]}
+DIFFUSION_DATA |= {"flow_unet": DIFFUSION_DATA["diffusion_unet"], "flow_mlp": DIFFUSION_DATA["diffusion_mlp"]}
 
 
 def options(group: str) -> list[str]:
@@ -69,13 +70,18 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
         batch = next(iter(datamodule.train_dataloader()))
         if len(batch) == 1:  # unlabelled points
             assert batch[0].shape[1:] == (cfg.data.dim,)
+        elif option == "ring2d":  # 2-D points labelled by their mode
+            x, y = batch
+            assert x.shape[1:] == (2,) and int(y.max()) < cfg.data.modes
         else:
             x, y = batch
             assert x.shape[1] == cfg.data.channels and int(y.max()) < cfg.data.num_classes
     elif option in DIFFUSION_DATA:
         model = instantiate(cfg.model, _convert_="all").eval()
-        x = model.sample(2, num_inference_steps=2)
-        assert x.shape[1:] == model.sample_shape and model(x, torch.tensor([1, 999])).shape == x.shape
+        flow = option.startswith("flow")  # flow models take t in [0, 1] and `steps`
+        x = model.sample(2, steps=2) if flow else model.sample(2, num_inference_steps=2)
+        t = torch.tensor([0.0, 1.0]) if flow else torch.tensor([1, 999])
+        assert x.shape[1:] == model.sample_shape and model(x, t).shape == x.shape
     elif group in ("model", "backbone"):
         model = instantiate(cfg.model, _convert_="all")
         size = 32
@@ -93,12 +99,13 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs(experiment, compose_train, data_on_disk):
     overrides = data_on_disk.get("cifar10" if experiment.startswith("cifar10") else "", [])
-    if "diffusion" in experiment:  # 8 samples in 2 steps at the one validation epoch; digits at 8x8
+    generative = "diffusion" in experiment or "flow" in experiment
+    if generative:  # 8 samples in 2 steps at the one validation epoch; digits at 8x8
         overrides = ["model.sample_every_n_epochs=1", "model.sample_steps=2", "model.num_val_samples=8"]
         overrides += ["data.batch_size=8", *(["data.size=8"] if "digits" in experiment else [])]
     cfg = compose_train(f"experiment={experiment}", "trainer.fast_dev_run=true", *overrides)
     metrics = train(cfg)
-    if "diffusion" in experiment:
+    if generative:
         sample_metric = "val/fd" if "digits" in experiment else "val/log_likelihood"
         assert metrics["val/loss"] > 0 and sample_metric in metrics
     else:

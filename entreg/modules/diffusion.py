@@ -18,7 +18,18 @@ from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.loggers import has_tensorboard
 from entreg.modules.skipping import SkipNonFiniteSteps
 
-__all__ = ["PREDICTION_TYPES", "SAMPLERS", "DiffusionModule", "digits_feature_extractor"]
+__all__ = [
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "DiffusionModule",
+    "denoiser_from_checkpoint",
+    "digits_feature_extractor",
+    "log_samples",
+    "restore_feature_extractor",
+    "sample_metrics",
+    "save_denoiser_state",
+    "warmed_up_ema",
+]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -51,6 +62,85 @@ def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor]
     return update
 
 
+def denoiser_from_checkpoint(path: str | Path) -> nn.Module:
+    """The entreg denoiser (randomly initialised) whose spec a DiffusionModule or FlowMatchingModule checkpoint
+    stores under ``entreg_denoiser``."""
+    from entreg.nn.denoisers import build_denoiser
+
+    spec = torch.load(path, map_location="cpu", weights_only=True).get("entreg_denoiser")
+    if spec is None:
+        raise ValueError(f"{path} stores no denoiser spec: pass the architecture it was trained with")
+    return build_denoiser(spec)
+
+
+def save_denoiser_state(checkpoint: dict[str, Any], denoiser: nn.Module, skipped_steps: int) -> None:
+    """``on_save_checkpoint`` of a denoiser module: store the skipped-step count and the denoiser's ``spec()``
+    (when it has one) and drop the feature extractor (an evaluation tool, not part of the model)."""
+    checkpoint["entreg_skipped_steps"] = skipped_steps
+    if callable(getattr(denoiser, "spec", None)):
+        checkpoint["entreg_denoiser"] = denoiser.spec()
+    state = checkpoint["state_dict"]
+    for key in [k for k in state if k.startswith(FEATURE_EXTRACTOR_PREFIX)]:
+        del state[key]
+
+
+def restore_feature_extractor(checkpoint: dict[str, Any], feature_extractor: nn.Module | None) -> int:
+    """``on_load_checkpoint`` of a denoiser module: put the weights of the module's own ``feature_extractor``
+    (if any) into ``checkpoint`` so loading keeps it; returns the stored skipped-step count."""
+    if feature_extractor is not None:
+        state = feature_extractor.state_dict()
+        checkpoint["state_dict"].update({FEATURE_EXTRACTOR_PREFIX + k: v for k, v in state.items()})
+    return int(checkpoint.get("entreg_skipped_steps", 0))
+
+
+@torch.no_grad()
+def sample_metrics(
+    samples: Tensor, real: Tensor, feature_extractor: nn.Module | None = None, reference_mixture: Any | None = None
+) -> dict[str, float]:
+    """Quality of ``samples`` against ``real`` data: ``fd`` (images, with a feature extractor, run on its own
+    device), ``log_likelihood`` (vectors, with a reference mixture) and ``sliced_wasserstein`` (vectors, over as
+    many points of each as the smaller set has)."""
+    metrics: dict[str, float] = {}
+    if samples.ndim > 2 and feature_extractor is not None:
+        feature_extractor.eval()
+        device = next(feature_extractor.parameters(), samples).device  # a parameter-free one: the samples'
+        features = [feature_extractor(x.to(device)).flatten(1).cpu() for x in (real, samples)]
+        metrics["fd"] = frechet_distance(*features)
+    if samples.ndim == 2:
+        if reference_mixture is not None:
+            metrics["log_likelihood"] = float(reference_mixture.log_prob(samples.double().cpu()).mean())
+        m = min(len(samples), len(real))
+        generator = torch.Generator().manual_seed(0)
+        metrics["sliced_wasserstein"] = float(sliced_wasserstein(samples[:m].cpu(), real[:m].cpu(), 512, generator))
+    return metrics
+
+
+def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tensor], tag: str = "val/samples") -> None:
+    """On rank zero, add ``samples`` to every TensorBoard logger of ``trainer`` as one image: a grid of the first
+    64 images (``to_image`` maps them to [0, 1]) or, for 2-D points, their 2-D histogram (64 x 64 bins over the
+    points' range padded by 10%, brightness = count / max count)."""
+    if not (samples.ndim == 4 or (samples.ndim == 2 and samples.shape[1] == 2)):
+        return
+    if not has_tensorboard(trainer) or not trainer.is_global_zero:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if samples.ndim == 4:
+        from torchvision.utils import make_grid
+
+        image = make_grid(to_image(samples[:64]).float().cpu(), nrow=8)
+    else:
+        points = samples.detach().float().cpu()
+        low, high = points.min(0).values, points.max(0).values
+        pad = 0.1 * (high - low).clamp(min=1e-3)
+        ranges = torch.stack([low - pad, high + pad], dim=1).flatten().tolist()  # (x_min, x_max, y_min, y_max)
+        counts = torch.histogramdd(points, bins=64, range=ranges).hist
+        image = (counts / counts.max().clamp(min=1.0)).T.flip(0)[None]  # y up, x to the right
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, trainer.global_step)
+
+
 class DiffusionModule(SkipNonFiniteSteps):
     """Diffusion training: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with DDPM's noise schedule, the
     denoiser regressing eps, x_0 or v (MSE). An exponential moving average of the weights (``self.ema``,
@@ -65,7 +155,8 @@ class DiffusionModule(SkipNonFiniteSteps):
     samples ``num_val_samples`` points from fixed noise and logs :meth:`sample_metrics` against the
     validation data: ``val/fd`` (Frechet distance of ``feature_extractor`` features, for images),
     ``val/log_likelihood`` (mean log-density under ``reference_mixture``) and ``val/sliced_wasserstein``
-    (for vectors), and an image grid ``val/samples`` to TensorBoard.
+    (for vectors), and ``val/samples`` to TensorBoard (:func:`log_samples`: an image grid, or the 2-D histogram
+    of 2-D points).
 
     Args:
         denoiser: ``denoiser(x_t, t) -> prediction`` of ``x_t``'s shape, e.g.
@@ -158,14 +249,7 @@ class DiffusionModule(SkipNonFiniteSteps):
         (pass ``denoiser=`` for any other). ``kwargs`` go to ``load_from_checkpoint`` (e.g.
         ``feature_extractor``, ``reference_mixture``)."""
         if kwargs.get("denoiser") is None:
-            from entreg.nn.denoisers import build_denoiser
-
-            spec = torch.load(path, map_location="cpu", weights_only=True).get("entreg_denoiser")
-            if spec is None:
-                raise ValueError(
-                    f"{path} stores no denoiser spec: pass denoiser= (the architecture it was trained with)"
-                )
-            kwargs["denoiser"] = build_denoiser(spec)
+            kwargs["denoiser"] = denoiser_from_checkpoint(path)
         return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **kwargs)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -279,23 +363,9 @@ class DiffusionModule(SkipNonFiniteSteps):
         low, high = self.data_range
         return ((x - low) / (high - low)).clamp(0.0, 1.0)
 
-    @torch.no_grad()
     def sample_metrics(self, samples: Tensor, real: Tensor) -> dict[str, float]:
-        """Quality of ``samples`` against ``real`` data: ``fd`` (images, with a feature extractor),
-        ``log_likelihood`` (vectors, with a reference mixture) and ``sliced_wasserstein`` (vectors, over as
-        many points of each as the smaller set has)."""
-        metrics: dict[str, float] = {}
-        if samples.ndim > 2 and self.feature_extractor is not None:
-            self.feature_extractor.eval()
-            features = [self.feature_extractor(x.to(self.device)).flatten(1).cpu() for x in (real, samples)]
-            metrics["fd"] = frechet_distance(*features)
-        if samples.ndim == 2:
-            if self.reference_mixture is not None:
-                metrics["log_likelihood"] = float(self.reference_mixture.log_prob(samples.double().cpu()).mean())
-            m = min(len(samples), len(real))
-            generator = torch.Generator().manual_seed(0)
-            metrics["sliced_wasserstein"] = float(sliced_wasserstein(samples[:m].cpu(), real[:m].cpu(), 512, generator))
-        return metrics
+        """:func:`sample_metrics` with this module's feature extractor and reference mixture."""
+        return sample_metrics(samples, real, self.feature_extractor, self.reference_mixture)
 
     # ---- validation ---------------------------------------------------------------------------------------
 
@@ -317,30 +387,15 @@ class DiffusionModule(SkipNonFiniteSteps):
         samples = self.sample(len(real), generator=torch.Generator().manual_seed(0), shape=real.shape[1:])
         metrics = self.sample_metrics(samples, real)
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, sync_dist=True)
-        if samples.ndim == 4 and has_tensorboard(self.trainer) and self.trainer.is_global_zero:
-            from lightning.pytorch.loggers import TensorBoardLogger
-            from torchvision.utils import make_grid
-
-            grid = make_grid(self.to_image(samples[:64]).float().cpu(), nrow=8)
-            for logger in self.trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_image("val/samples", grid, self.global_step)
+        log_samples(self.trainer, samples, self.to_image)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["entreg_skipped_steps"] = self.skipped_steps
-        if callable(getattr(self.denoiser, "spec", None)):
-            checkpoint["entreg_denoiser"] = self.denoiser.spec()
-        state = checkpoint["state_dict"]  # the feature extractor is an evaluation tool, not part of the model
-        for key in [k for k in state if k.startswith(FEATURE_EXTRACTOR_PREFIX)]:
-            del state[key]
+        save_denoiser_state(checkpoint, self.denoiser, self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("entreg_skipped_steps", 0))
-        if self.feature_extractor is not None:  # keep the one given to this module
-            state = self.feature_extractor.state_dict()
-            checkpoint["state_dict"].update({FEATURE_EXTRACTOR_PREFIX + k: v for k, v in state.items()})
+        self.skipped_steps = restore_feature_extractor(checkpoint, self.feature_extractor)
 
 
 def _data(batch: Any) -> Tensor:

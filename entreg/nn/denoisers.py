@@ -1,5 +1,9 @@
-"""Denoisers for diffusion models with one call, ``denoiser(x, t) -> Tensor`` of ``x``'s shape: an MLP for
-low-dimensional data and diffusers' ``UNet2DModel`` for images.
+"""Denoisers for diffusion and flow models with one call, ``denoiser(x, t, class_labels=None) -> Tensor`` of
+``x``'s shape: an MLP for low-dimensional data and diffusers' ``UNet2DModel`` for images.
+
+Both are unconditional by default; with ``num_classes`` they learn one embedding per class plus a "null" class
+(index ``num_classes``), added to the time embedding. ``class_labels`` (B,) of ints in [0, num_classes] selects
+them; None means the null class (for unconditional use, e.g. after training with label dropout).
 
 Both have ``sample_shape`` (the shape of one sample) and ``spec()``, a plain dict that
 :func:`build_denoiser` turns back into the same architecture (stored in diffusion checkpoints).
@@ -11,6 +15,9 @@ Example:
     torch.Size([5, 2])
     >>> build_denoiser(mlp.spec()).sample_shape
     (2,)
+    >>> conditional = MLPDenoiser(dim=2, hidden=32, num_classes=3)
+    >>> conditional(torch.zeros(2, 2), torch.tensor(10), class_labels=torch.tensor([0, 3])).shape
+    torch.Size([2, 2])
 """
 
 from __future__ import annotations
@@ -39,6 +46,24 @@ def _batch_timesteps(t: Tensor | float, batch: int, device: torch.device) -> Ten
     return t.expand(batch) if t.ndim == 0 else t
 
 
+def _check_num_classes(num_classes: int | None) -> None:
+    if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"num_classes must be None or >= 1, got {num_classes!r}")
+
+
+def _class_indices(class_labels: Tensor | None, num_classes: int | None, batch: int, device: torch.device) -> Tensor:
+    """Embedding rows for ``class_labels`` (B,) in [0, num_classes]; None gives the null class ``num_classes``.
+    (Not range-checked here, to avoid a host sync: the embedding rejects out-of-range rows.)"""
+    if num_classes is None:
+        raise ValueError("this denoiser is unconditional (num_classes=None) but got class_labels")
+    if class_labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
+    if labels.shape != (batch,):
+        raise ValueError(f"expected class_labels of shape ({batch},), got {tuple(labels.shape)}")
+    return labels
+
+
 class MLPDenoiser(nn.Module):
     """A residual MLP ``(x, t) -> output`` for vector data, with a sinusoidal time embedding added to every
     hidden layer. Inputs of any shape ``(B, *shape)`` with ``prod(shape) == dim`` are flattened and the
@@ -50,6 +75,8 @@ class MLPDenoiser(nn.Module):
         layers: number of residual hidden layers (>= 1).
         time_embedding: size of the sinusoidal embedding of ``t`` (even).
         shape: the shape of one sample (``sample_shape``), ``(dim,)`` by default.
+        num_classes: learn ``num_classes + 1`` class embeddings (the last is the null class), added to the
+            time embedding; None: unconditional.
     """
 
     def __init__(
@@ -59,9 +86,11 @@ class MLPDenoiser(nn.Module):
         layers: int = 3,
         time_embedding: int = 64,
         shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         shape = (dim,) if shape is None else tuple(int(s) for s in shape)
+        _check_num_classes(num_classes)
         if dim < 1 or hidden < 1 or layers < 1:
             raise ValueError(f"dim, hidden and layers must be >= 1, got {dim}, {hidden}, {layers}")
         if time_embedding < 2 or time_embedding % 2:
@@ -70,19 +99,26 @@ class MLPDenoiser(nn.Module):
             raise ValueError(f"shape {shape} does not hold dim={dim} values")
         self._kwargs = {"dim": dim, "hidden": hidden, "layers": layers, "time_embedding": time_embedding}
         self._kwargs["shape"] = list(shape)
+        if num_classes is not None:  # older specs have no key, so they rebuild as before
+            self._kwargs["num_classes"] = num_classes
         self.dim, self.time_embedding, self.sample_shape = dim, time_embedding, shape
+        self.num_classes = num_classes
         self.time_mlp = nn.Sequential(nn.Linear(time_embedding, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.class_embedding = None if num_classes is None else nn.Embedding(num_classes + 1, hidden)
         self.input = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
         self.output = nn.Linear(hidden, dim)
         self.act = nn.SiLU()
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``x`` (B, *shape), ``t`` (B,) or a scalar: (B, *shape)."""
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        """``x`` (B, *shape), ``t`` (B,) or a scalar, ``class_labels`` (B,) (conditional denoisers; None: the
+        null class): (B, *shape)."""
         flat = x.reshape(len(x), -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"expected inputs of {self.dim} values per sample, got shape {tuple(x.shape)}")
         temb = self.time_mlp(sinusoidal_embedding(_batch_timesteps(t, len(x), x.device), self.time_embedding))
+        if self.class_embedding is not None or class_labels is not None:
+            temb = temb + self.class_embedding(_class_indices(class_labels, self.num_classes, len(x), x.device))
         h = self.input(flat)
         for block in self.blocks:
             h = h + block(self.act(h + temb))
@@ -94,18 +130,32 @@ class MLPDenoiser(nn.Module):
 
 
 class UNet2DDenoiser(nn.Module):
-    """A diffusers ``UNet2DModel`` behind the uniform call: ``forward(x, t)`` returns its ``.sample``."""
+    """A diffusers ``UNet2DModel`` behind the uniform call: ``forward(x, t, class_labels=None)`` returns its
+    ``.sample``.
 
-    def __init__(self, unet: nn.Module) -> None:
+    Args:
+        unet: the ``UNet2DModel``.
+        num_classes: for a class-conditional ``unet`` (``num_class_embeds == num_classes + 1``, the last row the
+            null class that ``class_labels=None`` selects); None: unconditional.
+    """
+
+    def __init__(self, unet: nn.Module, num_classes: int | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        _check_num_classes(num_classes)
+        embeds = unet.config.get("num_class_embeds")
+        if embeds != (None if num_classes is None else num_classes + 1):
+            raise ValueError(
+                f"num_classes={num_classes} needs a UNet2DModel with num_class_embeds="
+                f"{None if num_classes is None else num_classes + 1} (the null class included), got {embeds}"
+            )
+        self.unet, self.num_classes = unet, num_classes
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> UNet2DDenoiser:
+    def from_config(cls, config: dict[str, Any], num_classes: int | None = None) -> UNet2DDenoiser:
         """Rebuild from a ``UNet2DModel`` config (randomly initialised)."""
         from diffusers import UNet2DModel
 
-        return cls(UNet2DModel.from_config(config))
+        return cls(UNet2DModel.from_config(config), num_classes)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -113,14 +163,22 @@ class UNet2DDenoiser(nn.Module):
         height, width = (size, size) if isinstance(size, int) else size
         return (self.unet.config.in_channels, height, width)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``x`` (B, C, H, W), ``t`` (B,) or a scalar: (B, C_out, H, W)."""
-        return self.unet(x, _batch_timesteps(t, len(x), x.device)).sample
+    def forward(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
+        """``x`` (B, C, H, W), ``t`` (B,) or a scalar, ``class_labels`` (B,) (conditional denoisers; None: the
+        null class): (B, C_out, H, W)."""
+        labels = None
+        if self.num_classes is not None or class_labels is not None:
+            labels = _class_indices(class_labels, self.num_classes, len(x), x.device)
+        return self.unet(x, _batch_timesteps(t, len(x), x.device), class_labels=labels).sample
 
     def spec(self) -> dict[str, Any]:
-        """``{"name": "unet2d", "kwargs": {"config": ...}}`` for :func:`build_denoiser`."""
+        """``{"name": "unet2d", "kwargs": {"config": ...}}`` (and ``"num_classes"`` when conditional) for
+        :func:`build_denoiser`."""
         config = {key: value for key, value in self.unet.config.items() if not key.startswith("_")}
-        return {"name": "unet2d", "kwargs": {"config": config}}
+        kwargs: dict[str, Any] = {"config": config}
+        if self.num_classes is not None:
+            kwargs["num_classes"] = self.num_classes
+        return {"name": "unet2d", "kwargs": kwargs}
 
 
 def unet2d(
@@ -131,10 +189,12 @@ def unet2d(
     layers_per_block: int = 1,
     attention: bool = False,
     norm_num_groups: int = 8,
+    num_classes: int | None = None,
     **kwargs: Any,
 ) -> UNet2DDenoiser:
     """A small diffusers ``UNet2DModel`` (one resolution per entry of ``block_out_channels``, self-attention at
     the lowest resolution and in the middle block when ``attention``), wrapped as :class:`UNet2DDenoiser`.
+    With ``num_classes``, class-conditional: ``num_class_embeds = num_classes + 1`` (the last the null class).
     ``kwargs`` go to ``UNet2DModel`` (e.g. ``dropout``).
 
     Example:
@@ -142,9 +202,13 @@ def unet2d(
         >>> net = unet2d(8, in_channels=1, block_out_channels=(8, 16))
         >>> net(torch.zeros(2, 1, 8, 8), torch.tensor([1, 500])).shape
         torch.Size([2, 1, 8, 8])
+        >>> conditional = unet2d(8, block_out_channels=(8, 16), num_classes=10)
+        >>> conditional(torch.zeros(2, 1, 8, 8), torch.tensor([1, 500]), class_labels=torch.tensor([3, 10])).shape
+        torch.Size([2, 1, 8, 8])
     """
     from diffusers import UNet2DModel
 
+    _check_num_classes(num_classes)
     levels = len(block_out_channels)
     if levels < 1 or sample_size % 2 ** (levels - 1):
         raise ValueError(
@@ -168,9 +232,10 @@ def unet2d(
         up_block_types=tuple(up),
         add_attention=attention,
         norm_num_groups=norm_num_groups,
+        num_class_embeds=None if num_classes is None else num_classes + 1,
         **kwargs,
     )
-    return UNet2DDenoiser(unet)
+    return UNet2DDenoiser(unet, num_classes)
 
 
 DENOISERS: dict[str, Callable[..., nn.Module]] = {"mlp": MLPDenoiser, "unet2d": UNet2DDenoiser.from_config}
