@@ -33,6 +33,8 @@ _LAZY = {
     "ClassificationMetrics": "entreg.metrics",
     "ClassificationModule": "entreg.modules",
     "DiffusionModule": "entreg.modules",
+    "FlowMatchingModule": "entreg.modules",
+    "GRPOModule": "entreg.modules",
     "EntropyController": "entreg.callbacks",
     "EntropyMonitor": "entreg.callbacks",
     "EVODiffScheduler": "entreg.diffusion",
@@ -40,6 +42,7 @@ _LAZY = {
     "DigitsDataModule": "entreg.data",
     "CIFAR10DataModule": "entreg.data",
     "ImageFolderDataModule": "entreg.data",
+    "RingDataModule": "entreg.data",
 }
 
 __all__ = list(_LAZY)

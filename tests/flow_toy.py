@@ -38,8 +38,3 @@ class MixtureVelocity(nn.Module):
         r = torch.softmax(log_w, dim=1)
         per_component = (t - (1 - t) * self.std**2)[:, :, None] / var[:, :, None] * centred - self.means
         return (r[:, :, None] * per_component).sum(1).to(x.dtype)
-
-
-def shifted_grid(steps: int, shift: float) -> list[float]:
-    """SD3's shifted grid t = s u / (1 + (s - 1) u), u = 1 - k / steps."""
-    return [shift * u / (1 + (shift - 1) * u) for u in (1 - k / steps for k in range(steps + 1))]

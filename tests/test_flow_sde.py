@@ -20,13 +20,18 @@ from entreg.flow.plans import (
     step_entropies,
 )
 from entreg.flow.rollout import log_prob_under, ode_states, rollout
+from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, sde_step, step_entropy, transition_log_prob
-from tests.flow_toy import MixtureVelocity, shifted_grid
+from tests.flow_toy import MixtureVelocity
 
 MEANS = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 STD = 0.3
 mixture_velocity = MixtureVelocity(MEANS, STD, WEIGHTS).requires_grad_(False)
+
+
+def grid_list(steps: int, shift: float) -> list[float]:
+    return time_grid(steps, shift).tolist()
 
 
 def mode_fractions(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +41,7 @@ def mode_fractions(x: torch.Tensor) -> torch.Tensor:
 def test_sde_preserves_the_ode_marginals_on_a_2d_mixture():
     """Flow-GRPO's SDE (a = 0.7, every step stochastic) and the ODE transport the same noise distribution to
     the same data distribution: mode weights, means and spreads agree with each other and with the data."""
-    n, grid = 20000, shifted_grid(200, 1.0)
+    n, grid = 20000, grid_list(200, 1.0)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
     ode = rollout(mixture_velocity, noise, grid, RolloutPlan(tuple(Segment(i, 1, "ode") for i in range(200))), 0.7)
@@ -105,7 +110,7 @@ def test_bad_input_raises_clear_errors(call, message):
 def test_step_entropies_and_egrpo_merges_at_the_paper_settings():
     """16 steps, shift 3, a = 0.7 (E-GRPO's settings): exp(h) per step from the closed form (the numbers
     of the research note ../shared/references/egrpo.md, section 1.3), and the merges tau makes."""
-    grid = shifted_grid(16, 3.0)
+    grid = grid_list(16, 3.0)
     expected = [2.89, 2.99, 2.14, 1.76, 1.54, 1.39, 1.28, 1.19, 1.12, 1.06, 1.00, 0.94, 0.87, 0.80, 0.69, 0.53]
     assert [round(e, 2) for e in step_entropies(grid, 0.7)] == expected
     assert egrpo_merges(grid, 0.7, tau=2.2, active_steps=8) == [(0, 1), (1, 1), (2, 2), (4, 2), (6, 3)]
@@ -126,7 +131,7 @@ def test_plans_of_each_variant():
     mix = mixgrpo_plan(6, window_start=2, window_size=3)
     assert [s.kind for s in mix.segments] == ["ode", "ode", "sde", "sde", "sde", "ode"] and mix.branch == 2
     assert [mixgrpo_window_start(i, 10, 4, 8) for i in (0, 9, 10, 35, 1000)] == [0, 0, 1, 3, 4]
-    plans = egrpo_plans(shifted_grid(16, 3.0), 0.7, tau=2.2, active_steps=8)
+    plans = egrpo_plans(grid_list(16, 3.0), 0.7, tau=2.2, active_steps=8)
     assert [(p.branch, p.sde_segments[0].length, p.nfe) for p in plans] == [
         (0, 1, 16),
         (1, 1, 16),
@@ -137,7 +142,7 @@ def test_plans_of_each_variant():
 
 
 def test_after_a_merged_step_the_ode_continues_from_where_it_ended():
-    grid = shifted_grid(16, 3.0)
+    grid = grid_list(16, 3.0)
     called: list[float] = []
 
     def velocity(x, t, cond):
@@ -153,7 +158,7 @@ def test_after_a_merged_step_the_ode_continues_from_where_it_ended():
 def test_branches_from_anchor_states_and_the_ratio_of_the_sampling_policy_is_one():
     """E-GRPO: G branches start from the anchor state at the branch point; recomputing a transition's
     log-probability under the same velocity gives the sampling log-probability (ratio 1) with gradients."""
-    grid = shifted_grid(8, 3.0)
+    grid = grid_list(8, 3.0)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(1, 2, generator=g, dtype=torch.float64)
     anchor = ode_states(mixture_velocity, noise, grid, until=3)

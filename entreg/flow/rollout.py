@@ -16,18 +16,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from entreg.flow.plans import RolloutPlan, Segment
+from entreg.flow.sampling import Velocity
 from entreg.flow.sde import sde_mean, sde_sigma, sde_step, transition_log_prob
 
-__all__ = ["Rollout", "Transition", "Velocity", "log_prob_under", "ode_states", "rollout"]
-
-Velocity = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+__all__ = ["Rollout", "Transition", "log_prob_under", "ode_states", "rollout"]
 
 
 @dataclass

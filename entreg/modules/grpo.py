@@ -6,6 +6,7 @@ import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,6 +24,7 @@ from entreg.flow.plans import (
     ode_plan,
 )
 from entreg.flow.rollout import Transition, log_prob_under, ode_states, rollout
+from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
 
 __all__ = ["VARIANTS", "GRPOModule"]
@@ -31,11 +33,6 @@ VARIANTS = ("flow_grpo", "mixgrpo", "g2rpo", "egrpo")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
-
-
-def shifted_time_grid(steps: int, shift: float) -> list[float]:
-    """t_k = s u / (1 + (s - 1) u), u = 1 - k / steps (SD3's shift), from 1 to 0."""
-    return [shift * u / (1 + (shift - 1) * u) for u in (1 - k / steps for k in range(steps + 1))]
 
 
 class _Iterations(IterableDataset):
@@ -216,9 +213,20 @@ class GRPOModule(L.LightningModule):
         self.net, self.reward, self.eval_metrics = net, reward, eval_metrics
         self.base = copy.deepcopy(net).requires_grad_(False).eval()
         self.optimizer_factory = optimizer
-        self.grid = shifted_time_grid(steps, shift)
+        self.grid = time_grid(steps, shift).tolist()
         self.iteration = 0
         self.cost = dict.fromkeys(COST_KEYS, 0)
+
+    @classmethod
+    def from_flow_checkpoint(cls, path: str | Path, reward: Reward, **kwargs: Any) -> GRPOModule:
+        """Fine-tune the EMA network of a :class:`entreg.modules.flow.FlowMatchingModule` checkpoint (its sample
+        shape, classes and time scale are taken from it; ``kwargs`` are the other arguments)."""
+        from entreg.modules.flow import FlowMatchingModule
+
+        base = FlowMatchingModule.load_checkpoint(path)
+        net = copy.deepcopy(base.ema.module)
+        shape = tuple(base.sample_shape)
+        return cls(net, reward, shape, num_classes=base.num_classes, time_scale=base.time_scale, **kwargs)
 
     # --- the policy ------------------------------------------------------------------------------------------
 
