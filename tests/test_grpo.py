@@ -22,9 +22,9 @@ def region_reward(x: torch.Tensor, cond=None) -> torch.Tensor:
     return torch.exp(-torch.cdist(x.float(), TARGETS).pow(2) / 0.5).max(1).values
 
 
-def make_module(variant: str, **kwargs) -> tuple[GRPOModule, MixtureVelocity]:
+def make_module(variant: str, frozen: bool = False, **kwargs) -> tuple[GRPOModule, MixtureVelocity]:
     torch.manual_seed(0)
-    net = MixtureVelocity(ring_means(), 0.25, time_scale=1000.0)
+    net = MixtureVelocity(ring_means(), 0.25, time_scale=1000.0).requires_grad_(not frozen)
     options = {
         "variant": variant,
         "steps": 8,
@@ -150,6 +150,7 @@ def test_non_finite_rewards_skip_the_iteration():
         ({"variant": "mixgrpo", "window_size": 5}, "window_size"),
         ({"variant": "flow_grpo", "prompts": 3, "minibatches": 2}, "divisible"),
         ({"variant": "egrpo", "noise_level": 0.0}, "noise_level > 0"),
+        ({"variant": "egrpo", "frozen": True}, "no trainable parameters"),
     ],
 )
 def test_bad_configuration_raises_clear_errors(options, message):

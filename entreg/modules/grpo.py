@@ -208,6 +208,8 @@ class GRPOModule(L.LightningModule):
             )
         if variant in ("flow_grpo", "mixgrpo") and prompts % minibatches:
             raise ValueError(f"prompts ({prompts}) must be divisible by minibatches ({minibatches})")
+        if not any(p.requires_grad for p in net.parameters()):
+            raise ValueError("net has no trainable parameters (an EMA copy? call net.requires_grad_(True))")
         self.save_hyperparameters(ignore=["net", "reward", "optimizer", "eval_metrics"])
         self.automatic_optimization = False
         self.net, self.reward, self.eval_metrics = net, reward, eval_metrics
@@ -224,7 +226,7 @@ class GRPOModule(L.LightningModule):
         from entreg.modules.flow import FlowMatchingModule
 
         base = FlowMatchingModule.load_checkpoint(path)
-        net = copy.deepcopy(base.ema.module)
+        net = copy.deepcopy(base.ema.module).requires_grad_(True)
         shape = tuple(base.sample_shape)
         return cls(net, reward, shape, num_classes=base.num_classes, time_scale=base.time_scale, **kwargs)
 
