@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append({"arm": arm, "lr": lr, "seed": seed, "final": final, "curve": budget.curve, **extra})
                 print(
                     f"  {arm:<17} lr {lr:.0e} seed {seed}: reward {final['reward']:.3f}, "
-                    f"balance {final['balance']:.3f}, in target {final['in_target']:.3f}, path-KL {final['path_kl']:.2f}, {final['iteration']} "
-                    f"iterations, {final['reward_calls']} reward calls, {final['seconds']:.0f} s",
+                    f"balance {final['balance']:.3f}, in target {final['in_target']:.3f}, "
+                    f"path-KL {final['path_kl']:.2f}, {final['iteration']} iterations, "
+                    f"{final['reward_calls']} reward calls, {final['seconds']:.0f} s",
                     flush=True,
                 )
     report["runs"] = runs
