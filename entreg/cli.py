@@ -196,6 +196,46 @@ def _print_sample_metrics(metrics: dict[str, float], title: str, output_dir: Any
     console.print(f"metrics: {output_dir / 'metrics.json'}", soft_wrap=True)
 
 
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    """GRPO fine-tuning of the FlowMatchingModule checkpoint ``cfg.base_checkpoint`` with ``cfg.reward`` and the
+    ``cfg.grpo`` variant; prints and returns the final evaluation (reward, path-KL, ``cfg.eval_metrics``)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from entreg.modules.grpo import GRPOModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    reward = instantiate(cfg.reward, _convert_="all")
+    eval_metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else None
+    options = instantiate(cfg.grpo, _convert_="all")
+    model = GRPOModule.from_flow_checkpoint(
+        cfg.base_checkpoint, reward, eval_metrics=eval_metrics, seed=cfg.seed, **options
+    )
+    before = model.evaluate()
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    trainer.fit(model, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    after = model.to(trainer.strategy.root_device).evaluate()
+    if trainer.is_global_zero:
+        _print_finetune(before, after, model.cost, f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned")
+    return {f"eval/{k}": v for k, v in after.items()}
+
+
+def _print_finetune(before: dict[str, float], after: dict[str, float], cost: dict[str, int], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("metric", "base", "fine-tuned"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name, value in after.items():
+        table.add_row(name, f"{before.get(name, float('nan')):.4f}", f"{value:.4f}")
+    for name, value in cost.items():
+        table.add_row(name, "", str(value))
+    Console().print(table)
+
+
 def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:
     """Hydra overrides for a rank > 0 started by ``torchrun``, which runs the entry point once per rank.
 
@@ -229,6 +269,12 @@ def adapt_main(cfg: DictConfig) -> None:
 def sample_main(cfg: DictConfig) -> None:
     """``entreg-sample``: sample a diffusion checkpoint with a chosen scheduler and NFE."""
     sample(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
+def finetune_main(cfg: DictConfig) -> None:
+    """``entreg-finetune``: GRPO fine-tuning of a flow-matching checkpoint with a reward."""
+    finetune(cfg)
 
 
 def train_main() -> float | None:

@@ -49,7 +49,7 @@ import lightning as L
 import torch
 from benchkit import quiet_libraries
 
-from entreg.flow.diversity import in_target_fraction, mode_entropy, nearest_mode
+from entreg.flow.diversity import ModeMetrics
 from entreg.flow.rewards import RegionReward, ring_centers
 from entreg.modules.grpo import GRPOModule
 
@@ -63,15 +63,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "E-GRPO + entropy": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.1},
 }
 COMMON = {"steps": 16, "shift": 3.0, "noise_level": 0.7, "group_size": 8, "prompts": 4, "active_steps": 8}
-
-
-def ring_metrics(samples: torch.Tensor, cond: torch.Tensor | None = None) -> dict[str, float]:
-    centers = ring_centers()
-    return {
-        "in_target": in_target_fraction(samples, centers, TARGETS),
-        "balance": mode_entropy(samples, centers, TARGETS, normalize=True),
-        "distance": float(nearest_mode(samples, centers)[1].mean()),
-    }
 
 
 class Budget(L.Callback):
@@ -127,7 +118,7 @@ def make_module(net: torch.nn.Module, arm: dict[str, Any], lr: float, seed: int,
     reward = RegionReward(ring_centers(), TARGETS, width=0.5)
     return GRPOModule(
         copy.deepcopy(net).requires_grad_(True), reward, (2,), optimizer=partial(torch.optim.Adam, lr=lr), eval_every=0,
-        eval_samples=2000, eval_metrics=ring_metrics, seed=seed, iterations_per_epoch=100_000, **options,
+        eval_samples=2000, eval_metrics=ModeMetrics(ring_centers(), TARGETS), seed=seed, iterations_per_epoch=100_000, **options,
     )  # fmt: skip
 
 

@@ -154,3 +154,31 @@ def test_entreg_adapt_prints_the_comparison(tmp_path):
         assert text in result.stdout
     (run_dir,) = (tmp_path / "logs" / "adapt" / "runs").iterdir()
     assert list(run_dir.rglob("events.out.tfevents.*"))  # tta/entropy, tta/selected, tta/online_error ...
+
+
+def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
+    """entreg-train an unconditional ring flow for one short epoch, then entreg-finetune it with E-GRPO: the
+    table compares base and fine-tuned, and the run writes TensorBoard events (with the sample histogram) and
+    a checkpoint."""
+    logs = tmp_path / "logs"
+    quiet = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
+    flow = ["experiment=ring2d_flow", "model.num_classes=null", "trainer.max_epochs=1", "data.n_train=512",
+            "data.n_val=64", "callbacks.progress_bar=null", *quiet]  # fmt: skip
+    run([sys.executable, "-m", "entreg.train", *flow], cwd=tmp_path, ENTREG_LOG_DIR=str(logs))
+    (ckpt,) = (logs / "ring2d_flow" / "runs").glob("*/checkpoints/last.ckpt")
+    grpo = ["grpo.steps=4", "grpo.active_steps=2", "grpo.group_size=4", "grpo.prompts=2",
+            "grpo.iterations_per_epoch=3", "grpo.eval_every=3", "grpo.eval_samples=64", *quiet]  # fmt: skip
+    result = run(
+        [str(ENTRY.with_name("entreg-finetune")), f"base_checkpoint={ckpt}", *grpo],
+        cwd=tmp_path,
+        ENTREG_LOG_DIR=str(logs),
+    )
+    for label in ("reward", "path_kl", "in_target", "balance", "reward_calls"):
+        assert label in result.stdout
+    (run_dir,) = (logs / "finetune" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events)).Reload().Tags()
+    assert "eval/samples" in tags["images"] and "eval/reward" in tags["scalars"] and "cost/units" in tags["scalars"]

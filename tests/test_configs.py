@@ -26,12 +26,13 @@ def options(group: str) -> list[str]:
 
 
 def test_every_config_file_is_covered_here():
-    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler")
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward")
     covered = {f"{group}/{name}" for group in groups for name in options(group)}
     covered |= {
         "train",
         "adapt",
         "sample",
+        "finetune",
         "paths/default",
         "hydra/default",
     }  # composed by every test below and by the CLI tests
@@ -189,3 +190,49 @@ def test_every_sampler_config_samples(sampler):
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_schedule == "linear"
     x = model.sample(3, scheduler, 4, torch.Generator().manual_seed(0))
     assert x.shape == (3, 2) and bool(torch.isfinite(x).all())
+
+
+def compose_finetune(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        return compose("finetune", overrides=["base_checkpoint=unused", "paths.output_dir=unused", *overrides])
+
+
+@pytest.mark.parametrize("variant", [o for o in options("grpo") if o != "base"])
+def test_every_grpo_config_fine_tunes(variant):
+    """Each variant's config builds a GRPOModule that trains 2 iterations of an exact ring flow policy."""
+    import lightning as L
+
+    from entreg.modules.grpo import GRPOModule
+    from tests.flow_toy import MixtureVelocity, ring_means
+
+    small = ["grpo.steps=6", "grpo.active_steps=3", "grpo.iterations_per_epoch=2", "grpo.eval_every=2"]
+    small += ["grpo.eval_samples=32", *(["grpo.shift_every=1", "grpo.window_size=2"] if variant == "mixgrpo" else [])]
+    cfg = compose_finetune(f"grpo={variant}", *small)
+    options_ = instantiate(cfg.grpo, _convert_="all")
+    net = MixtureVelocity(ring_means(), 0.25, time_scale=1000.0)
+    module = GRPOModule(net, instantiate(cfg.reward), (2,), eval_metrics=instantiate(cfg.eval_metrics), **options_)
+    assert module.hparams.variant == cfg.grpo.variant
+    start = net.logits.detach().clone()
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(module)
+    assert module.iteration == 2 and not torch.equal(net.logits, start)
+    assert set(module.evaluate()) >= {"reward", "path_kl", "in_target", "balance", "distance"}
+
+
+@pytest.mark.parametrize("reward", options("reward"))
+def test_every_reward_config_scores_its_data(reward):
+    from entreg.data import DigitsDataModule
+    from tests.flow_toy import ring_means
+
+    cfg = compose_finetune(f"reward={reward}")
+    score = instantiate(cfg.reward, _convert_="all")
+    if reward == "ring_region":
+        points = ring_means().float()
+        torch.testing.assert_close(score(points, None), torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0]), atol=1e-6, rtol=0)
+        assert instantiate(cfg.eval_metrics)(points[:3])["balance"] == pytest.approx(1.0)
+    else:
+        dm = DigitsDataModule(size=8, scale="minus_one_one")
+        dm.setup("test")
+        x, y = dm.test_set.tensors
+        assert float((score(x, y) > score(x, (y + 1) % 10)).float().mean()) > 0.9

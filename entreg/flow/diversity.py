@@ -25,7 +25,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["in_target_fraction", "mean_pairwise_distance", "mode_entropy", "nearest_mode", "pixel_variance"]
+__all__ = [
+    "ModeMetrics",
+    "in_target_fraction",
+    "mean_pairwise_distance",
+    "mode_entropy",
+    "nearest_mode",
+    "pixel_variance",
+]
 
 
 def _check_modes(samples: Tensor, centers: Tensor, targets: Sequence[int] | None) -> list[int] | None:
@@ -152,3 +159,27 @@ def pixel_variance(samples: Tensor, cond: Tensor | None = None) -> float:
     if not groups:
         return math.nan
     return torch.stack([group.double().var(dim=0).mean() for group in groups]).mean().item()
+
+
+class ModeMetrics:
+    """``metrics(samples, cond=None) -> {"in_target", "balance", "distance"}`` for a mixture toy: the share of
+    samples on a target mode, the normalised entropy of the target modes' shares (1 = even, 0 = one mode) and
+    the mean distance to the nearest mode. The ``eval_metrics`` of :class:`entreg.modules.grpo.GRPOModule`.
+
+    Example:
+        >>> metrics = ModeMetrics(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), targets=(0, 1))
+        >>> metrics(torch.tensor([[0.0, 0.0], [10.0, 0.0]]))
+        {'in_target': 1.0, 'balance': 1.0, 'distance': 0.0}
+    """
+
+    def __init__(self, centers: Tensor, targets: Sequence[int]) -> None:
+        self.centers, self.targets = torch.as_tensor(centers), tuple(targets)
+        _check_modes(self.centers[:1], self.centers, self.targets)
+
+    def __call__(self, samples: Tensor, cond: Tensor | None = None) -> dict[str, float]:
+        centers = self.centers.to(samples.device, samples.dtype)
+        return {
+            "in_target": in_target_fraction(samples, centers, self.targets),
+            "balance": mode_entropy(samples, centers, self.targets, normalize=True),
+            "distance": float(nearest_mode(samples, centers)[1].mean()),
+        }

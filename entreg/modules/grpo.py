@@ -26,6 +26,7 @@ from entreg.flow.plans import (
 from entreg.flow.rollout import Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
+from entreg.modules.diffusion import log_samples
 
 __all__ = ["VARIANTS", "GRPOModule"]
 
@@ -101,7 +102,8 @@ class GRPOModule(L.LightningModule):
     trajectories of G2RPO/E-GRPO are computed on every rank and counted on each). Every ``eval_every``
     iterations, from fixed noise: ``eval/reward`` of deterministic (ODE) samples, ``eval/path_kl`` (the sum over
     all steps of the KL between the policy's and the base's SDE transitions along the policy's own SDE
-    trajectories) and the metrics of ``eval_metrics(samples, cond)`` (e.g. diversity), under ``eval/``.
+    trajectories) and the metrics of ``eval_metrics(samples, cond)`` (e.g. diversity), under ``eval/``, with the
+    samples as an image grid (or, for 2-D points, a 2-D histogram) ``eval/samples`` in TensorBoard.
 
     Multi-GPU: every rank draws the same prompts and noise (seeded by ``seed`` and the iteration) and keeps
     rollouts ``rank, rank + W, ...`` of each group, so a group's members sit on different ranks; rewards are
@@ -414,7 +416,9 @@ class GRPOModule(L.LightningModule):
         self._log_iteration(all_rewards, advantages, stats)
         self.iteration += 1
         if h.eval_every and self.iteration % h.eval_every == 0:
-            self.log_dict({f"eval/{k}": v for k, v in self.evaluate().items()}, sync_dist=False)
+            metrics, samples = self._evaluate()
+            self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=False)  # equal on every rank
+            log_samples(self.trainer, samples, lambda x: ((x + 1) / 2).clamp(0, 1), "eval/samples")
 
     def _unit_loss(self, unit: _Unit, stats: dict[str, list[Tensor]]) -> Tensor:
         h = self.hparams
@@ -471,7 +475,12 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Reward of ODE samples and path-KL to the base along SDE trajectories, from fixed noise (seed + 1)."""
+        """Reward of ODE samples and path-KL to the base along SDE trajectories, from fixed noise (seed + 1),
+        and ``eval_metrics`` of the ODE samples."""
+        return self._evaluate()[0]
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[dict[str, float], Tensor]:
         h = self.hparams
         g = torch.Generator().manual_seed(h.seed + 1)
         n = h.eval_samples
@@ -480,9 +489,8 @@ class GRPOModule(L.LightningModule):
         policy = self._policy(self.net)
         samples = rollout(policy, noise, self.grid, ode_plan(h.steps), h.noise_level, cond).sample
         metrics = {"reward": float(self.reward(samples, cond).float().mean())}
-        sde = rollout(
-            policy, noise, self.grid, flow_grpo_plan(h.steps), h.noise_level, cond, generator=g, reduce=h.reduce
-        )
+        noises = (torch.randn(noise.shape, generator=g).to(self.device) for _ in range(h.steps))
+        sde = rollout(policy, noise, self.grid, flow_grpo_plan(h.steps), h.noise_level, cond, noises=noises)
         path_kl = torch.zeros(n, device=self.device)
         for tr in sde.transitions:
             _, mean = self._log_prob(self.net, tr, cond, 1, grad=False)
@@ -491,7 +499,7 @@ class GRPOModule(L.LightningModule):
         metrics["path_kl"] = float(path_kl.mean())
         if self.eval_metrics is not None:
             metrics.update(self.eval_metrics(samples, cond))
-        return metrics
+        return metrics, samples
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.cost)}
