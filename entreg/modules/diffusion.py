@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.loggers import has_tensorboard
-from entreg.modules.skipping import SkipNonFiniteSteps
+from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -31,7 +31,6 @@ __all__ = [
     "warmed_up_ema",
 ]
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 # short names of samplers: scheduler class and the options that differ from its defaults
@@ -141,7 +140,7 @@ def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tens
             logger.experiment.add_image(tag, image, trainer.global_step)
 
 
-class DiffusionModule(SkipNonFiniteSteps):
+class DiffusionModule(EMATrainedNetwork):
     """Diffusion training: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with DDPM's noise schedule, the
     denoiser regressing eps, x_0 or v (MSE). An exponential moving average of the weights (``self.ema``,
     a ``torch.optim.swa_utils.AveragedModel``, in the checkpoint) is updated after every training batch
@@ -240,7 +239,6 @@ class DiffusionModule(SkipNonFiniteSteps):
         self.sample_scheduler, self.sample_steps = sample_scheduler, sample_steps
         self.sample_every_n_epochs, self.num_val_samples = sample_every_n_epochs, num_val_samples
         self.data_range = (low, high)
-        self._skipped_batch = False
         self._val_real: list[Tensor] = []
 
     @classmethod
@@ -280,20 +278,10 @@ class DiffusionModule(SkipNonFiniteSteps):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x0 = _data(batch)
         loss = self.diffusion_loss(self.denoiser, x0)
-        self._skipped_batch = not self.all_finite(loss)
-        if self._skipped_batch:
-            return self.skip_batch(batch_idx)
-        self.count_good_batch()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0), sync_dist=True)
-        return loss
+        return self.loss_step(loss, batch_idx, len(x0))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._skipped_batch:
-            self.ema.update_parameters(self.denoiser)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        return make_optimizer(self.denoiser.parameters())
+    def trained_network(self) -> nn.Module:
+        return self.denoiser
 
     # ---- sampling ---------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ Esser et al. (SD3, ICML 2024, arXiv:2403.03206).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,14 @@ from entreg.modules.diffusion import (
     save_denoiser_state,
     warmed_up_ema,
 )
-from entreg.modules.skipping import SkipNonFiniteSteps
+from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 
 __all__ = ["TIME_SAMPLINGS", "FlowMatchingModule"]
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
-class FlowMatchingModule(SkipNonFiniteSteps):
+class FlowMatchingModule(EMATrainedNetwork):
     """Rectified-flow training: ``x_t = (1 - t) x_0 + t eps`` (t = 1 noise), the network regressing the velocity
     ``v = eps - x_0`` (MSE), with ``t ~ U(0, 1)`` or SD3's logit-normal ``t = sigmoid(m + s n)``, n ~ N(0, 1).
     Samples integrate ``dx/dt = v`` from t = 1 to 0 with Euler steps on the SD3-shifted grid
@@ -139,7 +138,6 @@ class FlowMatchingModule(SkipNonFiniteSteps):
         self.sample_steps, self.sample_shift = sample_steps, float(sample_shift)
         self.sample_every_n_epochs, self.num_val_samples = sample_every_n_epochs, num_val_samples
         self.data_range = (low, high)
-        self._skipped_batch = False
         self._val_real: list[tuple[Tensor, Tensor | None]] = []
 
     @classmethod
@@ -209,20 +207,10 @@ class FlowMatchingModule(SkipNonFiniteSteps):
             drop = torch.rand(len(labels), device=labels.device) < self.class_dropout
             labels = labels.masked_fill(drop, self.num_classes)
         loss = self.flow_matching_loss(self.net, x0, labels)
-        self._skipped_batch = not self.all_finite(loss)
-        if self._skipped_batch:
-            return self.skip_batch(batch_idx)
-        self.count_good_batch()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0), sync_dist=True)
-        return loss
+        return self.loss_step(loss, batch_idx, len(x0))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._skipped_batch:
-            self.ema.update_parameters(self.net)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        return make_optimizer(self.net.parameters())
+    def trained_network(self) -> nn.Module:
+        return self.net
 
     # ---- sampling -------------------------------------------------------------------------------------------
 

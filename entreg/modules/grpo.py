@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,11 @@ from entreg.flow.rollout import Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
 from entreg.modules.diffusion import log_samples
+from entreg.modules.ema import OptimizerFactory
 
 __all__ = ["VARIANTS", "GRPOModule"]
 
 VARIANTS = ("flow_grpo", "mixgrpo", "g2rpo", "egrpo")
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
 
