@@ -1,5 +1,5 @@
 """GRPO variants for flow models side by side at equal compute: Flow-GRPO, MixGRPO, G2RPO, E-GRPO, and E-GRPO with
-our entropy option, on the 2-D ring toy (8 modes, reward on 3).
+our entropy option (two strengths), on the 2-D ring toy (8 modes, reward on 3) and on class-conditional 8x8 digits.
 
 Why: E-GRPO (arXiv 2601.00423) reports its gains against other GRPO variants without compute, seeds or
 diversity. A first look at this toy suggested that the early-step methods (E-GRPO, MixGRPO) climb fastest per
@@ -20,14 +20,20 @@ How:
 4. Learning rates ``--lrs`` (Adam), seeds ``--seeds``; the arm's best lr (highest final reward, mean over
    seeds) is reported, the whole grid is in the JSON.
 
-Metrics, from 2,000 ODE samples of fixed noise, every ``--eval-every`` iterations and at the end: reward;
+Digits (``--task digits``): a class-conditional flow MLP (width 256) of the 8x8 digits; reward log p(class | x)
+of a frozen MLP classifier (:func:`entreg.flow.rewards.digits_classifier`); prompts are classes; guards against
+reward hacking: the accuracy of a held-out CNN (other architecture and seed) and a PCA-Gaussian log-likelihood
+(nats per pixel); diversity: the mean pairwise distance within a class (500 samples).
+
+Metrics (ring), from 2,000 ODE samples of fixed noise, about 10 times per run and at the end: reward;
 ``in_target`` (fraction of samples whose nearest mode is rewarded); ``balance`` (entropy of the rewarded modes'
 shares, normalised to [0, 1]: 1 = even, 0 = one mode); ``distance`` (mean distance to the nearest mode);
 ``path_kl`` (sum over the 16 SDE steps of the KL between the policy's and the base's transitions along the
 policy's trajectories); cost counters and reward calls; wall-clock.
 
-Run (from the repository root): ``PYTHONPATH=. python scripts/bench_grpo.py`` (about 20 minutes on 2 cores;
-``--quick``: 1 seed, 1 lr, a small budget). Writes ``bench_grpo.json`` next to this script (``--out``).
+Run (from the repository root): ``PYTHONPATH=. python scripts/bench_grpo.py [--task digits]`` (ring: about 15
+minutes on 2 cores; ``--quick``: 1 seed, 1 lr, a small budget). Writes ``bench_grpo.json`` (ring) or
+``bench_grpo_digits.json`` next to this script (``--out``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,10 +56,20 @@ from typing import Any
 import lightning as L
 import torch
 from benchkit import quiet_libraries
+from torch import nn
 
-from entreg.flow.diversity import ModeMetrics
-from entreg.flow.rewards import RegionReward, ring_centers
+from entreg.flow.diversity import ModeMetrics, mean_pairwise_distance
+from entreg.flow.rewards import (
+    ClassifierReward,
+    PCAGaussianLikelihood,
+    RegionReward,
+    digits_classifier,
+    held_out_accuracy,
+    ring_centers,
+)
+from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
+from entreg.nn.denoisers import MLPDenoiser
 
 CACHE = Path("/tmp/entreg_bench_grpo")
 TARGETS = (0, 1, 2)
@@ -60,9 +78,80 @@ ARMS: dict[str, dict[str, Any]] = {
     "MixGRPO": {"variant": "mixgrpo"},
     "G2RPO": {"variant": "g2rpo"},
     "E-GRPO": {"variant": "egrpo", "tau": 2.2},
-    "E-GRPO + entropy": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.1},
+    "E-GRPO + entropy .1": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.1},
+    "E-GRPO + entropy .3": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.3},
 }
 COMMON = {"steps": 16, "shift": 3.0, "noise_level": 0.7, "group_size": 8, "prompts": 4, "active_steps": 8}
+
+
+@dataclass
+class Task:
+    """A fine-tuning problem: the pretrained velocity network, reward, evaluation metrics and sample layout."""
+
+    name: str
+    net: nn.Module
+    reward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    metrics: Callable[[torch.Tensor, torch.Tensor | None], dict[str, float]]
+    shape: tuple[int, ...]
+    num_classes: int | None
+    eval_samples: int
+    columns: tuple[str, ...]  # the metrics the summary reports
+
+
+class DigitsMetrics:
+    """Reward-hacking guards and diversity of class-conditional digit samples: accuracy of a held-out CNN
+    (another architecture and seed than the reward's MLP), PCA-Gaussian log-likelihood (nats per pixel) and
+    the mean pairwise distance within a class."""
+
+    def __init__(self) -> None:
+        self.judge, self.pca = digits_classifier(seed=1, arch="cnn"), PCAGaussianLikelihood.from_digits()
+
+    def __call__(self, samples: torch.Tensor, cond: torch.Tensor | None) -> dict[str, float]:
+        return {
+            "held_out_accuracy": held_out_accuracy(self.judge, samples, cond),
+            "pca_log_likelihood": float(self.pca.log_likelihood(samples).mean()),
+            "pairwise_distance": mean_pairwise_distance(samples, cond),
+        }
+
+
+def pretrained(module: FlowMatchingModule, datamodule: L.LightningDataModule, steps: int, name: str) -> nn.Module:
+    """``module`` trained for ``steps`` steps on ``datamodule`` (once; its EMA weights cached under ``name``);
+    returns the EMA network."""
+    path = CACHE / f"{name}_{steps}.pt"
+    if path.exists():
+        module.ema.load_state_dict(torch.load(path, weights_only=True))
+        return module.ema.module
+    trainer = L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(module.ema.state_dict(), path)
+    return module.ema.module
+
+
+def ring_task(args: argparse.Namespace) -> Task:
+    from entreg.data import RingDataModule
+
+    torch.manual_seed(0)
+    module = FlowMatchingModule(MLPDenoiser(dim=2, hidden=128, layers=3), sample_every_n_epochs=0)
+    net = pretrained(module, RingDataModule(n_train=8000, batch_size=256, seed=0), args.base_steps, "ring_base")
+    reward, metrics = RegionReward(ring_centers(), TARGETS, width=0.5), ModeMetrics(ring_centers(), TARGETS)
+    return Task("ring", net, reward, metrics, (2,), None, 2000, ("in_target", "balance", "distance"))
+
+
+def digits_task(args: argparse.Namespace) -> Task:
+    from entreg.data import DigitsDataModule
+
+    torch.manual_seed(0)
+    denoiser = MLPDenoiser(dim=64, hidden=256, layers=3, shape=(1, 8, 8), num_classes=10)
+    module = FlowMatchingModule(denoiser, num_classes=10, sample_every_n_epochs=0)
+    data = DigitsDataModule(size=8, scale="minus_one_one", batch_size=128)
+    net = pretrained(module, data, args.base_steps, "digits_base")
+    reward = ClassifierReward(digits_classifier(seed=0, arch="mlp"))
+    columns = ("held_out_accuracy", "pca_log_likelihood", "pairwise_distance")
+    return Task("digits", net, reward, DigitsMetrics(), (1, 8, 8), 10, 500, columns)
 
 
 class Budget(L.Callback):
@@ -90,43 +179,12 @@ class Budget(L.Callback):
         trainer.should_stop = done
 
 
-def base_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The pretrained ring flow model's EMA velocity network (trained once, cached by its settings)."""
-    from entreg.data import RingDataModule
-    from entreg.modules.flow import FlowMatchingModule
-    from entreg.nn.denoisers import MLPDenoiser
-
-    path = CACHE / f"ring_base_{args.base_steps}.pt"
-    torch.manual_seed(0)
-    module = FlowMatchingModule(MLPDenoiser(dim=2, hidden=128, layers=3), sample_every_n_epochs=0)
-    if path.exists():
-        module.ema.load_state_dict(torch.load(path, weights_only=True))
-        return module.ema.module
-    data = RingDataModule(n_train=8000, batch_size=256, seed=0)
-    trainer = L.Trainer(
-        max_steps=args.base_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, data)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    torch.save(module.ema.state_dict(), path)
-    return module.ema.module
-
-
-def make_module(net: torch.nn.Module, arm: dict[str, Any], lr: float, seed: int, **extra: Any) -> GRPOModule:
-    options = {**COMMON, **arm, **extra}
-    reward = RegionReward(ring_centers(), TARGETS, width=0.5)
+def make_module(task: Task, arm: dict[str, Any], lr: float, seed: int, **extra: Any) -> GRPOModule:
     return GRPOModule(
-        copy.deepcopy(net).requires_grad_(True), reward, (2,), optimizer=partial(torch.optim.Adam, lr=lr), eval_every=0,
-        eval_samples=2000, eval_metrics=ModeMetrics(ring_centers(), TARGETS), seed=seed, iterations_per_epoch=100_000, **options,
+        copy.deepcopy(task.net).requires_grad_(True), task.reward, task.shape, num_classes=task.num_classes,
+        optimizer=partial(torch.optim.Adam, lr=lr), eval_every=0, eval_samples=task.eval_samples,
+        eval_metrics=task.metrics, seed=seed, iterations_per_epoch=100_000, **{**COMMON, **arm, **extra},
     )  # fmt: skip
-
-
-def iteration_units(net: torch.nn.Module, arm: dict[str, Any]) -> float:
-    """Compute units of one iteration of ``arm`` (one iteration of a throw-away module)."""
-    module = make_module(net, arm, 1e-4, 0, **({"shift_every": 1} if arm["variant"] == "mixgrpo" else {}))
-    run(module, units=1.0, eval_every=10**9)
-    return module.cost["sample_forwards"] + 3 * module.cost["train_forward_backwards"]
 
 
 def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
@@ -139,7 +197,23 @@ def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
     return budget
 
 
-def summarise(runs: list[dict[str, Any]], budget: float) -> dict[str, Any]:
+def iteration_units(task: Task, arm: dict[str, Any]) -> float:
+    """Compute units of one iteration of ``arm`` (one iteration of a throw-away module)."""
+    module = make_module(task, arm, 1e-4, 0, **({"shift_every": 1} if arm["variant"] == "mixgrpo" else {}))
+    run(module, units=1.0, eval_every=10**9)
+    return module.cost["sample_forwards"] + 3 * module.cost["train_forward_backwards"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def reward_at(curve: list[dict[str, Any]], units: float) -> float:
+    """The reward of the last evaluation at or below ``units``."""
+    return [c for c in curve if c["units"] <= units][-1]["reward"]
+
+
+def summarise(runs: list[dict[str, Any]], budget: float, columns: tuple[str, ...]) -> dict[str, Any]:
     """Per arm: the lr with the best mean final reward, and at it the mean and std over seeds of every metric."""
     out: dict[str, Any] = {}
     for arm in ARMS:
@@ -152,91 +226,83 @@ def summarise(runs: list[dict[str, Any]], budget: float) -> dict[str, Any]:
         lr = max(by_lr, key=lambda v: statistics.mean(x["final"]["reward"] for x in by_lr[v]))
         chosen = by_lr[lr]
         row: dict[str, Any] = {"lr": lr, "seeds": len(chosen)}
-        for key in ("reward", "in_target", "balance", "distance", "path_kl", "reward_calls", "units", "seconds"):
-            values = [x["final"][key] for x in chosen]
-            row[key] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        for key in ("reward", *columns, "path_kl", "reward_calls", "units", "seconds"):
+            row[key] = mean_std([x["final"][key] for x in chosen])
         for fraction in (0.25, 0.5):  # reward reached at a quarter and half of the budget
-            values = [reward_at(x["curve"], fraction * budget) for x in chosen]
-            row[f"reward_at_{fraction}"] = (
-                statistics.mean(values),
-                statistics.stdev(values) if len(values) > 1 else 0.0,
-            )
+            row[f"reward_at_{fraction}"] = mean_std([reward_at(x["curve"], fraction * budget) for x in chosen])
         out[arm] = row
     return out
 
 
-def reward_at(curve: list[dict[str, Any]], units: float) -> float:
-    """The reward of the last evaluation at or below ``units``."""
-    return [c for c in curve if c["units"] <= units][-1]["reward"]
-
-
-def print_summary(summary: dict[str, Any], budget: float) -> None:
-    print(f"\nring, reward on 3 of 8 modes; budget {budget:.0f} units; mean ± std over seeds at each arm's best lr")
-    head = ("arm", "lr", "R@25%", "R@50%", "reward", "in target", "balance", "distance", "path-KL", "reward calls")
-    print("  " + " | ".join(f"{h:>16}" if i == 0 else f"{h:>11}" for i, h in enumerate(head)))
+def print_summary(task: Task, summary: dict[str, Any], budget: float) -> None:
+    print(f"\n{task.name}: budget {budget:.0f} units; mean ± std over seeds at each arm's best lr")
+    keys = ("reward_at_0.25", "reward_at_0.5", "reward", *task.columns, "path_kl")
+    head = ("arm", "lr", "R@25%", "R@50%", "reward", *task.columns, "path-KL", "reward calls")
+    print("  " + " | ".join(f"{h[:19]:>19}" if i == 0 else f"{h[:11]:>11}" for i, h in enumerate(head)))
     for arm, row in summary.items():
-        cells = [f"{arm:>16}", f"{row['lr']:>11.0e}"]
-        for key in ("reward_at_0.25", "reward_at_0.5", "reward", "in_target", "balance", "distance", "path_kl"):
-            cells.append(f"{row[key][0]:>6.3f}±{row[key][1]:.2f}"[:11].rjust(11))
+        cells = [f"{arm:>19}", f"{row['lr']:>11.0e}"]
+        cells += [f"{row[key][0]:.3f}±{row[key][1]:.2f}"[:11].rjust(11) for key in keys]
         cells.append(f"{row['reward_calls'][0]:>11.0f}")
         print("  " + " | ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=("ring", "digits"), default="ring")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 lr, budget 2e4")
     parser.add_argument("--budget", type=float, default=None, help="compute units per run (default 3e5)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="default 1e-4 3e-4 1e-3")
     parser.add_argument("--seeds", type=int, default=None, help="default 3")
+    parser.add_argument("--arms", nargs="+", default=None, help=f"a subset of {list(ARMS)}")
     parser.add_argument("--base-steps", type=int, default=3000, help="pretraining steps of the base model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.budget = args.budget or (2e4 if args.quick else 3e5)
     args.lrs = args.lrs or ([1e-3] if args.quick else [1e-4, 3e-4, 1e-3])
     args.seeds = args.seeds or (1 if args.quick else 3)
+    arms = {name: ARMS[name] for name in (args.arms or ARMS)}
+    out = args.out or Path(__file__).with_name("bench_grpo.json" if args.task == "ring" else "bench_grpo_digits.json")
     torch.set_num_threads(args.threads)
-    quiet_libraries("Found 1 module(s) in eval mode", "IterableDataset` has `__len__`")
+    quiet_libraries("module(s) in eval mode", "IterableDataset` has `__len__`")
     started = time.perf_counter()
-    net = base_model(args)
+    task = ring_task(args) if args.task == "ring" else digits_task(args)
     report: dict[str, Any] = {
-        "benchmark": "GRPO variants on the 2-D ring at equal compute",
+        "benchmark": f"GRPO variants at equal compute: {task.name}",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "common": COMMON,
-        "arms": ARMS,
-        "base": make_module(net, ARMS["Flow-GRPO"], 1e-4, 0).evaluate(),
+        "arms": arms,
+        "base": make_module(task, ARMS["Flow-GRPO"], 1e-4, 0).evaluate(),
     }
     print(f"base model: {report['base']}", flush=True)
-    costs = {arm: iteration_units(net, options) for arm, options in ARMS.items()}
+    costs = {arm: iteration_units(task, options) for arm, options in arms.items()}
     report["iteration_units"] = costs
     runs: list[dict[str, Any]] = []
-    for arm, options in ARMS.items():
+    for arm, options in arms.items():
         iterations = args.budget / costs[arm]
         extra = {"shift_every": max(1, math.ceil(iterations / 5))} if options["variant"] == "mixgrpo" else {}
         eval_every = max(1, round(iterations / 10))
         for lr in args.lrs:
             for seed in range(args.seeds):
-                module = make_module(net, options, lr, seed, **extra)
-                budget = run(module, args.budget, eval_every)
+                budget = run(make_module(task, options, lr, seed, **extra), args.budget, eval_every)
                 final = budget.curve[-1]
                 runs.append({"arm": arm, "lr": lr, "seed": seed, "final": final, "curve": budget.curve, **extra})
+                shown = ", ".join(f"{k} {final[k]:.3f}" for k in ("reward", *task.columns, "path_kl"))
                 print(
-                    f"  {arm:<17} lr {lr:.0e} seed {seed}: reward {final['reward']:.3f}, "
-                    f"balance {final['balance']:.3f}, in target {final['in_target']:.3f}, "
-                    f"path-KL {final['path_kl']:.2f}, {final['iteration']} iterations, "
+                    f"  {arm:<19} lr {lr:.0e} seed {seed}: {shown}, {final['iteration']} iterations, "
                     f"{final['reward_calls']} reward calls, {final['seconds']:.0f} s",
                     flush=True,
                 )
     report["runs"] = runs
-    report["summary"] = summarise(runs, args.budget)
+    report["summary"] = summarise(runs, args.budget, task.columns)
     report["seconds"] = time.perf_counter() - started
-    print_summary(report["summary"], args.budget)
-    args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    print(f"\nWrote {args.out} ({report['seconds']:.0f} s)")
+    print_summary(task, report["summary"], args.budget)
+    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(f"\nWrote {out} ({report['seconds']:.0f} s)")
     return report
 
 
