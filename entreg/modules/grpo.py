@@ -23,7 +23,7 @@ from entreg.flow.plans import (
     mixgrpo_window_start,
     ode_plan,
 )
-from entreg.flow.rollout import Transition, log_prob_under, ode_states, rollout
+from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
 from entreg.modules.diffusion import log_samples
@@ -276,78 +276,64 @@ class GRPOModule(L.LightningModule):
         """Roll out this iteration's groups (this rank's members)."""
         h = self.hparams
         policy, prompts, mine = self._policy(self.net), self._prompts(), self._mine(h.group_size)
-        g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
+        cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
+        parts: dict[str, list] = {"samples": [], "rewards": [], "groups": [], "conds": []}
         units: list[_Unit] = []
-        rewards, groups, samples, conds = [], [], [], []
+        g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
         plans = self.plans()
         if h.variant in ("flow_grpo", "mixgrpo"):
             (plan,) = plans
-            shared = h.variant == "mixgrpo"
+            shared = h.variant == "mixgrpo"  # MixGRPO: shared noise, so a group shares its states up to the window
             noise = self._noise(h.prompts if shared else h.prompts * h.group_size, 2)
-            if shared:
-                noise = noise.repeat_interleave(h.group_size, 0)
-            all_cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
-            out = self._rollout_sliced(policy, noise, plan, all_cond, g_sde, 0, mine)
-            self.cost["sample_forwards"] += out[0].nfe * len(out[0].sample)
-            rewards.append(self._score(out[0].sample, out[1]))
-            samples.append(out[0].sample)
-            conds.append(out[1])
-            groups.append(torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
-            per = h.prompts // h.minibatches
-            rows_per_prompt = len(mine)
+            noise = noise.repeat_interleave(h.group_size, 0) if shared else noise
+            out, mine_cond = self._rollout_group(policy, noise, plan, cond, g_sde, mine, 0, parts)
+            rows_per_minibatch = h.prompts // h.minibatches * len(mine)
             for b in range(h.minibatches):
-                rows = slice(b * per * rows_per_prompt, (b + 1) * per * rows_per_prompt)
-                trs = [self._slice_transition(tr, rows) for tr in out[0].transitions]
-                # MixGRPO's ODE prefix from shared noise makes a group's states equal up to its window
-                share = len(mine) if shared else 1
-                units.append(_Unit(trs, torch.empty(0), None if out[1] is None else out[1][rows], share, plan.branch))
-            return self._collected(units, samples, rewards, groups, conds)
-        noise = self._noise(h.prompts, 2)
-        anchor = ode_states(policy, noise, self.grid, max(p.branch for p in plans), prompts)
-        self.cost["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
-        for k, plan in enumerate(plans):
-            x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
-            all_cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
-            out, cond = self._rollout_sliced(policy, x, plan, all_cond, g_sde, plan.branch, mine)
-            self.cost["sample_forwards"] += out.nfe * len(out.sample)
-            rewards.append(self._score(out.sample, cond))
-            samples.append(out.sample)
-            conds.append(cond)
-            groups.append(k * h.prompts + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
-            units.append(_Unit(out.transitions, torch.empty(0), cond, len(mine), plan.branch))
-        return self._collected(units, samples, rewards, groups, conds)
+                rows = slice(b * rows_per_minibatch, (b + 1) * rows_per_minibatch)
+                transitions = [self._slice_transition(tr, rows) for tr in out.transitions]
+                unit_cond = None if mine_cond is None else mine_cond[rows]
+                units.append(_Unit(transitions, torch.empty(0), unit_cond, len(mine) if shared else 1, plan.branch))
+        else:
+            anchor = ode_states(policy, self._noise(h.prompts, 2), self.grid, max(p.branch for p in plans), prompts)
+            self.cost["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
+            for k, plan in enumerate(plans):
+                x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
+                out, mine_cond = self._rollout_group(policy, x, plan, cond, g_sde, mine, k * h.prompts, parts)
+                units.append(_Unit(out.transitions, torch.empty(0), mine_cond, len(mine), plan.branch))
+        x = torch.cat(parts["samples"])
+        no_cond = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        populations = no_cond if cond is None else torch.cat(parts["conds"])
+        return _Collected(units, x, torch.cat(parts["rewards"]), torch.cat(parts["groups"]), populations)
 
-    @staticmethod
-    def _collected(
-        units: list[_Unit], samples: list[Tensor], rewards: list[Tensor], groups: list[Tensor], conds: list
-    ) -> _Collected:
-        x = torch.cat(samples)
-        populations = torch.zeros(len(x), dtype=torch.long, device=x.device) if conds[0] is None else torch.cat(conds)
-        return _Collected(units, x, torch.cat(rewards), torch.cat(groups), populations)
-
-    def _rollout_sliced(
+    def _rollout_group(
         self,
         policy: Callable,
         x: Tensor,
         plan: RolloutPlan,
         cond: Tensor | None,
         g: torch.Generator,
-        start: int,
         mine: Tensor,
-    ) -> tuple[Any, Tensor | None]:
-        """Roll out every member's SDE noise identically on all ranks, but only this rank's members: the noise
-        of all members is drawn in order so a member's noise does not depend on the number of ranks."""
+        first_group: int,
+        parts: dict[str, list],
+    ) -> tuple[Rollout, Tensor | None]:
+        """Roll out this rank's members of every prompt's group from ``x`` (all members, prompt-major) at the
+        plan's branch, score them, count the cost and append samples, rewards, group ids (``first_group`` +
+        prompt) and labels to ``parts``. The SDE noise of all members is drawn in order on every rank, so a
+        member's noise does not depend on the number of ranks."""
         h = self.hparams
-        per_group = h.group_size
-        rows = (torch.arange(h.prompts)[:, None] * per_group + mine[None, :]).flatten().to(self.device)
+        rows = (torch.arange(h.prompts)[:, None] * h.group_size + mine[None, :]).flatten().to(self.device)
+        start = plan.branch if h.variant in ("g2rpo", "egrpo") else 0
         n_sde = len([s for s in plan.segments if s.kind == "sde" and s.start >= start])
-        noises = [torch.randn(len(x), *h.sample_shape, generator=g).to(self.device)[rows] for _ in range(n_sde)]
-        draws = iter(noises)
-        cond_rows = None if cond is None else cond[rows]
-        out = rollout(
-            policy, x[rows], self.grid, plan, h.noise_level, cond_rows, start=start, reduce=h.reduce, noises=draws
-        )
-        return out, cond_rows
+        noises = iter([torch.randn(len(x), *h.sample_shape, generator=g).to(self.device)[rows] for _ in range(n_sde)])
+        mine_cond = None if cond is None else cond[rows]
+        out = rollout(policy, x[rows], self.grid, plan, h.noise_level, mine_cond, start=start, reduce=h.reduce,
+                      noises=noises)  # fmt: skip
+        self.cost["sample_forwards"] += out.nfe * len(out.sample)
+        parts["samples"].append(out.sample)
+        parts["rewards"].append(self._score(out.sample, mine_cond))
+        parts["groups"].append(first_group + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
+        parts["conds"].append(mine_cond)
+        return out, mine_cond
 
     @staticmethod
     def _slice_transition(tr: Transition, rows: slice) -> Transition:
