@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.loggers import has_tensorboard
@@ -28,7 +27,6 @@ __all__ = [
     "restore_feature_extractor",
     "sample_metrics",
     "save_denoiser_state",
-    "warmed_up_ema",
 ]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -49,16 +47,6 @@ FEATURE_EXTRACTOR_PREFIX = "feature_extractor."
 def _locate(path: str) -> type:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """An ``AveragedModel`` update whose decay at update n is min(decay, (1 + n) / (10 + n))."""
-
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = num_averaged.to(averaged[0].dtype)  # stays on the device: no host sync per step
-        torch._foreach_lerp_(averaged, current, 1.0 - ((1.0 + n) / (10.0 + n)).clamp(max=decay))
-
-    return update
 
 
 def denoiser_from_checkpoint(path: str | Path) -> nn.Module:
@@ -209,8 +197,6 @@ class DiffusionModule(EMATrainedNetwork):
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if sample_scheduler not in SAMPLERS and "." not in sample_scheduler:
             raise ValueError(
                 f"sample_scheduler must be one of {tuple(SAMPLERS)} or a scheduler class path, got {sample_scheduler!r}"
@@ -220,13 +206,9 @@ class DiffusionModule(EMATrainedNetwork):
                 "need sample_steps >= 1, sample_every_n_epochs >= 0 and num_val_samples >= 2; got "
                 f"{sample_steps}, {sample_every_n_epochs}, {num_val_samples}"
             )
-        low, high = (float(v) for v in data_range)
-        if not low < high:
-            raise ValueError(f"data_range must be (low, high) with low < high, got {tuple(data_range)}")
         self.save_hyperparameters(ignore=["denoiser", "optimizer", "feature_extractor", "reference_mixture"])
         self.denoiser = denoiser
-        self.ema = AveragedModel(denoiser, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.init_training(denoiser, ema_decay, optimizer, data_range)
         self.feature_extractor = feature_extractor.eval().requires_grad_(False) if feature_extractor else None
         self.reference_mixture = reference_mixture
         self.noise_scheduler = DDPMScheduler(
@@ -235,10 +217,9 @@ class DiffusionModule(EMATrainedNetwork):
             prediction_type=prediction_type,
             clip_sample=False,
         )
-        self.prediction_type, self.optimizer_factory = prediction_type, optimizer
+        self.prediction_type = prediction_type
         self.sample_scheduler, self.sample_steps = sample_scheduler, sample_steps
         self.sample_every_n_epochs, self.num_val_samples = sample_every_n_epochs, num_val_samples
-        self.data_range = (low, high)
         self._val_real: list[Tensor] = []
 
     @classmethod

@@ -3,23 +3,34 @@ skipped, an EMA copy updated after every finite batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from entreg.modules.skipping import SkipNonFiniteSteps
 
-__all__ = ["EMATrainedNetwork", "OptimizerFactory"]
+__all__ = ["EMATrainedNetwork", "OptimizerFactory", "warmed_up_ema"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """An ``AveragedModel`` update whose decay at update n is min(decay, (1 + n) / (10 + n))."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = num_averaged.to(averaged[0].dtype)  # stays on the device: no host sync per step
+        torch._foreach_lerp_(averaged, current, 1.0 - ((1.0 + n) / (10.0 + n)).clamp(max=decay))
+
+    return update
+
+
 class EMATrainedNetwork(SkipNonFiniteSteps):
     """Base of :class:`~entreg.modules.diffusion.DiffusionModule` and :class:`~entreg.modules.flow.FlowMatchingModule`:
-    subclasses set ``self.ema`` (an ``AveragedModel``) and ``self.optimizer_factory``, return the trained
-    network from :meth:`trained_network` and end ``training_step`` with :meth:`loss_step`."""
+    subclasses call :meth:`init_training`, return the trained network from :meth:`trained_network` and end
+    ``training_step`` with :meth:`loss_step`."""
 
     optimizer_factory: OptimizerFactory | None
     ema: nn.Module
@@ -30,6 +41,20 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
 
     def trained_network(self) -> nn.Module:
         raise NotImplementedError
+
+    def init_training(
+        self, network: nn.Module, ema_decay: float, optimizer: OptimizerFactory | None, data_range: Sequence[float]
+    ) -> None:
+        """Validate and set the EMA copy of ``network`` (``self.ema``, with :func:`warmed_up_ema`), the optimizer
+        factory and ``self.data_range`` (low, high) of the data."""
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        low, high = (float(v) for v in data_range)
+        if not low < high:
+            raise ValueError(f"data_range must be (low, high) with low < high, got {tuple(data_range)}")
+        self.ema = AveragedModel(network, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.optimizer_factory, self.data_range = optimizer, (low, high)
 
     def loss_step(self, loss: Tensor, batch_idx: int, batch_size: int) -> Tensor:
         """Log ``train/loss`` and return it, or skip the batch on every rank when it is not finite."""

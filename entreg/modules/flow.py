@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from entreg.flow.sampling import ode_sample
 from entreg.modules.diffusion import (
@@ -23,7 +22,6 @@ from entreg.modules.diffusion import (
     restore_feature_extractor,
     sample_metrics,
     save_denoiser_state,
-    warmed_up_ema,
 )
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 
@@ -49,7 +47,7 @@ class FlowMatchingModule(EMATrainedNetwork):
     also models the unconditional distribution.
 
     An exponential moving average of the weights (``self.ema``, an ``AveragedModel`` with diffusers' warm-up,
-    :func:`entreg.modules.diffusion.warmed_up_ema`, in the checkpoint) is updated after every training batch and
+    :func:`entreg.modules.ema.warmed_up_ema`, in the checkpoint) is updated after every training batch and
     is what :meth:`sample` and validation use. A training batch whose loss is not finite (on any rank) is skipped
     (:class:`entreg.modules.skipping.SkipNonFiniteSteps`).
 
@@ -117,27 +115,19 @@ class FlowMatchingModule(EMATrainedNetwork):
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
         if not logit_std > 0 or not time_scale > 0:
             raise ValueError(f"logit_std and time_scale must be > 0, got {logit_std} and {time_scale}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if sample_steps < 1 or not sample_shift > 0 or sample_every_n_epochs < 0 or num_val_samples < 2:
             raise ValueError(
                 "need sample_steps >= 1, sample_shift > 0, sample_every_n_epochs >= 0 and num_val_samples >= 2; "
                 f"got {sample_steps}, {sample_shift}, {sample_every_n_epochs}, {num_val_samples}"
             )
-        low, high = (float(v) for v in data_range)
-        if not low < high:
-            raise ValueError(f"data_range must be (low, high) with low < high, got {tuple(data_range)}")
         self.save_hyperparameters(ignore=["net", "optimizer", "feature_extractor", "reference_mixture"])
         self.net = net
-        self.ema = AveragedModel(net, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=True)
-        self.ema.requires_grad_(False)
+        self.init_training(net, ema_decay, optimizer, data_range)
         self.feature_extractor = feature_extractor.eval().requires_grad_(False) if feature_extractor else None
         self.reference_mixture = reference_mixture
         self.num_classes, self.class_dropout, self.time_scale = num_classes, class_dropout, float(time_scale)
-        self.optimizer_factory = optimizer
         self.sample_steps, self.sample_shift = sample_steps, float(sample_shift)
         self.sample_every_n_epochs, self.num_val_samples = sample_every_n_epochs, num_val_samples
-        self.data_range = (low, high)
         self._val_real: list[tuple[Tensor, Tensor | None]] = []
 
     @classmethod
