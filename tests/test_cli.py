@@ -182,3 +182,4 @@ def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
 
     tags = EventAccumulator(str(events)).Reload().Tags()
     assert "eval/samples" in tags["images"] and "eval/reward" in tags["scalars"] and "cost/units" in tags["scalars"]
+    assert {"train/reward", "train/balance", "train/clip_fraction", "eval/path_kl"} <= set(tags["scalars"])

@@ -96,7 +96,8 @@ class GRPOModule(L.LightningModule):
     transitions, with the step length in the variance (:func:`entreg.flow.sde.gaussian_kl`).
 
     Logged every iteration: ``train/reward`` (mean, and ``_std``), ``train/advantage_abs``,
-    ``train/clip_fraction``, ``train/approx_kl``, ``train/kl`` (to the base, when ``kl_coef`` > 0) and the cost
+    ``train/clip_fraction``, ``train/approx_kl``, ``train/kl`` (to the base, when ``kl_coef`` > 0), the
+    ``eval_metrics`` of the iteration's rollouts (e.g. ``train/balance``; averaged over ranks) and the cost
     counters ``cost/sample_forwards`` (rollout model evaluations, per sample), ``cost/train_forward_backwards``,
     ``cost/reward_calls`` and ``cost/units`` (forward = 1, forward + backward = 3), summed over ranks (the anchor
     trajectories of G2RPO/E-GRPO are computed on every rank and counted on each). Every ``eval_every``
@@ -400,6 +401,10 @@ class GRPOModule(L.LightningModule):
                 self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()
         self._log_iteration(all_rewards, advantages, stats)
+        if self.eval_metrics is not None:  # diversity etc. of this iteration's rollouts (this rank's), every step
+            cond = None if h.num_classes is None else collected.populations
+            train_metrics = self.eval_metrics(collected.samples, cond)
+            self.log_dict({f"train/{k}": float(v) for k, v in train_metrics.items()}, sync_dist=True)
         self.iteration += 1
         if h.eval_every and self.iteration % h.eval_every == 0:
             metrics, samples = self._evaluate()
