@@ -276,14 +276,6 @@ class DiffusionModule(EMATrainedNetwork):
         config = {key: self.noise_scheduler.config[key] for key in NOISE_KEYS}
         return _locate(path).from_config({**config, **defaults, **options})
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one sample: the denoiser's ``sample_shape``."""
-        shape = getattr(self.denoiser, "sample_shape", None)
-        if shape is None:
-            raise ValueError(f"{type(self.denoiser).__name__} has no sample_shape: pass shape= to sample()")
-        return tuple(shape)
-
     @torch.no_grad()
     def sample(
         self,
@@ -326,11 +318,6 @@ class DiffusionModule(EMATrainedNetwork):
         finally:
             denoiser.train(was_training)
         return x
-
-    def to_image(self, x: Tensor) -> Tensor:
-        """Samples mapped from ``data_range`` to [0, 1] (clamped), for image grids and files."""
-        low, high = self.data_range
-        return ((x - low) / (high - low)).clamp(0.0, 1.0)
 
     def sample_metrics(self, samples: Tensor, real: Tensor) -> dict[str, float]:
         """:func:`sample_metrics` with this module's feature extractor and reference mixture."""

@@ -72,3 +72,17 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
         return make_optimizer(self.trained_network().parameters())
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: the trained network's ``sample_shape``."""
+        network = self.trained_network()
+        shape = getattr(network, "sample_shape", None)
+        if shape is None:
+            raise ValueError(f"{type(network).__name__} has no sample_shape: pass shape= to sample()")
+        return tuple(shape)
+
+    def to_image(self, x: Tensor) -> Tensor:
+        """Samples mapped from ``data_range`` to [0, 1] (clamped), for image grids and files."""
+        low, high = self.data_range
+        return ((x - low) / (high - low)).clamp(0.0, 1.0)

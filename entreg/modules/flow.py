@@ -204,14 +204,6 @@ class FlowMatchingModule(EMATrainedNetwork):
 
     # ---- sampling -------------------------------------------------------------------------------------------
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """The shape of one sample: the network's ``sample_shape``."""
-        shape = getattr(self.net, "sample_shape", None)
-        if shape is None:
-            raise ValueError(f"{type(self.net).__name__} has no sample_shape: pass shape= to sample()")
-        return tuple(shape)
-
     @torch.no_grad()
     def sample(
         self,
@@ -247,11 +239,6 @@ class FlowMatchingModule(EMATrainedNetwork):
             )
         finally:
             net.train(was_training)
-
-    def to_image(self, x: Tensor) -> Tensor:
-        """Samples mapped from ``data_range`` to [0, 1] (clamped), for image grids and files."""
-        low, high = self.data_range
-        return ((x - low) / (high - low)).clamp(0.0, 1.0)
 
     # ---- validation -----------------------------------------------------------------------------------------
 
