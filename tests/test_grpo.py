@@ -158,14 +158,16 @@ def test_bad_configuration_raises_clear_errors(options, message):
         make_module(**options)
 
 
-def test_kde_entropy_bonus_is_the_leave_one_out_log_density_per_population():
+def test_kde_entropy_bonus_is_the_kernel_log_density_per_population_and_bounded():
     g = torch.Generator().manual_seed(0)
     x, populations = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 1])
     bonus = kde_entropy_bonus(x, populations, bandwidth=2.0)
     for i in range(7):
-        others = [j for j in range(7) if j != i and populations[j] == populations[i]]
-        density = sum(math.exp(-float((x[i] - x[j]).pow(2).sum()) / 2.0) for j in others) / len(others)
+        members = [j for j in range(7) if populations[j] == populations[i]]
+        density = sum(math.exp(-float((x[i] - x[j]).pow(2).sum()) / 2.0) for j in members) / len(members)
         assert float(bonus[i]) == pytest.approx(-math.log(density))
+    far = torch.tensor([[0.0], [0.1], [1e6]], dtype=torch.float64)
+    assert float(kde_entropy_bonus(far, torch.zeros(3, dtype=torch.long), 1.0)[2]) == pytest.approx(math.log(3))
     assert float(kde_entropy_bonus(x[:1], populations[:1])[0]) == 0.0
     with pytest.raises(ValueError, match="bandwidth"):
         kde_entropy_bonus(x, populations, bandwidth=0.0)

@@ -6,8 +6,8 @@ in G2RPO and E-GRPO, a branch point (arXiv 2601.00423): ``A = (r - mean_group) /
 to ``[-clip, clip]`` (5 in the references). The policy loss per stochastic transition is PPO's
 ``max(-A rho, -A clip(rho, 1 - c, 1 + c))`` with ``rho = exp(log pi - log pi_old)``.
 
-Our addition (not in the papers): :func:`kde_entropy_bonus`, a per-sample estimate of ``-log p(x)`` from the
-other samples of the same prompt; adding ``lambda`` times it to the reward makes GRPO maximise
+Our addition (not in the papers): :func:`kde_entropy_bonus`, a per-sample kernel estimate of ``-log p(x)``
+from the samples of the same prompt; adding ``lambda`` times it to the reward makes GRPO maximise
 ``E[r] + lambda H(p)`` (the expected ``-log p`` is the entropy), which pushes samples towards less crowded
 regions instead of collapsing onto one of several equally rewarded modes.
 
@@ -77,17 +77,19 @@ def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, cl
 
 
 def kde_entropy_bonus(samples: Tensor, populations: Tensor, bandwidth: float | None = None) -> Tensor:
-    """-log of the leave-one-out Gaussian-kernel density of every sample among the other samples of its
-    population (e.g. its prompt), up to a constant: ``-log(mean_{j != i} exp(-|x_i - x_j|^2 / h))``.
+    """-log of the Gaussian-kernel density of every sample among the samples of its population (e.g. its
+    prompt), itself included: ``-log(mean_j exp(-|x_i - x_j|^2 / h))``, between 0 and ``log(n)``.
 
+    The sample's own kernel bounds the bonus by ``log(n)``: without it (leave-one-out), a sample far from all
+    others gets an unbounded bonus, and in our ring benchmark runs then flew off to |x| ~ 1e11.
     ``h`` (``bandwidth``, in squared distance units) defaults to SVGD's median heuristic, ``median |x_i - x_j|^2 /
     log(n)`` within each population. Samples are flattened; a population of one sample gets 0.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [3.0, 0.0]])
         >>> bonus = kde_entropy_bonus(x, torch.zeros(3, dtype=torch.long), bandwidth=1.0)
-        >>> bool(bonus[2] > bonus[0])  # the isolated sample gets the larger bonus
-        True
+        >>> bool(bonus[2] > bonus[0]), bool(bonus.max() <= math.log(3))  # isolated: larger, but bounded
+        (True, True)
     """
     if bandwidth is not None and bandwidth <= 0:
         raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
@@ -101,6 +103,5 @@ def kde_entropy_bonus(samples: Tensor, populations: Tensor, bandwidth: float | N
         d2 = torch.cdist(flat[rows], flat[rows]).pow(2)
         off = ~torch.eye(n, dtype=torch.bool, device=d2.device)
         h = bandwidth if bandwidth is not None else float(d2[off].median()) / max(math.log(n), 1e-12)
-        log_k = (-d2 / max(h, 1e-12)).masked_fill(~off, float("-inf"))
-        bonus[rows] = -(torch.logsumexp(log_k, dim=1) - math.log(n - 1))
+        bonus[rows] = -(torch.logsumexp(-d2 / max(h, 1e-12), dim=1) - math.log(n))
     return bonus.to(samples.dtype)
