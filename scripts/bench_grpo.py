@@ -4,8 +4,9 @@ our entropy option (two strengths), on the 2-D ring toy (8 modes, reward on 3) a
 Why: E-GRPO (arXiv 2601.00423) reports its gains against other GRPO variants without compute, seeds or
 diversity. A first look at this toy suggested that the early-step methods (E-GRPO, MixGRPO) climb fastest per
 compute but collapse onto one of several equally rewarded modes, and that Flow-GRPO uses reward calls about 5x
-better. This script measures it, and whether ``entropy_coef`` (a leave-one-out kernel estimate of -log p added
-to the reward, i.e. maximising E[r] + lambda H) keeps E-GRPO's reward per compute with Flow-GRPO's diversity.
+better. This script measures it, and whether ``entropy_coef`` (a kernel estimate of -log p, bounded by log n,
+added to the reward, i.e. maximising E[r] + lambda H) keeps E-GRPO's reward per compute with Flow-GRPO's
+diversity.
 
 How:
 
