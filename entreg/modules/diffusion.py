@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
-from entreg.loggers import has_tensorboard
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 
 __all__ = [
@@ -23,10 +22,7 @@ __all__ = [
     "DiffusionModule",
     "denoiser_from_checkpoint",
     "digits_feature_extractor",
-    "log_samples",
-    "restore_feature_extractor",
     "sample_metrics",
-    "save_denoiser_state",
 ]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -41,7 +37,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # the training noise settings every sampling scheduler shares
 NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-FEATURE_EXTRACTOR_PREFIX = "feature_extractor."
 
 
 def _locate(path: str) -> type:
@@ -58,26 +53,6 @@ def denoiser_from_checkpoint(path: str | Path) -> nn.Module:
     if spec is None:
         raise ValueError(f"{path} stores no denoiser spec: pass the architecture it was trained with")
     return build_denoiser(spec)
-
-
-def save_denoiser_state(checkpoint: dict[str, Any], denoiser: nn.Module, skipped_steps: int) -> None:
-    """``on_save_checkpoint`` of a denoiser module: store the skipped-step count and the denoiser's ``spec()``
-    (when it has one) and drop the feature extractor (an evaluation tool, not part of the model)."""
-    checkpoint["entreg_skipped_steps"] = skipped_steps
-    if callable(getattr(denoiser, "spec", None)):
-        checkpoint["entreg_denoiser"] = denoiser.spec()
-    state = checkpoint["state_dict"]
-    for key in [k for k in state if k.startswith(FEATURE_EXTRACTOR_PREFIX)]:
-        del state[key]
-
-
-def restore_feature_extractor(checkpoint: dict[str, Any], feature_extractor: nn.Module | None) -> int:
-    """``on_load_checkpoint`` of a denoiser module: put the weights of the module's own ``feature_extractor``
-    (if any) into ``checkpoint`` so loading keeps it; returns the stored skipped-step count."""
-    if feature_extractor is not None:
-        state = feature_extractor.state_dict()
-        checkpoint["state_dict"].update({FEATURE_EXTRACTOR_PREFIX + k: v for k, v in state.items()})
-    return int(checkpoint.get("entreg_skipped_steps", 0))
 
 
 @torch.no_grad()
@@ -102,32 +77,6 @@ def sample_metrics(
     return metrics
 
 
-def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tensor], tag: str = "val/samples") -> None:
-    """On rank zero, add ``samples`` to every TensorBoard logger of ``trainer`` as one image: a grid of the first
-    64 images (``to_image`` maps them to [0, 1]) or, for 2-D points, their 2-D histogram (64 x 64 bins over the
-    points' range padded by 10%, brightness = count / max count)."""
-    if not (samples.ndim == 4 or (samples.ndim == 2 and samples.shape[1] == 2)):
-        return
-    if not has_tensorboard(trainer) or not trainer.is_global_zero:
-        return
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    if samples.ndim == 4:
-        from torchvision.utils import make_grid
-
-        image = make_grid(to_image(samples[:64]).float().cpu(), nrow=8)
-    else:
-        points = samples.detach().float().cpu()
-        low, high = points.min(0).values, points.max(0).values
-        pad = 0.1 * (high - low).clamp(min=1e-3)
-        ranges = torch.stack([low - pad, high + pad], dim=1).flatten().tolist()  # (x_min, x_max, y_min, y_max)
-        counts = torch.histogramdd(points, bins=64, range=ranges).hist
-        image = (counts / counts.max().clamp(min=1.0)).T.flip(0)[None]  # y up, x to the right
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, trainer.global_step)
-
-
 class DiffusionModule(EMATrainedNetwork):
     """Diffusion training: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with DDPM's noise schedule, the
     denoiser regressing eps, x_0 or v (MSE). An exponential moving average of the weights (``self.ema``,
@@ -142,8 +91,8 @@ class DiffusionModule(EMATrainedNetwork):
     samples ``num_val_samples`` points from fixed noise and logs :meth:`sample_metrics` against the
     validation data: ``val/fd`` (Frechet distance of ``feature_extractor`` features, for images),
     ``val/log_likelihood`` (mean log-density under ``reference_mixture``) and ``val/sliced_wasserstein``
-    (for vectors), and ``val/samples`` to TensorBoard (:func:`log_samples`: an image grid, or the 2-D histogram
-    of 2-D points).
+    (for vectors), and ``val/samples`` to TensorBoard (:func:`entreg.modules.ema.log_samples`: an image grid,
+    or the 2-D histogram of 2-D points).
 
     Args:
         denoiser: ``denoiser(x_t, t) -> prediction`` of ``x_t``'s shape, e.g.
@@ -341,17 +290,7 @@ class DiffusionModule(EMATrainedNetwork):
         if real is None or self.trainer.sanity_checking or not every or (self.current_epoch + 1) % every:
             return
         samples = self.sample(len(real), generator=torch.Generator().manual_seed(0), shape=real.shape[1:])
-        metrics = self.sample_metrics(samples, real)
-        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, sync_dist=True)
-        log_samples(self.trainer, samples, self.to_image)
-
-    # ---- checkpoints ---------------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_denoiser_state(checkpoint, self.denoiser, self.skipped_steps)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = restore_feature_extractor(checkpoint, self.feature_extractor)
+        self.log_validation_samples(samples, self.sample_metrics(samples, real))
 
 
 def _data(batch: Any) -> Tensor:

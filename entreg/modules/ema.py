@@ -10,11 +10,40 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from entreg.loggers import has_tensorboard
 from entreg.modules.skipping import SkipNonFiniteSteps
 
-__all__ = ["EMATrainedNetwork", "OptimizerFactory", "warmed_up_ema"]
+__all__ = ["FEATURE_EXTRACTOR_PREFIX", "EMATrainedNetwork", "OptimizerFactory", "log_samples", "warmed_up_ema"]
+
+FEATURE_EXTRACTOR_PREFIX = "feature_extractor."
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tensor], tag: str = "val/samples") -> None:
+    """On rank zero, add ``samples`` to every TensorBoard logger of ``trainer`` as one image: a grid of the first
+    64 images (``to_image`` maps them to [0, 1]) or, for 2-D points, their 2-D histogram (64 x 64 bins over the
+    points' range padded by 10%, brightness = count / max count)."""
+    if not (samples.ndim == 4 or (samples.ndim == 2 and samples.shape[1] == 2)):
+        return
+    if not has_tensorboard(trainer) or not trainer.is_global_zero:
+        return
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if samples.ndim == 4:
+        from torchvision.utils import make_grid
+
+        image = make_grid(to_image(samples[:64]).float().cpu(), nrow=8)
+    else:
+        points = samples.detach().float().cpu()
+        low, high = points.min(0).values, points.max(0).values
+        pad = 0.1 * (high - low).clamp(min=1e-3)
+        ranges = torch.stack([low - pad, high + pad], dim=1).flatten().tolist()  # (x_min, x_max, y_min, y_max)
+        counts = torch.histogramdd(points, bins=64, range=ranges).hist
+        image = (counts / counts.max().clamp(min=1.0)).T.flip(0)[None]  # y up, x to the right
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, trainer.global_step)
 
 
 def warmed_up_ema(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
@@ -86,3 +115,27 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
         """Samples mapped from ``data_range`` to [0, 1] (clamped), for image grids and files."""
         low, high = self.data_range
         return ((x - low) / (high - low)).clamp(0.0, 1.0)
+
+    def log_validation_samples(self, samples: Tensor, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` of validation ``samples`` as ``val/*`` and the samples to TensorBoard."""
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, sync_dist=True)
+        log_samples(self.trainer, samples, self.to_image)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the skipped-step count and the trained network's ``spec()`` (when it has one); drop the
+        feature extractor (an evaluation tool, not part of the model)."""
+        checkpoint["entreg_skipped_steps"] = self.skipped_steps
+        network = self.trained_network()
+        if callable(getattr(network, "spec", None)):
+            checkpoint["entreg_denoiser"] = network.spec()
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FEATURE_EXTRACTOR_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this module's own ``feature_extractor`` (if any) and restore the skipped-step count."""
+        extractor = getattr(self, "feature_extractor", None)
+        if extractor is not None:
+            state = {FEATURE_EXTRACTOR_PREFIX + k: v for k, v in extractor.state_dict().items()}
+            checkpoint["state_dict"].update(state)
+        self.skipped_steps = int(checkpoint.get("entreg_skipped_steps", 0))

@@ -18,10 +18,7 @@ from torch import Tensor, nn
 from entreg.flow.sampling import ode_sample
 from entreg.modules.diffusion import (
     denoiser_from_checkpoint,
-    log_samples,
-    restore_feature_extractor,
     sample_metrics,
-    save_denoiser_state,
 )
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 
@@ -262,14 +259,6 @@ class FlowMatchingModule(EMATrainedNetwork):
         samples = self.sample(
             len(real), generator=torch.Generator().manual_seed(0), class_labels=labels, shape=real.shape[1:]
         )
-        metrics = sample_metrics(samples, real, self.feature_extractor, self.reference_mixture)
-        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, sync_dist=True)
-        log_samples(self.trainer, samples, self.to_image)
-
-    # ---- checkpoints ----------------------------------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_denoiser_state(checkpoint, self.net, self.skipped_steps)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = restore_feature_extractor(checkpoint, self.feature_extractor)
+        self.log_validation_samples(
+            samples, sample_metrics(samples, real, self.feature_extractor, self.reference_mixture)
+        )

@@ -26,8 +26,7 @@ from entreg.flow.plans import (
 from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
-from entreg.modules.diffusion import log_samples
-from entreg.modules.ema import OptimizerFactory
+from entreg.modules.ema import OptimizerFactory, log_samples
 
 __all__ = ["VARIANTS", "GRPOModule"]
 
