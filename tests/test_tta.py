@@ -13,7 +13,7 @@ from torch import nn
 
 from entreg.tta import EATA, ETA, SAR, DeYO, Tent, build_method, check_method_kwargs, fisher_information
 from entreg.tta.deyo import plpd, shuffle_patches
-from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL, collect_norm_params
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES, collect_norm_params
 from entreg.tta.sar import sam_perturbation
 
 SGD = functools.partial(torch.optim.SGD, lr=0.5)  # no momentum: one step is theta - lr * grad
@@ -77,7 +77,7 @@ def test_sar_excludes_the_top_of_resnets_and_vits():
     names = {n for n, p in resnet.named_parameters() if p in params}
     assert names and not any("layer4" in n for n in names) and any("layer3" in n for n in names)
     vit = build_backbone("vit_tiny_patch16_224", 10, 3, img_size=32, patch_size=4)
-    params = set(collect_norm_params(vit, ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL))
+    params = set(collect_norm_params(vit, ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES))
     adapted = {n.rsplit(".", 1)[0] for n, p in vit.named_parameters() if p in params}
     assert "blocks.8.norm1" in adapted and "blocks.9.norm1" not in adapted and "norm" not in adapted
     assert not any(n.startswith("blocks.11") for n in adapted)

@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["OutputCapture", "select_output"]
+from entreg.nn.select import OutputKey, select_output
 
-OutputKey = str | int | None
-
-
-def select_output(output: Any, key: OutputKey, where: str) -> Tensor:
-    """The tensor in a module's ``output``: the output itself (``key=None``), ``output[key]`` for a
-    dict or tuple, or the attribute ``key`` of an output object (e.g. ``.logits``)."""
-    if key is None:
-        value = output
-    elif isinstance(output, Mapping) or (isinstance(key, int) and isinstance(output, (tuple, list))):
-        try:
-            value = output[key]
-        except (KeyError, IndexError):
-            valid = list(output) if isinstance(output, Mapping) else f"0..{len(output) - 1}"
-            raise KeyError(f"{where}: output has no entry {key!r}; valid: {valid}") from None
-    elif isinstance(key, str) and hasattr(output, key):
-        value = getattr(output, key)
-    else:
-        raise KeyError(f"{where}: cannot take {key!r} from an output of type {type(output).__name__}")
-    if not isinstance(value, Tensor):
-        hint = " (set output_key to the entry that holds the tensor)" if key is None else ""
-        raise TypeError(f"{where}: expected a tensor, got {type(value).__name__}{hint}")
-    return value
+__all__ = ["OutputCapture", "OutputKey", "find_submodule", "select_output"]
 
 
 def find_submodule(root: nn.Module, name: str | None) -> nn.Module:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
+from entreg.tta.base import METHODS, StepInfo, TTAMethod, entropy_margin
 from entreg.tta.come import come_entropy
 from entreg.tta.deyo import DeYO
 from entreg.tta.eata import EATA, ETA, fisher_information
@@ -32,8 +32,6 @@ __all__ = [
     "entropy_margin",
     "fisher_information",
 ]
-
-METHODS: dict[str, type[TTAMethod]] = {cls.name: cls for cls in (Tent, EATA, ETA, SAR, DeYO, OSTTA)}
 
 
 def _unknown_method(name: str) -> ValueError:

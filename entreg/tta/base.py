@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from entreg.entropy import categorical_entropy
+from entreg.nn.select import OutputKey, select_output
 from entreg.tta.come import come_entropy
-from entreg.tta.norm import BATCHNORM_ONLY, collect_norm_params, force_batch_statistics
+from entreg.tta.norm import (
+    BATCHNORM_ONLY,
+    collect_norm_params,
+    describe_norm_layers,
+    force_batch_statistics,
+    resolve_norm_types,
+)
 
 if TYPE_CHECKING:  # the methods themselves need no Lightning
     from lightning.pytorch.strategies import Strategy
 
-__all__ = ["ENTROPIES", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin", "resolve_margin"]
+__all__ = ["ENTROPIES", "METHODS", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin", "resolve_margin"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 ENTROPIES = ("shannon", "come")
+METHODS: dict[str, type[TTAMethod]] = {}  # name -> class; every subclass with a ``name`` registers itself
 
 
 def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
@@ -56,15 +64,20 @@ class TTAMethod:
     """Base class of the test-time adaptation methods in :mod:`entreg.tta`.
 
     On construction the model is configured as the reference implementations do: every
-    ``BatchNorm2d`` uses the statistics of the current batch (its running buffers are dropped, so
-    this holds under ``eval()`` too), and only the affine parameters of the normalisation layers of
-    ``norm_types`` (minus the excluded names) are trained. The model keeps its train/eval mode (the
-    references call ``model.train()``, which also turns on dropout; identical without dropout).
+    ``BatchNorm2d`` (and every BatchNorm of ``norm_types``) uses the statistics of the current batch
+    (its running buffers are dropped, so this holds under ``eval()`` too), and only the affine
+    parameters of the normalisation layers of ``norm_types`` (minus the excluded names) are trained.
+    The model keeps its train/eval mode (the references call ``model.train()``, which also turns on
+    dropout; identical without dropout).
 
     :meth:`adapt` runs one update on a batch and returns the logits computed *before* the update,
     as every reference does. :meth:`reset` restores the source parameters and the optimizer state
     exactly. With ``recovery=True`` any method resets itself when the moving average of its loss
-    falls below ``recovery_threshold`` (SAR's model-recovery rule).
+    falls below ``recovery_threshold`` (SAR's model-recovery rule). Methods that use clean source
+    data (EATA's Fisher information) take it once, before adapting, through :meth:`prepare`.
+
+    A subclass that sets its own ``name`` registers itself in :data:`METHODS` under it (``class
+    X(TTAMethod, register=False)`` opts out).
 
     Args:
         model: the classifier; it is modified in place.
@@ -75,12 +88,30 @@ class TTAMethod:
             Shannon entropy everywhere the method uses it (selection, weights, loss).
         recovery: reset when the loss EMA drops below ``recovery_threshold``.
         recovery_threshold: SAR's constant 0.2.
+        norm_types: normalisation layers whose affine parameters are adapted, as classes or names
+            (``"batchnorm1d"``, ``"batchnorm2d"``, ``"layernorm"``, ``"groupnorm"``...); default the
+            method's (Tent/EATA/OSTTA: BatchNorm2d as their references; SAR/DeYO: BatchNorm2d,
+            LayerNorm, GroupNorm). E.g. ``norm_types=["batchnorm1d", "layernorm"]`` for an MLP.
+        exclude: skip norm layers whose module name *contains* one of these strings (default the
+            method's: SAR/DeYO skip ``layer4``, ``blocks.9``-``blocks.11`` and ``norm.``).
+        exclude_names: skip norm layers whose module name *equals* one of these (SAR/DeYO: ``norm``,
+            a timm ViT's final norm; ``stages.0.norm`` is not excluded, as in the references).
+        output_key: where the logits are when the model's forward returns a dict, tuple or output
+            object (an index, a key or an attribute name; ``None``: the output is the logits).
     """
 
-    name = "base"
+    name: ClassVar[str] = "base"
     norm_types: tuple[type[nn.Module], ...] = BATCHNORM_ONLY
     exclude: Sequence[str] = ()
-    exclude_final: Sequence[str] = ()
+    exclude_names: Sequence[str] = ()
+    uses_source_data: ClassVar[bool] = False  # True: :meth:`prepare` takes clean source batches
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register and "name" in vars(cls):
+            if cls.name in METHODS and METHODS[cls.name] is not cls:
+                raise TypeError(f"two test-time adaptation methods named {cls.name!r}: {METHODS[cls.name]} and {cls}")
+            METHODS[cls.name] = cls
 
     def __init__(
         self,
@@ -91,6 +122,10 @@ class TTAMethod:
         entropy: str = "shannon",
         recovery: bool = False,
         recovery_threshold: float = 0.2,
+        norm_types: Sequence[type[nn.Module] | str] | None = None,
+        exclude: Sequence[str] | None = None,
+        exclude_names: Sequence[str] | None = None,
+        output_key: OutputKey = None,
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -100,19 +135,39 @@ class TTAMethod:
             raise ValueError(f"entropy must be one of {ENTROPIES}, got {entropy!r}")
         if not recovery_threshold >= 0:
             raise ValueError(f"recovery_threshold must be >= 0, got {recovery_threshold}")
-        self.model, self.num_classes = model, num_classes
+        self.model, self.num_classes, self.output_key = model, num_classes, output_key
         self.recovery, self.recovery_threshold, self.entropy_kind = recovery, recovery_threshold, entropy
-        force_batch_statistics(model)
-        self.params = collect_norm_params(model, self.norm_types, self.exclude, self.exclude_final)
+        if norm_types is not None:
+            self.norm_types = resolve_norm_types(norm_types)
+        if exclude is not None:
+            self.exclude = tuple(exclude)
+        if exclude_names is not None:
+            self.exclude_names = tuple(exclude_names)
+        force_batch_statistics(model, (*BATCHNORM_ONLY, *self.norm_types))
+        self.params = collect_norm_params(model, self.norm_types, self.exclude, self.exclude_names)
         if not self.params:
             names = ", ".join(t.__name__ for t in self.norm_types)
-            raise ValueError(f"{type(self).__name__} adapts the affine parameters of {names} layers; none found")
+            raise ValueError(
+                f"{type(self).__name__} adapts the affine parameters of {names} layers; none found (excluding names "
+                f"containing {list(self.exclude)} or equal to {list(self.exclude_names)}). The model has: "
+                f"{describe_norm_layers(model)}; choose them with norm_types=[...] (e.g. 'batchnorm1d', 'layernorm')"
+            )
         make = optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9))
         self.optimizer = make(self.params)
         self.ema: float | None = None
         self.resets = 0
         self.strategy: Strategy | None = None  # set under DDP by the callback
         self._source = self._snapshot()
+
+    def logits(self, x: Tensor, model: nn.Module | None = None) -> Tensor:
+        """The logits of ``model`` (default the adapted model) on ``x``, taken from its output with ``output_key``."""
+        output = (self.model if model is None else model)(x)
+        return select_output(output, self.output_key, f"{type(self).__name__} (output_key)")
+
+    def prepare(self, batches: Iterable[Tensor]) -> None:
+        """Take what the method needs from clean source batches, once before adapting (EATA: the
+        Fisher information). Methods with ``uses_source_data = False`` need nothing."""
+        raise TypeError(f"{type(self).__name__} uses no source data")
 
     def _snapshot(self) -> tuple[dict, dict]:
         return copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.optimizer.state_dict())

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
-from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES
 
 __all__ = ["DeYO", "plpd", "shuffle_patches"]
 
 
-def shuffle_patches(images: Tensor, patches_per_side: int = 4) -> Tensor:
+def shuffle_patches(images: Tensor, patches_per_side: int = 4, generator: torch.Generator | None = None) -> Tensor:
     """Cut each image into ``patches_per_side`` x ``patches_per_side`` patches and permute them,
-    per image, with ``torch.rand`` from the global generator (as the reference does). Images whose
+    per image, with ``torch.rand`` on the CPU from ``generator`` (default the global generator, as the
+    reference does). Images whose
     side is not a multiple are resized to the nearest smaller multiple and back (bilinear, antialiased).
 
     Example:
@@ -41,7 +42,7 @@ def shuffle_patches(images: Tensor, patches_per_side: int = 4) -> Tensor:
         x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     n, p = patches_per_side, side // patches_per_side
     patches = x.reshape(b, c, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(b, n * n, c, p, p)
-    order = torch.argsort(torch.rand(b, n * n), dim=-1).to(images.device)
+    order = torch.argsort(torch.rand(b, n * n, generator=generator), dim=-1).to(images.device)
     patches = patches[torch.arange(b, device=images.device).unsqueeze(-1), order]
     x = patches.reshape(b, n, n, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, side, side)
     if (height, width) != (side, side):
@@ -66,6 +67,13 @@ class DeYO(TTAMethod):
         plpd_threshold: tau_PLPD (0.2 in the reference's defaults, 0.3 for mild shifts).
         patches_per_side: patch grid of the shuffle (4: 16 patches).
         reweight_ent, reweight_plpd: weights of the two terms of the sample weight (1 and 1).
+        seed_each_batch: ``None`` (default): the patch permutations come from the global generator,
+            as in the reference, which seeds it once (``torch.manual_seed(args.seed)``, default 2024,
+            at the start of ``main.py``) and then draws every batch's permutations from it, so they
+            depend on everything drawn before. An int ``s``: each batch's permutations come from a
+            generator seeded with ``s`` (the numbers ``torch.manual_seed(s)`` before every batch would
+            give, without touching the global generator): a batch is destroyed the same way whatever
+            ran before it, e.g. in a resumed or reordered stream.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.GroupNorm(2, 4),
@@ -80,7 +88,7 @@ class DeYO(TTAMethod):
     name = "deyo"
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
-    exclude_final = SAR_EXCLUDE_FINAL
+    exclude_names = SAR_EXCLUDE_NAMES
 
     def __init__(
         self,
@@ -92,6 +100,7 @@ class DeYO(TTAMethod):
         patches_per_side: int = 4,
         reweight_ent: float = 1.0,
         reweight_plpd: float = 1.0,
+        seed_each_batch: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(model, num_classes, **kwargs)
@@ -103,16 +112,20 @@ class DeYO(TTAMethod):
             raise ValueError(f"patches_per_side must be an int >= 2, got {patches_per_side!r}")
         self.plpd_threshold, self.patches_per_side = float(plpd_threshold), patches_per_side
         self.reweight_ent, self.reweight_plpd = float(reweight_ent), float(reweight_plpd)
+        if seed_each_batch is not None and (isinstance(seed_each_batch, bool) or not isinstance(seed_each_batch, int)):
+            raise TypeError(f"seed_each_batch must be an int seed or None, got {seed_each_batch!r}")
+        self.seed_each_batch = seed_each_batch
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
-        logits = self.model(x)
+        logits = self.logits(x)
         h = self.entropy(logits)
         confident = torch.nonzero(h < self.margin).flatten()
         h = h[confident]
         difference = h.detach()[:0]  # empty unless some sample is confident
         if len(confident):  # the reference draws no random numbers for a batch without one
+            generator = None if self.seed_each_batch is None else torch.Generator().manual_seed(self.seed_each_batch)
             with torch.no_grad():
-                destroyed = self.model(shuffle_patches(x[confident].detach(), self.patches_per_side))
+                destroyed = self.logits(shuffle_patches(x[confident].detach(), self.patches_per_side, generator))
             difference = plpd(logits[confident], destroyed).detach()
         shape_based = torch.nonzero(difference > self.plpd_threshold).flatten()
         h, difference = h[shape_based], difference[shape_based]

@@ -8,7 +8,7 @@ anti-forgetting penalty (ETA is EATA without it). No step at all when no sample 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +21,20 @@ __all__ = ["EATA", "ETA", "fisher_information"]
 Fishers = dict[str, tuple[Tensor, Tensor]]
 
 
-def fisher_information(model: nn.Module, batches: Iterable[Tensor]) -> Fishers:
+def fisher_information(
+    model: nn.Module, batches: Iterable[Tensor], logits_fn: Callable[[Tensor], Tensor] | None = None
+) -> Fishers:
     """Diagonal Fisher information as EATA's ``main.py`` computes it, once, on clean samples: the
     squared gradient of the batch-mean cross-entropy against the model's own predictions, averaged
-    over batches, for every parameter that requires a gradient. Returns ``{name: (fisher, theta0)}``."""
+    over batches, for every parameter that requires a gradient. ``logits_fn`` maps a batch to logits
+    (default ``model``). Returns ``{name: (fisher, theta0)}``."""
+    logits_fn = logits_fn or model
     sums: dict[str, Tensor] = {}
     count = 0
     for x in batches:
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            logits = model(x)
+            logits = logits_fn(x)
             F.cross_entropy(logits, logits.argmax(1)).backward()
         for name, param in model.named_parameters():
             if param.grad is not None:
@@ -70,6 +74,7 @@ class EATA(TTAMethod):
     """
 
     name = "eata"
+    uses_source_data = True
 
     def __init__(
         self,
@@ -91,9 +96,13 @@ class EATA(TTAMethod):
         self.fishers = fishers
         self.model_probs: Tensor | None = None  # moving average m of the kept samples' probabilities
 
+    def prepare(self, batches: Iterable[Tensor]) -> None:
+        """:meth:`set_fishers` (the callback's ``source_batches``)."""
+        self.set_fishers(batches)
+
     def set_fishers(self, batches: Iterable[Tensor]) -> None:
         """Compute the Fisher information on clean ``batches`` with the configured model."""
-        self.fishers = fisher_information(self.model, batches)
+        self.fishers = fisher_information(self.model, batches, self.logits)
 
     def reset(self) -> None:
         super().reset()
@@ -116,7 +125,7 @@ class EATA(TTAMethod):
         return self.fisher_alpha * torch.stack(terms).sum()
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
-        logits = self.model(x)
+        logits = self.logits(x)
         h = self.entropy(logits)
         reliable = torch.nonzero(h < self.e_margin).flatten()
         h, probs = h[reliable], logits[reliable].softmax(1)
@@ -137,6 +146,7 @@ class ETA(EATA):
     """EATA without the anti-forgetting penalty (``fisher_alpha = 0``)."""
 
     name = "eta"
+    uses_source_data = False
 
     def __init__(self, model: nn.Module, num_classes: int, **kwargs) -> None:
         if kwargs.pop("fisher_alpha", 0.0):

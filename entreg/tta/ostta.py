@@ -48,8 +48,8 @@ class OSTTA(TTAMethod):
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         with torch.no_grad():
-            frozen_conf, frozen_label = self.frozen(x).softmax(1).max(1)
-        logits = self.model(x)
+            frozen_conf, frozen_label = self.logits(x, self.frozen).softmax(1).max(1)
+        logits = self.logits(x)
         probs = logits.softmax(1)
         keep = torch.nonzero(probs.gather(1, frozen_label[:, None]).squeeze(1) >= frozen_conf).flatten()
         # the batch's mean prediction over all ranks; each rank's graph holds its own share of it

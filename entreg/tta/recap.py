@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
-from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES
 
 __all__ = ["ReCAP", "pairwise_region_variance", "regional_entropy", "regional_instability"]
 
@@ -77,7 +77,7 @@ def regional_entropy(logits: Tensor, distances: Tensor, tau: float) -> Tensor:
     return -(log_p.exp() * log_p).sum(1) + regional_instability(logits, distances, tau)
 
 
-class ReCAP(TTAMethod):
+class ReCAP(TTAMethod, register=False):
     """Minimise the region confidence proxy L_RE + lambda L_RI of reliable samples.
 
     Each step: one forward pass, where a forward hook on the final linear layer ``head`` (l = W z + b)
@@ -146,9 +146,10 @@ class ReCAP(TTAMethod):
     """
 
     name = "recap"
+    uses_source_data = True
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
-    exclude_final = SAR_EXCLUDE_FINAL
+    exclude_names = SAR_EXCLUDE_NAMES
 
     def __init__(
         self,
@@ -224,7 +225,7 @@ class ReCAP(TTAMethod):
 
         handle = self.head.register_forward_hook(hook)
         try:
-            out = self.model(x)
+            out = self.logits(x)
         finally:
             handle.remove()
         if len(captured) != 1:
@@ -236,6 +237,10 @@ class ReCAP(TTAMethod):
                 f"got {tuple(z.shape)} -> {tuple(logits.shape)}"
             )
         return out, z, logits
+
+    def prepare(self, batches: Iterable[Tensor]) -> None:
+        """:meth:`set_source_statistics` (the callback's ``source_batches``)."""
+        self.set_source_statistics(batches)
 
     @torch.no_grad()
     def set_source_statistics(self, batches: Iterable[Tensor]) -> None:

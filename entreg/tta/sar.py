@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
-from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES
 
 __all__ = ["SAR", "sam_perturbation"]
 
@@ -55,7 +55,7 @@ class SAR(TTAMethod):
     name = "sar"
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
-    exclude_final = SAR_EXCLUDE_FINAL
+    exclude_names = SAR_EXCLUDE_NAMES
 
     def __init__(
         self,
@@ -83,7 +83,7 @@ class SAR(TTAMethod):
         self.resets += 1
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
-        logits = self.model(x)
+        logits = self.logits(x)
         h = self.entropy(logits)
         reliable = torch.nonzero(h < self.margin).flatten()
         self.backward_mean(h[reliable])  # an empty selection: NaN loss and zero gradients, as in the reference
@@ -92,7 +92,7 @@ class SAR(TTAMethod):
         with torch.no_grad():
             torch._foreach_add_(self.params, perturbation)
         self.optimizer.zero_grad()
-        h2 = self.entropy(self.model(x))[reliable]
+        h2 = self.entropy(self.logits(x))[reliable]
         kept = torch.nonzero(h2 < self.margin).flatten()
         loss, count = self.backward_mean(h2[kept])
         with torch.no_grad():

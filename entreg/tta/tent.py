@@ -31,7 +31,7 @@ class Tent(TTAMethod):
     name = "tent"
 
     def step(self, x: Tensor) -> tuple[Tensor, StepInfo]:
-        logits = self.model(x)
+        logits = self.logits(x)
         loss, count = self.backward_mean(self.entropy(logits))
         self.step_optimizer()
         return logits, StepInfo(count, len(x), loss, mask=torch.ones(len(x), dtype=torch.bool, device=x.device))
