@@ -121,7 +121,7 @@ from entreg.data.shifts import SHIFTS
 from entreg.entropy import categorical_entropy
 from entreg.modules.classification import ClassificationModule
 from entreg.tta import StepInfo, Tent, TTAMethod, build_method
-from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_FINAL, force_batch_statistics
+from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES, force_batch_statistics
 
 NUM_CLASSES = 10
 CACHE = Path("/tmp/entreg_bench_tta")
@@ -187,13 +187,13 @@ ARMS: tuple[Arm, ...] = (
 OPEN_SET_NORMS = ("batch", "group")  # the ViT is left out of the open-set scenario (its training costs most)
 
 
-class EntropyAllNorms(Tent):
+class EntropyAllNorms(Tent, register=False):
     """Tent's loss on SAR/DeYO's parameter set (all norm layers): the cost baseline on GroupNorm models."""
 
     name = "tent_all_norms"
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
-    exclude_final = SAR_EXCLUDE_FINAL
+    exclude_names = SAR_EXCLUDE_NAMES
 
 
 def compact(value: Any) -> Any:
