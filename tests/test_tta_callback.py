@@ -4,6 +4,7 @@ a plain PyTorch loop with the same method does, and the module's own test_step s
 from __future__ import annotations
 
 import copy
+import itertools
 
 import lightning as L
 import pytest
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from entreg.callbacks import TestTimeAdaptation
 from entreg.modules import ClassificationModule
-from entreg.tta import Tent
+from entreg.tta import Tent, fisher_information
 from tests.helpers import RecordingLogger, make_trainer
 
 
@@ -142,13 +143,81 @@ def test_batch_size_one_on_batchnorm_warns(tmp_path):
         )
 
 
-def test_num_classes_comes_from_hparams_or_must_be_given(tmp_path):
+def test_num_classes_comes_from_hparams_or_from_the_logits(tmp_path):
     classifier = ClassificationModule("small_cnn", 5, 3, backbone_kwargs={"widths": (4, 8)})
     tta = TestTimeAdaptation("tent")
     make_trainer(tmp_path, callbacks=[tta]).test(classifier, stream(1, 8), verbose=False)
     assert tta.method.num_classes == 5
-    with pytest.raises(ValueError, match="needs num_classes"):
-        make_trainer(tmp_path, callbacks=[TestTimeAdaptation("tent")]).test(PlainClassifier(cnn()), stream(1, 8))
+    # no hparams: read off the logits of the first batch, with the same updates as when it is given
+    inferred, given = (
+        TestTimeAdaptation("tent", lr=0.05),
+        LastLogits(TestTimeAdaptation("tent", num_classes=5, lr=0.05)),
+    )
+    seen = LastLogits(inferred)
+    make_trainer(tmp_path, callbacks=[inferred, seen]).test(PlainClassifier(cnn()), stream(), verbose=False)
+    make_trainer(tmp_path, callbacks=[given.tta, given]).test(PlainClassifier(cnn()), stream(), verbose=False)
+    assert inferred.method.num_classes == 5
+    for a, b in zip(seen.logits, given.logits, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"expected logits of shape \(N, C >= 2\), got \(8, 5, 1\)"):
+        net = nn.Sequential(cnn(), nn.Unflatten(1, (5, 1)))
+        make_trainer(tmp_path, callbacks=[TestTimeAdaptation("tent")]).test(PlainClassifier(net), stream(1, 8))
+
+
+class DictOutputClassifier(PlainClassifier):
+    """A module whose network returns a dict (features and logits), as many real models do."""
+
+    def forward(self, x):
+        return {"logits": self.net(x), "features": self.net[:-1](x)}
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        self.seen_weights.append(self.net[1].weight.detach().clone())
+
+
+def test_output_key_reads_the_logits_of_a_dict_output(tmp_path):
+    tta = TestTimeAdaptation("tent", lr=0.05, output_key="logits")
+    logits = LastLogits(tta)
+    make_trainer(tmp_path, callbacks=[tta, logits]).test(DictOutputClassifier(cnn()), stream(), verbose=False)
+    reference = LastLogits(TestTimeAdaptation("tent", num_classes=5, lr=0.05))
+    make_trainer(tmp_path, callbacks=[reference.tta, reference]).test(PlainClassifier(cnn()), stream(), verbose=False)
+    assert tta.method.num_classes == 5
+    for a, b in zip(logits.logits, reference.logits, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match=r"expected a tensor, got dict \(set output_key"):
+        make_trainer(tmp_path, callbacks=[TestTimeAdaptation("tent", num_classes=5)]).test(
+            DictOutputClassifier(cnn()), stream(1, 8)
+        )
+
+
+def test_tent_on_a_batchnorm1d_mlp_through_the_callback(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(108, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    model = PlainClassifier(mlp)
+    tta = TestTimeAdaptation("tent", lr=0.05, norm_types=["batchnorm1d"])
+    make_trainer(tmp_path, callbacks=[tta]).test(model, stream(), verbose=False)
+    assert [n for n, p in model.net.named_parameters() if p.requires_grad] == ["2.weight", "2.bias"]
+    assert tta.method.num_classes == 5 and tta.last_info.selected == 8
+
+
+class CleanData(L.LightningDataModule):
+    def val_dataloader(self) -> DataLoader:
+        return stream(3, 8, shift=0.0)
+
+    def test_dataloader(self) -> DataLoader:
+        return stream(2, 8)
+
+
+def test_source_batches_feed_the_methods_prepare(tmp_path):
+    tta = TestTimeAdaptation("eata", num_classes=5, source_batches=2, e_margin=5.0)
+    model = PlainClassifier(cnn())
+    make_trainer(tmp_path, callbacks=[tta]).test(model, datamodule=CleanData(), verbose=False)
+    net = cnn()
+    clean = [x for x, _ in itertools.islice(CleanData().val_dataloader(), 2)]
+    expected = fisher_information(Tent(net, num_classes=5).model, clean)
+    assert set(tta.method.fishers) == {"net.1.weight", "net.1.bias"}
+    torch.testing.assert_close(tta.method.fishers["net.1.weight"][0], expected["1.weight"][0])
+    with pytest.raises(ValueError, match=r"source_batches: 'tent' uses no source data \(methods that do: \['eata'\]\)"):
+        TestTimeAdaptation("tent", source_batches=2)
 
 
 def test_bad_arguments_fail_at_construction():

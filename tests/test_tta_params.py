@@ -147,7 +147,7 @@ def test_every_method_reads_the_logits_of_a_dict_output_with_output_key(name):
     torch.manual_seed(3)
     expected, _ = reference.adapt(x)
     torch.manual_seed(3)
-    logits, info = tta.adapt(x)
+    logits, _ = tta.adapt(x)
     assert logits.shape == (16, 5)
     torch.testing.assert_close(logits, expected)
     with pytest.raises(KeyError, match=r"output has no entry 'logit'; valid: \['features', 'logits'\]"):

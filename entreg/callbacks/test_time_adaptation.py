@@ -8,11 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from entreg.callbacks.output_capture import OutputKey, find_submodule, select_output
 from entreg.entropy import categorical_entropy
 from entreg.loggers import log_metrics
-from entreg.tta import StepInfo, TTAMethod, build_method, check_method_kwargs
+from entreg.tta import METHODS, StepInfo, TTAMethod, build_method, check_method_kwargs
 
 __all__ = ["TestTimeAdaptation"]
 
@@ -22,11 +23,12 @@ RESET_MODES = ("continual", "episodic", "per_dataloader")
 
 class TestTimeAdaptation(L.Callback):
     """Adapt the model on each test/predict batch before the module's own ``test_step`` /
-    ``predict_step`` sees it, with any method of :mod:`entreg.tta` (Tent, EATA, ETA, SAR, DeYO).
+    ``predict_step`` sees it, with any method of :mod:`entreg.tta` (Tent, EATA, ETA, SAR, DeYO, OSTTA).
 
     The callback turns the loop's inference mode off (gradients are needed), builds the method
-    on the LightningModule (or its submodule ``module``) when the loop starts, and on every batch
-    runs one adaptation step on the inputs. The module's step then predicts with the adapted model;
+    on the LightningModule (or its submodule ``module``) when the loop starts (at the first batch
+    when ``num_classes`` has to be read off the logits), and on every batch runs one adaptation step
+    on the inputs. The module's step then predicts with the adapted model;
     the logits from before the update (what the papers report as online error) are in
     :attr:`last_logits`. Logged per batch to the loggers: ``tta/entropy`` (mean entropy before the
     update), ``tta/selected`` (fraction of the batch in the loss), ``tta/resets`` and, when the batch
@@ -38,15 +40,19 @@ class TestTimeAdaptation(L.Callback):
 
     Args:
         method: name in :data:`entreg.tta.METHODS`.
-        num_classes: number of classes; default ``pl_module.hparams.num_classes``.
+        num_classes: number of classes; default ``pl_module.hparams.num_classes``, else the width of
+            the logits of the first batch (one extra forward pass, in eval mode, without gradients).
         module: dotted name of the submodule that maps inputs to logits (default: the module itself).
+        output_key: where the logits are when that module's forward returns a dict, tuple or output
+            object (an index, a key or an attribute such as ``"logits"``; ``None``: the output itself).
         input_key: index/key of the inputs in a batch (a plain tensor batch is the input).
         target_key: index/key of the labels, for the online error (``None``: none).
         reset: ``continual`` (never), ``episodic`` (before every batch) or ``per_dataloader`` (when
             the dataloader changes: one dataloader per distribution shift).
-        fisher_batches: EATA only: compute its Fisher information on this many batches of the
-            datamodule's clean validation data when the loop starts (0: no Fisher penalty).
-        **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``optimizer``...).
+        source_batches: for methods that use clean source data (EATA's Fisher information): pass
+            this many batches of the datamodule's clean validation data to the method's ``prepare``
+            when the loop starts (0: none; EATA then has no Fisher penalty).
+        **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``norm_types``, ``optimizer``...).
 
     Example:
         >>> TestTimeAdaptation("tent", num_classes=10, lr=1e-3)
@@ -64,23 +70,27 @@ class TestTimeAdaptation(L.Callback):
         method: str = "tent",
         num_classes: int | None = None,
         module: str | None = None,
+        output_key: OutputKey = None,
         input_key: OutputKey = 0,
         target_key: OutputKey = 1,
         reset: ResetMode = "continual",
-        fisher_batches: int = 0,
+        source_batches: int = 0,
         **method_kwargs: Any,
     ) -> None:
         check_method_kwargs(method, method_kwargs)  # unknown names fail now, not when the test loop starts
         if reset not in RESET_MODES:
             raise ValueError(f"reset must be one of {RESET_MODES}, got {reset!r}")
-        if not isinstance(fisher_batches, int) or fisher_batches < 0:
-            raise ValueError(f"fisher_batches must be an int >= 0, got {fisher_batches!r}")
-        if fisher_batches and method != "eata":
-            raise ValueError(f"fisher_batches is for method='eata' (its Fisher penalty), not {method!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 or None (read off the logits), got {num_classes!r}")
+        if not isinstance(source_batches, int) or source_batches < 0:
+            raise ValueError(f"source_batches must be an int >= 0, got {source_batches!r}")
+        if source_batches and not METHODS[method].uses_source_data:
+            users = sorted(name for name, cls in METHODS.items() if cls.uses_source_data)
+            raise ValueError(f"source_batches: {method!r} uses no source data (methods that do: {users})")
         self.method_name, self.num_classes, self.module = method, num_classes, module
         self.input_key, self.target_key, self.reset = input_key, target_key, reset
-        self.fisher_batches = fisher_batches
-        self.method_kwargs = method_kwargs
+        self.source_batches = source_batches
+        self.method_kwargs = method_kwargs | ({"output_key": output_key} if output_key is not None else {})
         self.method: TTAMethod | None = None
         self.last_logits: Tensor | None = None
         self.last_info: StepInfo | None = None
@@ -89,6 +99,7 @@ class TestTimeAdaptation(L.Callback):
         self._dataloader_idx: int | None = None
         self._warned_single = False
         self._has_batchnorm = False
+        self._stage = "test"
 
     def __repr__(self) -> str:
         return (
@@ -101,17 +112,34 @@ class TestTimeAdaptation(L.Callback):
         trainer.predict_loop.inference_mode = False
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        num_classes = self.num_classes or getattr(pl_module.hparams, "num_classes", None)
-        if num_classes is None:
-            raise ValueError("TestTimeAdaptation needs num_classes (the module has no hparams.num_classes)")
-        model = find_submodule(pl_module, self.module)
-        self.method = build_method(self.method_name, model, int(num_classes), **self.method_kwargs)
+        self.method, self._stage = None, stage
         self.batches, self.online, self._dataloader_idx = 0, {}, None
-        self._has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        model = find_submodule(pl_module, self.module)
+        self._has_batchnorm = any(isinstance(m, _BatchNorm) for m in model.modules())
+        num_classes = self.num_classes or getattr(pl_module.hparams, "num_classes", None)
+        if num_classes is not None:
+            self._build(trainer, model, int(num_classes))
+
+    def _build(self, trainer: L.Trainer, model: nn.Module, num_classes: int) -> None:
+        self.method = build_method(self.method_name, model, num_classes, **self.method_kwargs)
         if trainer.world_size > 1:
-            self._start_distributed(trainer, stage)
-        if self.fisher_batches:  # every rank reads the same clean batches: identical Fisher values
-            self._set_fishers(trainer)
+            self._start_distributed(trainer, self._stage)
+        if self.source_batches:  # every rank reads the same clean batches: identical results
+            self.method.prepare(self._source_data(trainer))
+
+    def _classes_from_logits(self, model: nn.Module, x: Tensor) -> int:
+        """The number of classes read off the model's logits on ``x`` (eval mode, no gradients)."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = select_output(model(x), self.method_kwargs.get("output_key"), "TestTimeAdaptation (output_key)")
+        model.train(was_training)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(
+                f"TestTimeAdaptation: expected logits of shape (N, C >= 2), got {tuple(logits.shape)}; "
+                "pass num_classes or output_key"
+            )
+        return int(logits.shape[1])
 
     def _start_distributed(self, trainer: L.Trainer, stage: str) -> None:
         """Lightning does not wrap the model in DDP outside fit: the method sums its gradients and
@@ -131,18 +159,18 @@ class TestTimeAdaptation(L.Callback):
                 "result differs from one process on the global batch (GroupNorm/LayerNorm models are exact)"
             )
 
-    def _set_fishers(self, trainer: L.Trainer) -> None:
-        """EATA's Fisher information on the first ``fisher_batches`` batches of the clean validation data."""
+    def _source_data(self, trainer: L.Trainer) -> list[Tensor]:
+        """The inputs of the first ``source_batches`` batches of the datamodule's clean validation data."""
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_dataloader"):
-            raise ValueError("fisher_batches needs a datamodule with a val_dataloader of clean samples")
+            raise ValueError("source_batches needs a datamodule with a val_dataloader of clean samples")
         device = trainer.strategy.root_device
         batches = []
         for batch in datamodule.val_dataloader():
-            if len(batches) == self.fisher_batches:
+            if len(batches) == self.source_batches:
                 break
             batches.append(self._select(batch, self.input_key).to(device))
-        self.method.set_fishers(batches)
+        return batches
 
     def _select(self, batch: Any, key: OutputKey) -> Tensor | None:
         if isinstance(batch, Tensor):
@@ -152,15 +180,18 @@ class TestTimeAdaptation(L.Callback):
         except (KeyError, TypeError):
             return None
 
-    def _adapt(self, trainer: L.Trainer, batch: Any, dataloader_idx: int) -> None:
+    def _adapt(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        x = self._select(batch, self.input_key)
+        if x is None:
+            raise KeyError(f"TestTimeAdaptation: no input at input_key={self.input_key!r} in the batch")
+        if self.method is None:
+            model = find_submodule(pl_module, self.module)
+            self._build(trainer, model, self._classes_from_logits(model, x))
         method = self.method
         if self.reset == "episodic" or (self.reset == "per_dataloader" and dataloader_idx != self._dataloader_idx):
             if self.batches:
                 method.reset()
         self._dataloader_idx = dataloader_idx
-        x = self._select(batch, self.input_key)
-        if x is None:
-            raise KeyError(f"TestTimeAdaptation: no input at input_key={self.input_key!r} in the batch")
         self.batches += 1
         bad = method.all_sum((~torch.isfinite(x)).any().float().reshape(1))  # skip on every rank together
         if bad.item():
@@ -205,9 +236,9 @@ class TestTimeAdaptation(L.Callback):
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._adapt(trainer, batch, dataloader_idx)
+        self._adapt(trainer, pl_module, batch, dataloader_idx)
 
     def on_predict_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._adapt(trainer, batch, dataloader_idx)
+        self._adapt(trainer, pl_module, batch, dataloader_idx)
