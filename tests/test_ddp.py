@@ -86,6 +86,7 @@ def test_ddp_equals_one_process_on_the_global_batch(tmp_path, strategy):
         devices=WORLD,
         strategy=strategy,
         max_epochs=2,
+        enable_progress_bar=True,  # the default: rank 0's bar reduces epoch metrics that rank 1 reduces later
         use_distributed_sampler=False,
         logger=RecordingLogger(),
         callbacks=[*callbacks(), ExpectSingleProcess(logged, coef)],
@@ -123,3 +124,26 @@ def test_ddp_spawn_keeps_entreg_state_per_process(tmp_path):
     result = spawned.test(net, loaders(world=WORLD)[1], verbose=False)[0]
     assert {k: v for k, v in result.items() if "pred_entropy" not in k} == pytest.approx(reference, rel=1e-5)
     assert result["test/pred_entropy_mean"] == pytest.approx(reference["test/entropy_mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("progress_bar", ["rich", "tqdm"])
+def test_entreg_train_ddp_sim_with_the_default_callbacks_and_progress_bar(tmp_path, progress_bar):
+    """The CLI as a user first runs it on 2 processes: default callbacks (RichProgressBar), the
+    EntropyMonitor, TensorBoard. Every epoch end of ClassificationModule and EntropyMonitor holds
+    collectives; they must meet the same collectives on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    entry = Path(sys.executable).parent / "entreg-train"
+    args = [str(entry), "trainer=ddp_sim", "callbacks=entropy", "trainer.max_epochs=2", "data.size=8"]
+    args += ["+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+    if progress_bar == "tqdm":
+        args += ["callbacks.progress_bar=null"]  # Lightning's default TQDM bar
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENTREG_LOG_DIR": str(tmp_path / "logs")}
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stdout + result.stderr and "mean entropy" in result.stdout
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from entreg.callbacks.entropy_stats import EntropyStats
 from entreg.callbacks.output_capture import OutputCapture, OutputKey
-from entreg.distributed import all_gather_uneven
+from entreg.distributed import all_gather_uneven, settle_logged_metrics
 from entreg.entropy import categorical_entropy, entropy_from_probs, spectral_entropy
 from entreg.loggers import has_tensorboard, log_histogram, log_metrics, logging_step, should_log_step
 
@@ -207,6 +207,7 @@ class EntropyMonitor(L.Callback):
     def _log_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage not in self.stages or trainer.sanity_checking:
             return
+        settle_logged_metrics(trainer)  # the rank-0 progress bar's reductions come first on every rank
         strategy = trainer.strategy
         stats = self._stats[stage].reduced(strategy)
         values = self._stats[stage].values()  # for the histogram
@@ -227,7 +228,8 @@ class EntropyMonitor(L.Callback):
         if stage == "predict":  # self.log is not available in predict hooks
             log_metrics(trainer, metrics)
         else:
-            pl_module.log_dict(metrics)  # already reduced over ranks: plain floats, no second sync
+            # already reduced over ranks: sync_dist averages identical values and keeps Lightning from warning
+            pl_module.log_dict(metrics, sync_dist=True)
 
     def _representation_entropy(self, strategy: Any, stage: str) -> dict[str, float]:
         gram = self._grams.pop(stage, None)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from entreg.distributed import all_gather_uneven
+from entreg.distributed import all_gather_uneven, settle_logged_metrics
 from entreg.entropy import categorical_entropy
 from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
@@ -168,6 +168,7 @@ class ClassificationModule(SkipNonFiniteSteps):
         return self(x)
 
     def _log_stage(self, stage: str, metrics: ClassificationMetrics | None = None, suffix: str = "") -> None:
+        settle_logged_metrics(self.trainer)  # the rank-0 progress bar's reductions come first on every rank
         metrics = metrics or self.stage_metrics(stage)
         seen = metrics.entropy.count.clone()
         if self.trainer.world_size > 1:
