@@ -38,13 +38,15 @@ class RecordingLogger(Logger):
 
 
 def make_trainer(tmp_path, **kwargs: Any) -> L.Trainer:
+    """A small CPU trainer; multi-process runs keep Lightning's default progress bar on, as a user's do
+    (it reduces epoch metrics on rank 0 only, which once hid a collective mismatch)."""
     options = {
         "accelerator": "cpu",
         "devices": 1,
         "max_epochs": 1,
         "logger": False,
         "log_every_n_steps": 1,
-        "enable_progress_bar": False,
+        "enable_progress_bar": kwargs.get("devices", 1) != 1,
         "enable_model_summary": False,
         "enable_checkpointing": False,
         "num_sanity_val_steps": 0,
