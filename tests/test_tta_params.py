@@ -87,6 +87,19 @@ def test_sar_and_deyo_on_timm_convnext_atto_adapt_17_norm_layers_as_the_referenc
     assert len(modules) == 17
 
 
+# norm layers the references' collect_params adapts in timm 1.0.31 models (same commits as above)
+REFERENCE_COUNTS = {"resnet18": 15, "vit_tiny_patch16_224": 18, "efficientnet_b0": 49, "mobilenetv3_small_100": 34,
+                    "regnety_002": 44, "swin_tiny_patch4_window7_224": 28}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
+def test_sar_adapts_as_many_norm_layers_of_timm_models_as_the_references(name):
+    timm = pytest.importorskip("timm")
+    net = timm.create_model(name, pretrained=False, num_classes=10)
+    SAR(net, num_classes=10)
+    assert len({n.rsplit(".", 1)[0] for n in adapted(net)}) == REFERENCE_COUNTS[name]
+
+
 def test_exclusions_are_constructor_arguments():
     net = LayerNormNamedNet()
     SAR(net, num_classes=10, exclude=["layer2"], exclude_names=["head.norm"])
