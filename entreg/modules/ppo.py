@@ -221,7 +221,7 @@ class PPOModule(L.LightningModule):
         return DataLoader(_Rollouts(self.hparams.rollouts_per_epoch), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=3e-4, eps=1e-5))
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=3e-4, eps=1e-5, foreach=True))
         return factory(self.policy.parameters())
 
     # ----------------------------------------------------------------------------------------------- training

@@ -277,13 +277,11 @@ class RolloutCollector:
         self.episode_length[:] = 0
         self.discounted_return[:] = 0.0
 
-    def normalize(self, obs: np.ndarray | Tensor, rms: RunningMeanStd | None = None) -> Tensor:
+    def normalize(self, obs: np.ndarray, rms: RunningMeanStd | None = None) -> Tensor:
         """Float32 observations normalised by ``rms`` (default ``obs_rms``); non-finite entries become 0."""
-        x = torch.as_tensor(obs, dtype=torch.float32)
         rms = self.obs_rms if rms is None else rms
-        if rms is not None:
-            x = rms.normalize(x)
-        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        x = rms.normalize(obs) if rms is not None else obs
+        return torch.from_numpy(np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).float()
 
     @torch.no_grad()
     def collect(self, policy: GaussianActorCritic, n_steps: int, generator: torch.Generator) -> Rollout:
@@ -308,7 +306,7 @@ class RolloutCollector:
             obs_ok = np.isfinite(self.obs).all(axis=tuple(range(1, self.obs.ndim)))
             if obs_rms is not None and obs_ok.any():
                 counted_obs.append(self.obs[obs_ok])
-                obs_rms.update(torch.from_numpy(self.obs[obs_ok]))
+                obs_rms.update(self.obs[obs_ok])
             x = self.normalize(self.obs, obs_rms)
             obs_buf[t] = x
             mean, log_std = policy.policy(x.to(device))
@@ -333,8 +331,8 @@ class RolloutCollector:
             self.discounted_return = np.where(real, self.discounted_return * self.gamma + finite_reward, 0.0)
             if return_rms is not None and real.any():
                 counted_returns.append(self.discounted_return[real])
-                return_rms.update(torch.from_numpy(self.discounted_return[real]))
-                finite_reward = return_rms.scale(torch.from_numpy(finite_reward)).numpy()
+                return_rms.update(self.discounted_return[real])
+                finite_reward = return_rms.scale(finite_reward)
             rewards[t] = finite_reward
             for i in np.flatnonzero(done & real):
                 episode_returns.append(float(self.episode_return[i]))
