@@ -1,18 +1,31 @@
 """Hydra entry points. Configs live in the top-level ``configs/`` folder, installed as the
 ``entreg.configs`` package so that they are found from any install.
 
+Every command checks its checkpoint paths (existence, kind: :mod:`entreg.checkpoint_kind`) and its numeric options
+before building anything heavy, prints a results table and where its logs and checkpoints are, and writes
+``metrics.json`` into its run directory, from which :class:`MultirunSummary` summarises a multirun.
+
 Heavy imports (lightning, torch models) happen inside the functions so that ``--help`` is fast.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import statistics
 import sys
 import tempfile
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    import lightning as L
 
 CONFIG_PATH = "pkg://entreg.configs"
 REPORTED_TEST_METRICS = {
@@ -21,6 +34,8 @@ REPORTED_TEST_METRICS = {
     "test/ece": "ECE",
     "test/entropy_mean": "mean entropy (nats)",
 }
+METRICS_FILE = "metrics.json"
+_DATALOADER_KEY = re.compile(r"(.+)/dataloader_idx_(\d+)")
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -32,108 +47,269 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(node, _convert_="all") for node in cfg.values() if node is not None and "_target_" in node]
 
 
-def print_results(metrics: dict[str, float], title: str, extra: dict[str, str]) -> None:
-    """Print the reported metrics as a table, then ``extra`` lines (paths) in full."""
+# ---- checks before anything heavy is built ---------------------------------------------------------------------
+
+
+def existing_file(value: Any, key: str) -> Path:
+    """``value`` as the path of an existing file; FileNotFoundError naming ``key`` otherwise."""
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(f"{key}={value}: no such file{where}")
+    return path
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path`` to resume from: None, an existing file, or ``last``: the ``checkpoints/last.ckpt`` most
+    recently written by a run of ``cfg.task_name`` under ``cfg.paths.log_dir`` (printed)."""
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    if str(value) != "last":
+        return str(existing_file(value, "ckpt_path"))
+    runs = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
+    found = [path for path in runs.glob("*/checkpoints/last.ckpt") if path.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no run of {cfg.task_name} has a last checkpoint (looked for "
+            f"{runs / '*' / 'checkpoints' / 'last.ckpt'}); "
+            "pass the checkpoint's path as ckpt_path=<path>"
+        )
+    path = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    say(f"ckpt_path=last: resuming from {path}")
+    return str(path)
+
+
+def require_positive_ints(cfg: DictConfig, *keys: str) -> None:
+    """ValueError naming the key unless every ``cfg[key]`` is an integer >= 1."""
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------------
+
+
+def make_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """The ``cfg.trainer`` Trainer. SyncBatchNorm runs on CUDA GPUs only: a config that asks for it
+    (``trainer=ddp``) where the accelerator is or resolves to the CPU runs on the CPU without it, with a warning."""
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    accelerator = options.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if options.get("sync_batchnorm") and on_cpu:
+        rank_zero_warn(
+            "trainer.sync_batchnorm=true needs CUDA GPUs (SyncBatchNorm does not run on the CPU) and this run is on "
+            "the CPU: running with trainer.accelerator=cpu trainer.sync_batchnorm=false (set both to silence this)"
+        )
+        options |= {"accelerator": "cpu", "sync_batchnorm": False}
+    return instantiate(options, callbacks=callbacks, logger=loggers or False, _convert_="all")
+
+
+def logger_dirs(loggers: Sequence[Any]) -> dict[str, str]:
+    """``{"TensorBoard logs": <dir>, ...}`` for the loggers that write to a directory."""
+    named = {
+        f"{type(logger).__name__.removesuffix('Logger')} logs": getattr(logger, "log_dir", None) for logger in loggers
+    }
+    return {label: str(Path(path)) for label, path in named.items() if path}
+
+
+def run_paths(cfg: DictConfig, trainer: L.Trainer) -> dict[str, str]:
+    """Where a run wrote: its directory, each logger's directory and the checkpoint callback's checkpoints."""
+    paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(trainer.loggers)}
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        paths["checkpoints"] = "none (no ModelCheckpoint callback)"
+        return paths
+    paths["best checkpoint"] = callback.best_model_path or "none written"
+    if callback.save_last:
+        paths["last checkpoint"] = callback.last_model_path or "none written"
+    return paths
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------
+
+
+def _on_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def say(*lines: str) -> None:
+    """Print ``lines`` as they are (no markup, long paths unwrapped), on rank zero only."""
+    from rich.console import Console
+
+    if _on_rank_zero():
+        console = Console(highlight=False)
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False)
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], paths: Mapping[str, str]) -> None:
+    """Print a table (floats to 4 decimals, None as "-") titled ``title``, then ``paths`` as ``label: path`` lines,
+    on rank zero only."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, label in REPORTED_TEST_METRICS.items():
-        if key in metrics:
-            table.add_row(label, f"{metrics[key]:.4f}")
-    console = Console()
-    console.print(table)
-    for label, value in extra.items():
-        console.print(f"{label}: {value}", soft_wrap=True)
+    if not _on_rank_zero():
+        return
+    table = Table(title=Text(title))
+    for i, column in enumerate(header):
+        table.add_column(Text(column), justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(Text("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row))
+    Console().print(table)
+    say(*(f"{label}: {path}" for label, path in paths.items()))
+
+
+def write_metrics(output_dir: Any, metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics`` to ``output_dir/metrics.json`` (read by :class:`MultirunSummary`)."""
+    path = Path(str(output_dir)) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(metrics), indent=2) + "\n")
+    return path
+
+
+def by_dataloader(metrics: Mapping[str, Any]) -> list[dict[str, float]]:
+    """The metrics of each test dataloader under plain names (``test/acc/dataloader_idx_1`` -> ``test/acc`` of the
+    second), or ``[metrics]`` when none carries a dataloader suffix."""
+    split: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if match := _DATALOADER_KEY.fullmatch(key):
+            split.setdefault(int(match[2]), {})[match[1]] = float(value)
+    if not split:
+        return [{key: float(value) for key, value in metrics.items()}]
+    return [split.get(i, {}) for i in range(max(split) + 1)]
+
+
+def dataloader_names(datamodule: Any, count: int) -> list[str]:
+    """Names of ``count`` test dataloaders: the datamodule's ``shifts`` (``mixed`` for a mixed stream) where it has
+    one per dataloader, else ``dataloader i`` (``value`` for a single one)."""
+    shifts = ["mixed"] if getattr(datamodule, "mixed", False) else list(getattr(datamodule, "shifts", None) or [])
+    if len(shifts) == count:
+        return shifts
+    return ["value"] if count == 1 else [f"dataloader {i}" for i in range(count)]
+
+
+# ---- entreg-train ----------------------------------------------------------------------------------------------
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit ``cfg.model`` on ``cfg.data``, test the best checkpoint, print and return test metrics."""
+    """Fit ``cfg.model`` on ``cfg.data`` (resuming from ``cfg.ckpt_path``: a file or ``last``), test the best
+    checkpoint unless ``cfg.test`` is false, and return the metrics: the test metrics (with several test dataloaders,
+    ``test/acc/<shift>`` per dataloader), else every logged metric. Prints them, one column per test dataloader, and
+    where the logs and checkpoints are; writes them to ``metrics.json``."""
     import lightning as L
     from hydra.utils import instantiate
 
+    ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    if not cfg.get("test", True):
-        return {k: float(v) for k, v in trainer.callback_metrics.items()}
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    trainer = make_trainer(cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger")))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    paths = run_paths(cfg, trainer)  # before test() restores the best checkpoint's callback states
+    if cfg.get("test", True):
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+        loaders = by_dataloader({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        names = dataloader_names(datamodule, len(loaders))
+        metrics = loaders[0]
+        if len(loaders) > 1:  # test/acc/<shift>
+            metrics = {f"{k}/{name}": v for name, d in zip(names, loaders, strict=True) for k, v in d.items()}
+        title, header = f"entreg {cfg.task_name}: test results", ["metric", *names]
+        rows = [[label, *(d.get(key) for d in loaders)] for key, label in REPORTED_TEST_METRICS.items()]
+    else:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        title, header = f"entreg {cfg.task_name}: final metrics", ["metric", "value"]
+        rows = [[name, value] for name, value in sorted(metrics.items())]
     if trainer.is_global_zero:
-        extra = {"checkpoint": best or "(none)"}
-        if trainer.logger is not None and trainer.logger.log_dir:
-            extra["logs"] = str(trainer.logger.log_dir)
-        print_results(metrics, f"entreg {cfg.task_name}: test results", extra)
+        paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+        print_table(title, header, [row for row in rows if any(v is not None for v in row[1:])], paths)
     return metrics
 
 
+# ---- entreg-adapt ----------------------------------------------------------------------------------------------
+
+
 def adapt(cfg: DictConfig) -> dict[str, float]:
-    """Load ``cfg.ckpt_path`` and adapt it on ``cfg.stream`` with ``cfg.method``; print and return, per
-    shift, the source accuracy, the online accuracy during adaptation and the adapted test accuracy."""
+    """Load the classifier checkpoint ``cfg.ckpt_path`` and adapt it on ``cfg.stream`` with ``cfg.method``. Per shift:
+    the source accuracy, the online accuracy during adaptation and the adapted test accuracy, logged to the loggers as
+    ``adapt/<shift>/{source,online,adapted}_acc``, printed with the run's paths and returned as ``<shift>/<name>``."""
     import lightning as L
     from hydra.utils import get_class, instantiate
+    from lightning.pytorch.callbacks import LambdaCallback
 
+    from entreg.checkpoint_kind import require_kind
+    from entreg.loggers import log_metrics
+
+    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
+    require_kind(ckpt_path, ["classifier"], "entreg-adapt ckpt_path", allow_other=True)
     L.seed_everything(cfg.seed, workers=True)
     model_class = get_class(cfg.model_class)
     datamodule = instantiate(cfg.stream, _convert_="all")
 
-    def load() -> L.LightningModule:
-        return model_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    def test(callbacks: list, loggers: list) -> L.Trainer:
+        trainer = make_trainer(cfg, callbacks, loggers)
+        model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        return trainer
 
-    def test(callbacks: list, loggers: list) -> list[dict[str, float]]:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-        return trainer.test(load(), datamodule=datamodule, verbose=False)
-
-    source = test([], []) if cfg.compare_source else None
+    source = by_dataloader(test([], []).callback_metrics) if cfg.compare_source else None
     tta = instantiate(cfg.method, _convert_="all")
-    adapted = test([tta], instantiate_group(cfg.get("logger")))
-    online = tta.online_error()
-    rows, metrics = [], {}
-    for idx, shift in enumerate(datamodule.shifts if not datamodule.mixed else ["mixed"]):
-        key = f"test/acc/dataloader_idx_{idx}" if len(adapted) > 1 else "test/acc"
-        row = {"source": source[idx].get(key) if source else None, "online": 1 - online.get(idx, float("nan"))}
-        row["adapted"] = adapted[idx].get(key)
-        rows.append((shift, row))
-        metrics |= {f"{shift}/{name}": value for name, value in row.items() if value is not None}
-    _print_adaptation(rows, f"entreg-adapt {cfg.method.method} on {cfg.ckpt_path}")
+    rows: dict[str, dict[str, float | None]] = {}
+
+    def report(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        adapted, online = by_dataloader(trainer.callback_metrics), tta.online_error()
+        for idx, shift in enumerate(dataloader_names(datamodule, len(adapted))):
+            rows[shift] = {
+                "source": source[idx].get("test/acc") if source else None,
+                "online": 1 - online[idx] if idx in online else None,
+                "adapted": adapted[idx].get("test/acc"),
+            }
+        values = {f"adapt/{s}/{k}_acc": v for s, row in rows.items() for k, v in row.items() if v is not None}
+        log_metrics(trainer, values, step=0)
+
+    trainer = test([tta, LambdaCallback(on_test_end=report)], instantiate_group(cfg.get("logger")))
+    metrics = {f"{shift}/{k}": v for shift, row in rows.items() for k, v in row.items() if v is not None}
+    paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(trainer.loggers)}
+    paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+    paths["checkpoint"] = f"{ckpt_path} (the source model; the adapted weights are not saved)"
+    header = ["shift", "source acc", "online acc (pre-update)", "adapted acc"]
+    table = [[shift, row["source"], row["online"], row["adapted"]] for shift, row in rows.items()]
+    print_table(f"entreg-adapt {cfg.method.method} on {ckpt_path}", header, table, paths)
     return metrics
 
 
-def _print_adaptation(rows: list[tuple[str, dict[str, float | None]]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("shift", "source acc", "online acc (pre-update)", "adapted acc"):
-        table.add_column(column, justify="left" if column == "shift" else "right")
-    for shift, row in rows:
-        cells = [f"{row[k]:.4f}" if row[k] is not None else "-" for k in ("source", "online", "adapted")]
-        table.add_row(shift, *cells)
-    Console().print(table)
+# ---- entreg-sample ---------------------------------------------------------------------------------------------
 
 
 def sample(cfg: DictConfig) -> dict[str, float]:
     """Load the DiffusionModule checkpoint ``cfg.ckpt_path``, draw ``cfg.n`` samples with ``cfg.sampler`` in
-    ``cfg.num_inference_steps`` steps, write ``samples.png`` and ``metrics.json`` to ``cfg.paths.output_dir``,
-    print and return the metrics (against ``cfg.data``'s validation split when a data config is given)."""
-    import json
+    ``cfg.num_inference_steps`` steps; write ``samples.png`` and ``metrics.json`` to ``cfg.paths.output_dir`` and
+    the image and metrics (``sample/*``) to ``cfg.logger`` (TensorBoard there by default); print and return the
+    metrics (against ``cfg.data``'s validation split when a data config is given)."""
     import time
-    from pathlib import Path
 
     import lightning as L
     import torch
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torchvision.utils import save_image
 
+    from entreg.checkpoint_kind import require_kind
     from entreg.modules.diffusion import DiffusionModule
 
+    require_positive_ints(cfg, "n", "num_inference_steps", "nrow")
+    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
+    require_kind(ckpt_path, ["diffusion"], "entreg-sample ckpt_path")
     L.seed_everything(cfg.seed)
     datamodule = instantiate(cfg.data, _convert_="all") if cfg.get("data") else None
     reference = instantiate(cfg.reference_mixture) if cfg.get("reference_mixture") else None
@@ -141,7 +317,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         reference = getattr(datamodule, "mixture", None)
     extractor = instantiate(cfg.feature_extractor) if cfg.get("feature_extractor") else None
     model = DiffusionModule.load_checkpoint(
-        cfg.ckpt_path, map_location=cfg.device, feature_extractor=extractor, reference_mixture=reference
+        ckpt_path, map_location=cfg.device, feature_extractor=extractor, reference_mixture=reference
     )
     model = model.to(cfg.device).eval()
     scheduler = model.make_scheduler(cfg.sampler.scheduler, **cfg.sampler.options)
@@ -155,19 +331,31 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         datamodule.setup("validate")
         real = torch.stack([datamodule.val_set[i][0] for i in range(min(cfg.n, len(datamodule.val_set)))])
         metrics |= model.sample_metrics(samples, real)
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = Path(str(cfg.paths.output_dir))
+    grid = _sample_grid(model.to_image(samples) if samples.ndim == 4 else samples, cfg.nrow)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _save_samples(model.to_image(samples) if samples.ndim == 4 else samples, output_dir / "samples.png", cfg.nrow)
-    record = {"ckpt_path": str(cfg.ckpt_path), "sampler": cfg.sampler.scheduler, **metrics}
-    (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    _print_sample_metrics(metrics, f"entreg-sample {cfg.sampler.scheduler} on {cfg.ckpt_path}", output_dir)
+    save_image(grid, output_dir / "samples.png")
+    paths = {"samples": str(output_dir / "samples.png")}
+    paths["metrics"] = str(
+        write_metrics(output_dir, {"ckpt_path": str(ckpt_path), "sampler": cfg.sampler.scheduler, **metrics})
+    )
+    for logger in instantiate_group(cfg.get("logger")):
+        logger.log_metrics({f"sample/{name}": float(value) for name, value in metrics.items()}, step=0)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image("sample/samples", grid, 0)
+        logger.finalize("success")
+        paths |= logger_dirs([logger])
+    paths["checkpoint"] = str(ckpt_path)
+    title = f"entreg-sample {cfg.sampler.scheduler} on {ckpt_path}"
+    print_table(title, ["metric", "value"], list(metrics.items()), paths)
     return metrics
 
 
-def _save_samples(samples: Any, path: Any, nrow: int) -> None:
-    """An image grid of images in [0, 1], or a 256x256 histogram of the first two coordinates of vectors."""
+def _sample_grid(samples: Any, nrow: int) -> Any:
+    """A (3, H, W) image: a grid of images in [0, 1], or a 256x256 histogram of the first two coordinates of
+    vectors."""
     import torch
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid
 
     if samples.ndim == 2:
         points = samples[torch.isfinite(samples).all(1)][:, :2].double()
@@ -178,62 +366,99 @@ def _save_samples(samples: Any, path: Any, nrow: int) -> None:
         ]
         counts = torch.histogramdd(points, bins=edges).hist.T.flip(0)  # y up
         samples = (counts / counts.max().clamp(min=1)).sqrt()[None, None].float()
-    save_image(samples, path, nrow=nrow)
+    return make_grid(samples, nrow=nrow)
 
 
-def _print_sample_metrics(metrics: dict[str, float], title: str, output_dir: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console = Console()
-    console.print(table)
-    console.print(f"samples: {output_dir / 'samples.png'}", soft_wrap=True)
-    console.print(f"metrics: {output_dir / 'metrics.json'}", soft_wrap=True)
+# ---- entreg-finetune -------------------------------------------------------------------------------------------
 
 
 def finetune(cfg: DictConfig) -> dict[str, float]:
     """GRPO fine-tuning of the FlowMatchingModule checkpoint ``cfg.base_checkpoint`` with ``cfg.reward`` and the
-    ``cfg.grpo`` variant; prints and returns the final evaluation (reward, path-KL, ``cfg.eval_metrics``)."""
+    ``cfg.grpo`` variant (resuming from ``cfg.ckpt_path``: a GRPO checkpoint or ``last``); prints the base and the
+    fine-tuned evaluation (reward, path-KL, ``cfg.eval_metrics``) and where the logs and checkpoints are, writes
+    ``metrics.json`` and returns the final evaluation as ``eval/*``."""
     import lightning as L
     from hydra.utils import instantiate
 
+    from entreg.checkpoint_kind import require_kind
     from entreg.modules.grpo import GRPOModule
 
+    base_checkpoint = existing_file(cfg.base_checkpoint, "base_checkpoint")
+    require_kind(base_checkpoint, ["flow"], "entreg-finetune base_checkpoint")
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        require_kind(ckpt_path, ["grpo"], "entreg-finetune ckpt_path")
     L.seed_everything(cfg.seed, workers=True)
     reward = instantiate(cfg.reward, _convert_="all")
     eval_metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else None
     options = instantiate(cfg.grpo, _convert_="all")
     model = GRPOModule.from_flow_checkpoint(
-        cfg.base_checkpoint, reward, eval_metrics=eval_metrics, seed=cfg.seed, **options
+        base_checkpoint, reward, eval_metrics=eval_metrics, seed=cfg.seed, **options
     )
     before = model.evaluate()
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
-    trainer.fit(model, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer = make_trainer(cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger")))
+    trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
     after = model.to(trainer.strategy.root_device).evaluate()
+    metrics = {f"eval/{k}": v for k, v in after.items()}
     if trainer.is_global_zero:
-        _print_finetune(before, after, model.cost, f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned")
-    return {f"eval/{k}": v for k, v in after.items()}
+        paths = run_paths(cfg, trainer)
+        paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+        rows = [[name, before.get(name), value] for name, value in after.items()]
+        rows += [[name, None, value] for name, value in model.cost.items()]
+        title = f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned"
+        print_table(title, ["metric", "base", "fine-tuned"], rows, paths)
+    return metrics
 
 
-def _print_finetune(before: dict[str, float], after: dict[str, float], cost: dict[str, int], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# ---- multirun summary ------------------------------------------------------------------------------------------
 
-    table = Table(title=title)
-    for column in ("metric", "base", "fine-tuned"):
-        table.add_column(column, justify="left" if column == "metric" else "right")
-    for name, value in after.items():
-        table.add_row(name, f"{before.get(name, float('nan')):.4f}", f"{value:.4f}")
-    for name, value in cost.items():
-        table.add_row(name, "", str(value))
-    Console().print(table)
+
+def multirun_summary(sweep_dir: str | Path) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The numeric metrics every job of a multirun under ``sweep_dir`` wrote to ``<job>/metrics.json``: job labels
+    (the overrides that differ between jobs, else the job directory's name) and, per metric, each job's value."""
+    jobs = sorted(
+        (path.parent for path in Path(sweep_dir).glob(f"*/{METRICS_FILE}")),
+        key=lambda job: (not job.name.isdigit(), int(job.name) if job.name.isdigit() else 0, job.name),
+    )
+    overrides = []
+    for job in jobs:
+        file = job / ".hydra" / "overrides.yaml"
+        overrides.append(list(OmegaConf.load(file)) if file.is_file() else [])
+    shared = set.intersection(*map(set, overrides)) if overrides else set()
+    labels = [
+        " ".join(o for o in job_overrides if o not in shared) or job.name
+        for job, job_overrides in zip(jobs, overrides, strict=True)
+    ]
+    records = [json.loads((job / METRICS_FILE).read_text()) for job in jobs]
+    names = list(dict.fromkeys(k for record in records for k, v in record.items() if _is_number(v)))
+    return labels, {name: [float(r[name]) if _is_number(r.get(name)) else None for r in records] for name in names}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MultirunSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``configs/hydra/default.yaml``): at the end of a multirun, e.g.
+    ``entreg-train -m seed=1,2,3``, print every metric across the jobs, mean ± std and each job's value, read from
+    the ``metrics.json`` each job wrote."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        labels, metrics = multirun_summary(sweep_dir)
+        if not metrics:
+            say(f"multirun: no job wrote {METRICS_FILE} under {sweep_dir}")
+            return
+        rows = []
+        for name, values in metrics.items():
+            present = [v for v in values if v is not None]
+            spread = f" ± {statistics.stdev(present):.4f}" if len(present) > 1 else ""
+            rows.append([name, f"{statistics.fmean(present):.4f}{spread}", *values])
+        title = f"multirun summary: {len(labels)} jobs"
+        print_table(title, ["metric", "mean ± std", *labels], rows, {"multirun directory": str(sweep_dir)})
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
 
 
 def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:

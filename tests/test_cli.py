@@ -3,6 +3,7 @@ and a non-editable install that still finds its configs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ TINY = [
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env}
     result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -51,17 +52,33 @@ def test_help_lists_the_config_groups(tmp_path):
         assert f"{group}:" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["entreg-adapt", "entreg-sample"])
-def test_every_entry_point_names_itself_in_help(tmp_path, command):
-    result = run([str(ENTRY.with_name(command)), "--help"], cwd=tmp_path)
+@pytest.mark.parametrize("command", ["entreg-adapt", "entreg-sample", "entreg-finetune"])
+@pytest.mark.parametrize("python_m", [False, True], ids=["script", "python-m"])
+def test_every_entry_point_names_itself_in_help(tmp_path, command, python_m):
+    """Each entry point, as an installed script or as ``python -m entreg.<command>``."""
+    name = command.removeprefix("entreg-")
+    args = [sys.executable, "-m", f"entreg.{name}"] if python_m else [str(ENTRY.with_name(command))]
+    result = run([*args, "--help"], cwd=tmp_path)
     assert result.stdout.startswith(f"{command} is powered by Hydra")
 
 
-def test_multirun_over_seeds(tmp_path):
-    run([str(ENTRY), "-m", "seed=1,2", *TINY, "logger=none"], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+def test_multirun_over_seeds_prints_a_summary(tmp_path):
+    """Each job writes metrics.json; the multirun ends with mean ± std and every job's value of each metric."""
+    import statistics
+
+    args = [str(ENTRY), "-m", "seed=1,2", *TINY, "logger=none"]
+    out = run(args, cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs")).stdout
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    summary = out[out.index("multirun summary: 2 jobs") :]
+    assert printed_row(summary, "metric") == ["metric", "mean ± std", "seed=1", "seed=2"]
+    jobs = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")]
+    for name in ("test/acc", "test/nll"):
+        values = [job[name] for job in jobs]
+        spread = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        assert printed_row(summary, name) == [name, spread, *(f"{v:.4f}" for v in values)]
+    assert f"multirun directory: {sweep}" in summary
 
 
 def test_ddp_sim_trains_with_two_processes(tmp_path):
@@ -153,19 +170,34 @@ def test_entreg_adapt_prints_the_comparison(tmp_path):
     for text in ("gaussian_noise", "contrast", "gaussian_blur", "online acc (pre-update)", "adapted acc"):
         assert text in result.stdout
     (run_dir,) = (tmp_path / "logs" / "adapt" / "runs").iterdir()
-    assert list(run_dir.rglob("events.out.tfevents.*"))  # tta/entropy, tta/selected, tta/online_error ...
+    for line in (f"run directory: {run_dir}", f"TensorBoard logs: {run_dir / 'tensorboard'}", "checkpoint: "):
+        assert line in result.stdout
+    # each shift by name: source, online and adapted accuracy, the values metrics.json and the table hold
+    logged, written = scalars(run_dir / "tensorboard"), json.loads((run_dir / "metrics.json").read_text())
+    assert "tta/online_error" in logged
+    for shift in ("gaussian_noise", "contrast", "gaussian_blur"):
+        row = printed_row(result.stdout, shift)
+        for column, name in enumerate(("source", "online", "adapted"), start=1):
+            value = logged[f"adapt/{shift}/{name}_acc"]
+            assert value == [pytest.approx(written[f"{shift}/{name}"])] and row[column] == f"{value[0]:.4f}"
 
 
 def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
-    """entreg-train an unconditional ring flow for one short epoch, then entreg-finetune it with E-GRPO: the
-    table compares base and fine-tuned, and the run writes TensorBoard events (with the sample histogram) and
-    a checkpoint."""
+    """entreg-train an unconditional ring flow for one short epoch (a `test: false` experiment), then
+    entreg-finetune it with E-GRPO: the table compares base and fine-tuned, and the run writes TensorBoard events
+    (with the sample histogram) and a checkpoint. Both commands print where their logs and checkpoints are."""
+    from entreg.checkpoint_kind import checkpoint_kind
+
     logs = tmp_path / "logs"
     quiet = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
     flow = ["experiment=ring2d_flow", "model.num_classes=null", "trainer.max_epochs=1", "data.n_train=512",
             "data.n_val=64", "callbacks.progress_bar=null", *quiet]  # fmt: skip
-    run([sys.executable, "-m", "entreg.train", *flow], cwd=tmp_path, ENTREG_LOG_DIR=str(logs))
+    trained = run([sys.executable, "-m", "entreg.train", *flow], cwd=tmp_path, ENTREG_LOG_DIR=str(logs)).stdout
     (ckpt,) = (logs / "ring2d_flow" / "runs").glob("*/checkpoints/last.ckpt")
+    (best,) = ckpt.parent.glob("epoch_*.ckpt")
+    for line in (f"run directory: {ckpt.parents[1]}", f"TensorBoard logs: {ckpt.parents[1] / 'tensorboard'}",
+                 f"best checkpoint: {best}", f"last checkpoint: {ckpt}", "val/loss"):  # fmt: skip
+        assert line in trained
     grpo = ["grpo.steps=4", "grpo.active_steps=2", "grpo.group_size=4", "grpo.prompts=2",
             "grpo.iterations_per_epoch=3", "grpo.eval_every=3", "grpo.eval_samples=64", *quiet]  # fmt: skip
     result = run(
@@ -176,10 +208,232 @@ def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
     for label in ("reward", "path_kl", "in_target", "balance", "reward_calls"):
         assert label in result.stdout
     (run_dir,) = (logs / "finetune" / "runs").iterdir()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert checkpoint_kind(run_dir / "checkpoints" / "last.ckpt").name == "grpo"
+    for line in (f"TensorBoard logs: {run_dir / 'tensorboard'}", f"last checkpoint: {run_dir / 'checkpoints'}"):
+        assert line in result.stdout
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(str(events)).Reload().Tags()
     assert "eval/samples" in tags["images"] and "eval/reward" in tags["scalars"] and "cost/units" in tags["scalars"]
     assert {"train/reward", "train/balance", "train/clip_fraction", "eval/path_kl"} <= set(tags["scalars"])
+
+
+# ---- checkpoints: ckpt_path=last, missing paths, wrong kinds -------------------------------------------------------
+
+
+def compose(config: str, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        return hydra_compose(config, overrides=list(overrides))
+
+
+QUIET = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+SMALL_CNN = ["data.size=8", "model.backbone_kwargs.widths=[8,16]"]
+
+
+def train_overrides(logs: Path, run: str, *overrides: str) -> list[str]:
+    """A tiny entreg-train run named ``run`` under ``logs`` (its checkpoint callback on, no progress bar)."""
+    where = [f"paths.log_dir={logs}", f"paths.output_dir={logs / 'train' / 'runs' / run}"]
+    fast = ["+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.progress_bar=null"]
+    return [*where, *QUIET, *fast, "callbacks.model_summary=null", "logger=none", *SMALL_CNN, *overrides]
+
+
+def test_ckpt_path_last_resumes_the_most_recent_run(tmp_path, capsys):
+    import torch
+
+    from entreg.cli import train
+
+    logs = tmp_path / "logs"
+    train(compose("train", *train_overrides(logs, "first", "trainer.max_epochs=1", "+trainer.limit_train_batches=2")))
+    first = logs / "train" / "runs" / "first" / "checkpoints" / "last.ckpt"
+    older = logs / "train" / "runs" / "z_older" / "checkpoints" / "last.ckpt"  # sorts last by name, is older
+    older.parent.mkdir(parents=True)
+    shutil.copy(first, older)
+    os.utime(older, (first.stat().st_mtime - 60, first.stat().st_mtime - 60))
+    resumed = ["trainer.max_epochs=2", "+trainer.limit_train_batches=3", "ckpt_path=last", "test=false"]
+    train(compose("train", *train_overrides(logs, "second", *resumed)))
+    assert f"ckpt_path=last: resuming from {first}" in capsys.readouterr().out
+    second = torch.load(logs / "train" / "runs" / "second" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 2 + 3  # 2 steps of the first run's epoch, then 3 of the second epoch
+
+
+def test_missing_checkpoints_fail_before_anything_is_built(tmp_path):
+    from entreg.cli import finetune, train
+
+    logs = tmp_path / "logs"
+    cfg = compose("train", *train_overrides(logs, "run", "ckpt_path=last"))
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no run of train has a last checkpoint \(looked for "):
+        train(cfg)
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=missing\.ckpt: no such file"):
+        train(compose("train", *train_overrides(logs, "run", "ckpt_path=missing.ckpt")))
+    with pytest.raises(FileNotFoundError, match=r"base_checkpoint=missing\.ckpt: no such file"):
+        finetune(compose("finetune", "base_checkpoint=missing.ckpt", f"paths.output_dir={tmp_path}"))
+    assert not logs.exists()  # no run directory, logger or checkpoint was created
+
+
+@pytest.mark.parametrize(("key", "value"), [("n", 0), ("num_inference_steps", 0), ("num_inference_steps", -2)])
+def test_entreg_sample_rejects_counts_below_one_before_loading(key, value, tmp_path):
+    from entreg.cli import sample
+
+    cfg = compose("sample", "ckpt_path=not-loaded.ckpt", f"paths.output_dir={tmp_path}", f"{key}={value}")
+    with pytest.raises(ValueError, match=f"^{key} must be an integer >= 1, got {value}$"):
+        sample(cfg)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One-step checkpoints of each kind, from the real model configs: classifier, diffusion, flow, and a
+    LightningModule of none of entreg's kinds."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    models = {
+        "classifier": SMALL_CNN,
+        "diffusion": ["experiment=gmm2d_diffusion", "model.denoiser.hidden=8"],
+        "flow": ["experiment=ring2d_flow", "model.net.hidden=8"],
+        "other": [],
+    }
+    paths = {}
+    for kind, overrides in models.items():
+        cfg = compose("train", "callbacks=none", "logger=none", f"paths.output_dir={folder}", *overrides)
+        model = BoringModel() if kind == "other" else instantiate(cfg.model, _convert_="all")
+        data = None if kind == "other" else instantiate(cfg.data, _convert_="all")
+        trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+        trainer.fit(model, datamodule=data)
+        paths[kind] = folder / f"{kind}.ckpt"
+        trainer.save_checkpoint(paths[kind])
+    return paths
+
+
+def test_checkpoint_kind_names_each_module(checkpoints, tmp_path):
+    import torch
+
+    from entreg.checkpoint_kind import checkpoint_kind, require_kind
+
+    assert {kind: getattr(checkpoint_kind(path), "name", None) for kind, path in checkpoints.items()} == {
+        "classifier": "classifier",
+        "diffusion": "diffusion",
+        "flow": "flow",
+        "other": None,
+    }
+    require_kind(checkpoints["other"], ["classifier"], "entreg-adapt ckpt_path", allow_other=True)  # a user's module
+    with pytest.raises(ValueError, match="was written by none of ClassificationModule, DiffusionModule"):
+        require_kind(checkpoints["other"], ["diffusion"], "entreg-sample ckpt_path")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="is not a Lightning checkpoint"):
+        checkpoint_kind(tmp_path / "weights.pt")
+
+
+WRONG_KIND = [
+    ("sample", "classifier", "entreg-sample ckpt_path takes a diffusion .* is a classifier checkpoint "
+     r"\(ClassificationModule\): use it with entreg-adapt ckpt_path="),
+    ("sample", "flow", r"is a flow checkpoint \(FlowMatchingModule\): use it with entreg-finetune base_checkpoint="),
+    ("finetune", "classifier", "entreg-finetune base_checkpoint takes a flow .* is a classifier checkpoint"),
+    ("finetune", "diffusion", r"is a diffusion checkpoint \(DiffusionModule\): use it with entreg-sample ckpt_path="),
+    ("adapt", "diffusion", "entreg-adapt ckpt_path takes a classifier .* is a diffusion checkpoint"),
+    ("adapt", "flow", "entreg-adapt ckpt_path takes a classifier .* is a flow checkpoint"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "kind", "message"), WRONG_KIND)
+def test_a_wrong_kind_of_checkpoint_is_named_with_the_command_that_takes_it(command, kind, message, checkpoints):
+    import entreg.cli
+
+    key = "base_checkpoint" if command == "finetune" else "ckpt_path"
+    cfg = compose(command, f"{key}={checkpoints[kind]}", "paths.output_dir=unused")
+    with pytest.raises(ValueError, match=message):
+        getattr(entreg.cli, command)(cfg)
+
+
+# ---- what each command reports ---------------------------------------------------------------------------------
+
+
+def scalars(folder: Path) -> dict[str, list[float]]:
+    """Every scalar in the TensorBoard event files under ``folder``: tag -> values in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def printed_row(out: str, label: str) -> list[str]:
+    """The cells of the rich table row that starts with ``label``."""
+    (line,) = [line for line in out.splitlines() if line[2:].startswith(f"{label} ") and line[0] in "│┃"]
+    return [cell.strip() for cell in line.replace("┃", "│").strip("│").split("│")]
+
+
+def test_train_prints_one_column_per_test_dataloader_named_by_shift(tmp_path, capsys, monkeypatch):
+    """Several test dataloaders (one per shift): each column holds its own dataloader's numbers, as the module
+    logged them to TensorBoard (test/*/dataloader_idx_i), and the returned metrics are named by shift."""
+    from entreg.cli import train
+
+    monkeypatch.setenv("COLUMNS", "200")
+    shifts = ["data._target_=entreg.data.ShiftedDigitsDataModule", "+data.shifts=[gaussian_noise,contrast]"]
+    overrides = train_overrides(tmp_path, "run", "logger=tensorboard", "trainer.max_epochs=1", *shifts)
+    metrics = train(compose("train", *overrides, "+trainer.limit_train_batches=2"))
+    out = capsys.readouterr().out
+    assert printed_row(out, "metric") == ["metric", "gaussian_noise", "contrast"]
+    logged = scalars(tmp_path / "train" / "runs" / "run" / "tensorboard")
+    for label, key in [("accuracy", "test/acc"), ("NLL", "test/nll"), ("ECE", "test/ece")]:
+        columns = [f"{logged[f'{key}/dataloader_idx_{i}'][-1]:.4f}" for i in (0, 1)]
+        assert printed_row(out, label) == [label, *columns]
+        assert [f"{metrics[f'{key}/{shift}']:.4f}" for shift in ("gaussian_noise", "contrast")] == columns
+    assert printed_row(out, "NLL")[1] != printed_row(out, "NLL")[2]
+
+
+def test_trainer_ddp_on_the_cpu_runs_without_sync_batchnorm(tmp_path):
+    """trainer=ddp asks for SyncBatchNorm, which runs on CUDA only: on the CPU the trainer drops it, with a warning."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from entreg.cli import make_trainer
+
+    accelerators = ["cpu", *(["auto"] if not torch.cuda.is_available() else [])]
+    for accelerator in accelerators:
+        cfg = compose("train", "trainer=ddp", "trainer.devices=2", f"trainer.accelerator={accelerator}",
+                      f"paths.output_dir={tmp_path}")  # fmt: skip
+        with pytest.warns(UserWarning, match="running with trainer.accelerator=cpu trainer.sync_batchnorm=false"):
+            trainer: L.Trainer = make_trainer(cfg, [], [])
+        assert isinstance(trainer.accelerator, CPUAccelerator) and isinstance(trainer.strategy, DDPStrategy)
+        assert trainer.num_devices == 2 and trainer.strategy._layer_sync is None  # no SyncBatchNorm conversion
+
+
+def test_entreg_sample_writes_tensorboard_and_prints_where(checkpoints, tmp_path, capsys):
+    """The sample histogram as an image and every metric as a scalar (the values metrics.json holds)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from entreg.cli import sample
+
+    cfg = compose("sample", f"ckpt_path={checkpoints['diffusion']}", f"paths.output_dir={tmp_path}", "n=16",
+                  "num_inference_steps=2", "data=gmm2d", "data.n_val=16")  # fmt: skip
+    metrics = sample(cfg)
+    out = capsys.readouterr().out
+    paths = {"samples": tmp_path / "samples.png", "metrics": tmp_path / "metrics.json"}
+    paths |= {"TensorBoard logs": tmp_path / "tensorboard", "checkpoint": checkpoints["diffusion"]}
+    for label, path in paths.items():
+        assert f"{label}: {path}" in out
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["sample/samples"]
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"log_likelihood", "sliced_wasserstein", "finite_fraction"} <= set(metrics)
+    for name in metrics:
+        assert [e.value for e in events.Scalars(f"sample/{name}")] == [pytest.approx(written[name], rel=1e-6)]
+
+
+@pytest.mark.slow
+def test_trainer_ddp_trains_on_two_cpu_processes(tmp_path):
+    """trainer=ddp without a GPU, end to end: Lightning starts the second process; no SyncBatchNorm error."""
+    args = [str(ENTRY), "trainer=ddp", "trainer.devices=2", "trainer.fast_dev_run=true", "callbacks.progress_bar=null"]
+    result = run([*args, "data.size=8", "logger=csv"], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    assert "running with trainer.accelerator=cpu trainer.sync_batchnorm=false" in result.stderr
+    assert "accuracy" in result.stdout and "GLOBAL_RANK: 1" in result.stdout + result.stderr
