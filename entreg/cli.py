@@ -24,6 +24,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from entreg.checkpoint_kind import require_kind
+
 if TYPE_CHECKING:
     import lightning as L
 
@@ -243,15 +245,15 @@ def adapt(cfg: DictConfig) -> dict[str, float]:
     """Load the classifier checkpoint ``cfg.ckpt_path`` and adapt it on ``cfg.stream`` with ``cfg.method``. Per shift:
     the source accuracy, the online accuracy during adaptation and the adapted test accuracy, logged to the loggers as
     ``adapt/<shift>/{source,online,adapted}_acc``, printed with the run's paths and returned as ``<shift>/<name>``."""
+    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
+    require_kind(ckpt_path, ["classifier"], "entreg-adapt ckpt_path", allow_other=True)
+
     import lightning as L
     from hydra.utils import get_class, instantiate
     from lightning.pytorch.callbacks import LambdaCallback
 
-    from entreg.checkpoint_kind import require_kind
     from entreg.loggers import log_metrics
 
-    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
-    require_kind(ckpt_path, ["classifier"], "entreg-adapt ckpt_path", allow_other=True)
     L.seed_everything(cfg.seed, workers=True)
     model_class = get_class(cfg.model_class)
     datamodule = instantiate(cfg.stream, _convert_="all")
@@ -279,12 +281,13 @@ def adapt(cfg: DictConfig) -> dict[str, float]:
 
     trainer = test([tta, LambdaCallback(on_test_end=report)], instantiate_group(cfg.get("logger")))
     metrics = {f"{shift}/{k}": v for shift, row in rows.items() for k, v in row.items() if v is not None}
-    paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(trainer.loggers)}
-    paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
-    paths["checkpoint"] = f"{ckpt_path} (the source model; the adapted weights are not saved)"
-    header = ["shift", "source acc", "online acc (pre-update)", "adapted acc"]
-    table = [[shift, row["source"], row["online"], row["adapted"]] for shift, row in rows.items()]
-    print_table(f"entreg-adapt {cfg.method.method} on {ckpt_path}", header, table, paths)
+    if trainer.is_global_zero:
+        paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(trainer.loggers)}
+        paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+        paths["checkpoint"] = f"{ckpt_path} (the source model; the adapted weights are not saved)"
+        header = ["shift", "source acc", "online acc (pre-update)", "adapted acc"]
+        table = [[shift, row["source"], row["online"], row["adapted"]] for shift, row in rows.items()]
+        print_table(f"entreg-adapt {cfg.method.method} on {ckpt_path}", header, table, paths)
     return metrics
 
 
@@ -296,6 +299,10 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     ``cfg.num_inference_steps`` steps; write ``samples.png`` and ``metrics.json`` to ``cfg.paths.output_dir`` and
     the image and metrics (``sample/*``) to ``cfg.logger`` (TensorBoard there by default); print and return the
     metrics (against ``cfg.data``'s validation split when a data config is given)."""
+    require_positive_ints(cfg, "n", "num_inference_steps", "nrow")
+    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
+    require_kind(ckpt_path, ["diffusion"], "entreg-sample ckpt_path")
+
     import time
 
     import lightning as L
@@ -304,12 +311,8 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torchvision.utils import save_image
 
-    from entreg.checkpoint_kind import require_kind
     from entreg.modules.diffusion import DiffusionModule
 
-    require_positive_ints(cfg, "n", "num_inference_steps", "nrow")
-    ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
-    require_kind(ckpt_path, ["diffusion"], "entreg-sample ckpt_path")
     L.seed_everything(cfg.seed)
     datamodule = instantiate(cfg.data, _convert_="all") if cfg.get("data") else None
     reference = instantiate(cfg.reference_mixture) if cfg.get("reference_mixture") else None
@@ -377,17 +380,17 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     ``cfg.grpo`` variant (resuming from ``cfg.ckpt_path``: a GRPO checkpoint or ``last``); prints the base and the
     fine-tuned evaluation (reward, path-KL, ``cfg.eval_metrics``) and where the logs and checkpoints are, writes
     ``metrics.json`` and returns the final evaluation as ``eval/*``."""
-    import lightning as L
-    from hydra.utils import instantiate
-
-    from entreg.checkpoint_kind import require_kind
-    from entreg.modules.grpo import GRPOModule
-
     base_checkpoint = existing_file(cfg.base_checkpoint, "base_checkpoint")
     require_kind(base_checkpoint, ["flow"], "entreg-finetune base_checkpoint")
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         require_kind(ckpt_path, ["grpo"], "entreg-finetune ckpt_path")
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from entreg.modules.grpo import GRPOModule
+
     L.seed_everything(cfg.seed, workers=True)
     reward = instantiate(cfg.reward, _convert_="all")
     eval_metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else None
