@@ -97,7 +97,7 @@ class PPOModule(L.LightningModule):
         rollouts_per_epoch: rollouts per Lightning epoch (checkpoints are written at epoch ends).
         eval_every, eval_episodes, eval_seed: evaluation period in rollouts (0: only at the end of
             ``total_timesteps``), episodes and their first seed.
-        seed: seed of the envs and of the action noise.
+        seed: seed of the initial weights, the envs and the action noise (a run is reproducible from it).
 
     Example:
         >>> module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=2, eval_every=2)
@@ -173,7 +173,11 @@ class PPOModule(L.LightningModule):
         era = None
         if era_entropy_per_dim is not None:
             era = GaussianERA(action_dim, era_entropy_per_dim * action_dim, era_log_std_min, era_log_std_max)
-        self.policy = GaussianActorCritic(obs_dim, action_dim, tuple(hidden), activation, log_std_init, ortho_init, era)
+        with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
+            torch.manual_seed(seed)
+            self.policy = GaussianActorCritic(
+                obs_dim, action_dim, tuple(hidden), activation, log_std_init, ortho_init, era
+            )
         self.obs_rms = RunningMeanStd((obs_dim,), clip=clip_obs) if normalize_obs else None
         self.return_rms = RunningMeanStd((), clip=clip_reward) if normalize_reward else None
         self.rollouts = 0

@@ -1,0 +1,377 @@
+"""PPO and PPO+ERA: GAE and the losses against hand-computed values, the rollout collector against gymnasium's
+autoreset semantics and SB3's VecNormalize, NaN masking, DDP, exact resume, every config, and learning."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from entreg.cli import train
+from entreg.entropy import HALF_LOG_2PI_E
+from entreg.modules.ppo import PPOModule
+from entreg.nn import GaussianERA
+from entreg.rl.gae import gae
+from entreg.rl.normalization import RunningMeanStd
+from entreg.rl.ppo import (
+    GaussianActorCritic,
+    RolloutCollector,
+    clipped_surrogate_loss,
+    normalize_advantages,
+    value_loss,
+)
+from tests.helpers import RecordingLogger, make_trainer
+
+needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+PPO_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*_ppo*.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------- math
+def test_gae_against_hand_computed_values_with_truncation_termination_and_a_masked_step():
+    gamma, lam = 0.9, 0.8  # gamma * lam = 0.72
+    # env 0: truncated at t=1 (bootstraps from the final observation's value 10); env 1: terminated at t=1
+    # (its next value 100 is ignored), a NaN reward at t=3 (masked: it cuts the trace of t=2, which bootstraps)
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, math.nan]])
+    values = torch.tensor([[0.5, 1.0], [1.0, 1.0], [1.5, 1.0], [2.0, 1.0]])
+    next_values = torch.tensor([[1.0, 1.0], [10.0, 100.0], [2.0, 5.0], [3.0, 1.0]])
+    terminated = torch.tensor([[False, False], [False, True], [False, False], [False, False]])
+    truncated = torch.tensor([[False, False], [True, False], [False, False], [False, False]])
+    valid = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
+    adv, ret = gae(rewards, values, next_values, terminated, truncated, gamma, lam, valid)
+    # env 0: deltas 1.4, 10.0, 3.3, 4.7; A3 = 4.7, A2 = 3.3 + 0.72 * 4.7, A1 = 10 (cut), A0 = 1.4 + 0.72 * 10
+    # env 1: deltas 0.9, 0 (terminal), 4.5, masked; A3 = 0, A2 = 4.5, A1 = 0, A0 = 0.9
+    expected = torch.tensor([[8.6, 0.9], [10.0, 0.0], [6.684, 4.5], [4.7, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, expected + values)
+    with pytest.raises(ValueError, match="one shape"):
+        gae(rewards, values[:2], next_values, terminated, truncated)
+
+
+def test_gae_equals_sb3_rollout_buffer_without_truncation():
+    sb3 = pytest.importorskip("stable_baselines3.common.buffers")
+    gym = pytest.importorskip("gymnasium")
+    g = torch.Generator().manual_seed(0)
+    t_len, n = 50, 3
+    rewards, values = torch.randn(t_len, n, generator=g), torch.randn(t_len, n, generator=g)
+    last_values = torch.randn(n, generator=g)
+    dones = torch.rand(t_len, n, generator=g) < 0.1
+    next_values = torch.cat([values[1:], last_values[None]])
+    adv, _ = gae(rewards, values, next_values, dones, torch.zeros_like(dones), 0.99, 0.95)
+    box = gym.spaces.Box(-1, 1, (1,))
+    buffer = sb3.RolloutBuffer(t_len, box, box, gamma=0.99, gae_lambda=0.95, n_envs=n)
+    starts = np.zeros(n, dtype=bool)
+    for t in range(t_len):
+        buffer.add(np.zeros((n, 1)), np.zeros((n, 1)), rewards[t].numpy(), starts, values[t], torch.zeros(n))
+        starts = dones[t].numpy()
+    buffer.compute_returns_and_advantage(last_values, starts)
+    np.testing.assert_allclose(buffer.advantages, adv.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_surrogate_loss_values_gradients_and_mask():
+    ratio = torch.tensor([1.5, 0.5, 1.1, 0.7])
+    advantages = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    log_prob = ratio.log().requires_grad_()
+    out = clipped_surrogate_loss(log_prob, torch.zeros(4), advantages, clip_range=0.2)
+    # min(rho A, clip(rho) A): 1.2 (clipped), 0.5, -2.2, -0.8 (clipped)
+    assert float(out.loss.detach()) == pytest.approx(-(1.2 + 0.5 - 2.2 - 0.8) / 4)
+    assert float(out.clip_fraction) == pytest.approx(0.75)
+    kl = sum(float(r) - 1 - math.log(float(r)) for r in ratio) / 4
+    assert float(out.approx_kl) == pytest.approx(kl, rel=1e-5)
+    out.loss.backward()  # clipped terms have no gradient; the others -rho A / 4
+    torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, -0.125, 0.55, 0.0]))
+    mask = torch.tensor([True, True, False, True])
+    masked = clipped_surrogate_loss(ratio.log(), torch.zeros(4), advantages, 0.2, mask)
+    assert float(masked.loss) == pytest.approx(-(1.2 + 0.5 - 0.8) / 3)
+
+
+def test_value_loss_plain_and_clipped():
+    values, old, returns = torch.tensor([1.0, 2.0]), torch.zeros(2), torch.tensor([0.5, 3.0])
+    assert float(value_loss(values, old, returns)) == pytest.approx((0.25 + 1.0) / 2)
+    # clipped values 0.5 and 0.5: errors 0 and 6.25; the pessimistic max keeps 0.25 and 6.25
+    assert float(value_loss(values, old, returns, clip_range=0.5)) == pytest.approx((0.25 + 6.25) / 2)
+
+
+def test_normalize_advantages_uses_only_masked_entries():
+    adv = torch.tensor([1.0, 2.0, 3.0, 1000.0])
+    mask = torch.tensor([True, True, True, False])
+    out = normalize_advantages(adv, mask)
+    torch.testing.assert_close(out[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)  # std 1 (Bessel)
+
+
+def test_running_mean_std_merges_batches_exactly_and_round_trips():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(100, 3))
+    whole, parts = RunningMeanStd((3,), epsilon=1e-12), RunningMeanStd((3,), epsilon=1e-12)
+    whole.update(x)
+    parts.update(x[:37])
+    parts.update(torch.from_numpy(x[37:]))
+    np.testing.assert_allclose(parts.mean, x.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(parts.var, x.var(0), rtol=1e-9)
+    np.testing.assert_allclose(parts.var, whole.var, rtol=1e-12)
+    copy = RunningMeanStd((3,))
+    copy.load_state_dict(parts.state_dict())
+    assert copy.count == parts.count and np.array_equal(copy.mean, parts.mean)
+    assert float(copy.normalize(torch.tensor([[1e9, 0.0, 0.0]]))[0, 0]) == 10.0  # clipped
+    with pytest.raises(ValueError, match="clip"):
+        RunningMeanStd(clip=0.0)
+
+
+def test_era_policy_entropy_is_exact_in_every_state_and_std_is_state_dependent():
+    torch.manual_seed(0)
+    net = GaussianActorCritic(5, 3, era=GaussianERA(3, target_entropy=0.6))
+    for p in net.actor.parameters():  # a non-trivial actor
+        torch.nn.init.normal_(p, std=1.0)
+    _, log_std = net.policy(torch.randn(64, 5) * 3)
+    torch.testing.assert_close(net.entropy(log_std), torch.full((64,), 0.6))
+    assert float(log_std.detach().std(0).min()) > 0.01
+    plain = GaussianActorCritic(5, 3, log_std_init=-0.5)
+    _, log_std = plain.policy(torch.randn(4, 5))
+    torch.testing.assert_close(plain.entropy(log_std), torch.full((4,), 3 * (HALF_LOG_2PI_E - 0.5)))
+    with pytest.raises(ValueError, match="action_dim"):
+        GaussianActorCritic(5, 2, era=GaussianERA(3))
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+def constant_policy(obs_dim: int, action_dim: int, action: float = 0.0) -> GaussianActorCritic:
+    """Acts ``action`` (noise 1e-13) in every state."""
+    net = GaussianActorCritic(obs_dim, action_dim)
+    with torch.no_grad():
+        for p in net.actor.parameters():
+            p.zero_()
+        net.actor[-1].bias.fill_(action)
+        net.log_std.fill_(-30.0)
+    return net
+
+
+def vector_env(num_envs: int, same_step: bool, **kwargs):
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+    mode = AutoresetMode.SAME_STEP if same_step else AutoresetMode.NEXT_STEP
+    return SyncVectorEnv([lambda: gym.make("InvertedPendulum-v5", **kwargs)] * num_envs, autoreset_mode=mode)
+
+
+def final_observation(steps: int, seed: int) -> np.ndarray:
+    """The observation of a lone InvertedPendulum after ``steps`` zero actions from reset(seed)."""
+    import gymnasium as gym
+
+    env = gym.make("InvertedPendulum-v5")
+    env.reset(seed=seed)
+    for _ in range(steps):
+        obs, *_ = env.step(np.zeros(1))
+    return obs
+
+
+@needs_mujoco
+@pytest.mark.parametrize("same_step", [False, True])
+def test_truncation_bootstraps_from_the_final_observation_in_both_autoreset_modes(same_step):
+    collector = RolloutCollector(vector_env(1, same_step, max_episode_steps=5))
+    collector.reset(seed=3)
+    rollout = collector.collect(constant_policy(4, 1), 12, torch.Generator().manual_seed(0))
+    truncated = rollout.truncated[:, 0].nonzero().flatten().tolist()
+    final = torch.from_numpy(final_observation(5, seed=3)).float()
+    torch.testing.assert_close(rollout.next_obs[4, 0], final, atol=1e-5, rtol=0)
+    if same_step:  # the reset observation comes at once; no step is lost
+        assert truncated == [4, 9] and bool(rollout.valid.all())
+        assert not torch.allclose(rollout.obs[5, 0], final, atol=1e-3)
+    else:  # the final observation is the next step's; that step is the reset (ignored action, masked)
+        assert truncated == [4, 10]
+        assert rollout.valid[:, 0].tolist() == [True] * 5 + [False] + [True] * 5 + [False]
+        torch.testing.assert_close(rollout.obs[5, 0], final, atol=1e-5, rtol=0)
+    assert not bool(rollout.terminated.any()) and rollout.episode_lengths == [5, 5]
+
+
+@needs_mujoco
+def test_collector_normalises_exactly_as_sb3_vecnormalize():
+    env_util = pytest.importorskip("stable_baselines3.common.env_util")
+    vec_env = pytest.importorskip("stable_baselines3.common.vec_env")
+    steps, action = 200, 0.4  # a constant push: the pole falls every ~20 steps
+    reference = vec_env.VecNormalize(env_util.make_vec_env("InvertedPendulum-v5", n_envs=2, seed=5), gamma=0.99)
+    reference.reset()
+    sb3_obs, sb3_rewards, sb3_dones = [], [], []
+    for _ in range(steps):
+        sb3_obs.append(reference.normalize_obs(reference.get_original_obs()))
+        _, reward, done, _ = reference.step(np.full((2, 1), action))
+        sb3_rewards.append(reward)
+        sb3_dones.append(done)
+    collector = RolloutCollector(vector_env(2, same_step=True), RunningMeanStd((4,)), RunningMeanStd(()), gamma=0.99)
+    collector.reset(seed=5)
+    rollout = collector.collect(constant_policy(4, 1, action), steps, torch.Generator().manual_seed(0))
+    assert int(np.sum(sb3_dones)) > 10
+    np.testing.assert_array_equal((rollout.terminated | rollout.truncated).numpy(), np.array(sb3_dones))
+    np.testing.assert_allclose(rollout.obs.numpy(), np.array(sb3_obs), atol=1e-5)
+    np.testing.assert_allclose(rollout.rewards.numpy(), np.array(sb3_rewards), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- the module
+def ppo(env_id: str = "InvertedPendulum-v5", **kwargs) -> PPOModule:
+    options = {"num_envs": 2, "n_steps": 64, "batch_size": 32, "n_epochs": 2, "eval_every": 0, "seed": 3}
+    return PPOModule(env_id, **{**options, **kwargs})
+
+
+class NaNInjector:
+    """Wraps an env: every 7th step's reward and every 11th step's observation are NaN."""
+
+    def __new__(cls, **kwargs):
+        import gymnasium as gym
+
+        class _Wrapper(gym.Wrapper):
+            def __init__(self, env):
+                super().__init__(env)
+                self.t = 0
+
+            def step(self, action):
+                obs, reward, terminated, truncated, info = self.env.step(action)
+                self.t += 1
+                reward = math.nan if self.t % 7 == 0 else reward
+                obs = np.full_like(obs, np.nan) if self.t % 11 == 0 else obs
+                return obs, reward, terminated, truncated, info
+
+        return _Wrapper(gym.make("InvertedPendulum-v5", **kwargs))
+
+
+class FiniteWeights(L.Callback):
+    def __init__(self) -> None:
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        assert all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        assert np.isfinite(pl_module.obs_rms.mean).all() and np.isfinite(pl_module.obs_rms.var).all()
+        assert np.isfinite(pl_module.return_rms.var)
+        self.checked += 1
+
+
+@needs_mujoco
+def test_nan_rewards_and_observations_are_masked_and_weights_stay_finite(tmp_path):
+    import gymnasium as gym
+
+    env_id = "entreg-test/NaNInvertedPendulum-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=NaNInjector, disable_env_checker=True)
+    module, logger, check = ppo(env_id), RecordingLogger(), FiniteWeights()
+    with pytest.warns(RuntimeWarning, match="non-finite observation or reward"):
+        make_trainer(tmp_path, max_epochs=3, logger=logger, callbacks=[check]).fit(module)
+    assert check.checked == 3 and module.skipped_updates == 0
+    masked = logger.values("train/masked_steps")
+    assert len(masked) == 3 and all(m >= 2 * 64 / 11 for m in masked)  # at least every NaN observation's step
+
+
+class SameWeightsOnEveryRank(L.Callback):
+    """On every worker after every rollout: equal weights and normalisers on both ranks, different envs."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        weights = pl_module.all_gather(torch.cat([p.detach().flatten() for p in pl_module.parameters()]))
+        assert torch.equal(weights[0], weights[1])
+        mean = pl_module.all_gather(torch.as_tensor(pl_module.obs_rms.mean))
+        assert torch.equal(mean[0], mean[1])
+        obs = pl_module.all_gather(torch.as_tensor(pl_module.collector.obs))
+        assert not torch.equal(obs[0], obs[1])  # rank-offset seeds: each rank its own episodes
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        assert trainer.world_size == 2 and pl_module.env_steps == 2 * 2 * 64 * 2  # rollouts x ranks x steps x envs
+        assert pl_module.rollouts == 2 and math.isfinite(float(trainer.callback_metrics["eval/return"]))
+
+
+@needs_mujoco
+def test_ddp_keeps_weights_identical_across_ranks(tmp_path):
+    module = ppo(eval_every=2, eval_episodes=3)
+    trainer = make_trainer(tmp_path, max_epochs=2, devices=2, strategy="ddp_fork", callbacks=[SameWeightsOnEveryRank()])
+    trainer.fit(module)
+
+
+def fit(tmp_path: Path, epochs: int, resume: Path | None = None, **kwargs) -> tuple[PPOModule, RecordingLogger]:
+    module, logger = ppo(eval_every=2, eval_episodes=1, **kwargs), RecordingLogger()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(
+        tmp_path, max_epochs=epochs, logger=logger, enable_checkpointing=True, callbacks=[checkpoint]
+    )
+    trainer.fit(module, ckpt_path=resume, weights_only=True)
+    return module, logger
+
+
+@needs_mujoco
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    full, full_log = fit(tmp_path / "full", 4)
+    fit(tmp_path / "first_half", 2)
+    resumed, resumed_log = fit(tmp_path / "resumed", 4, resume=tmp_path / "first_half" / "last.ckpt")
+    assert resumed.env_steps == full.env_steps == 4 * 128
+    resumed_state = resumed.state_dict()
+    for key, value in full.state_dict().items():  # weights and normalisers (their extra state: tensors, a count)
+        values = value.values() if isinstance(value, dict) else [value]
+        others = resumed_state[key].values() if isinstance(value, dict) else [resumed_state[key]]
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(values, others, strict=True)), (
+            key
+        )
+    np.testing.assert_array_equal(resumed.obs_rms.var, full.obs_rms.var)
+    full_adam, resumed_adam = (m.optimizers().optimizer.state_dict()["state"] for m in (full, resumed))
+    assert all(torch.equal(full_adam[k]["exp_avg_sq"], resumed_adam[k]["exp_avg_sq"]) for k in full_adam)
+    for key in ("eval/return", "train/approx_kl", "rollout/episode_return"):
+        assert resumed_log.values(key) == full_log.values(key)[-len(resumed_log.values(key)) :], key
+
+
+@needs_mujoco
+def test_resume_of_a_non_mujoco_env_warns_and_resets_the_envs(tmp_path):
+    fit(tmp_path / "a", 1, env_id="Pendulum-v1")
+    with pytest.warns(UserWarning, match="not restorable"):
+        module, _ = fit(tmp_path / "b", 2, resume=tmp_path / "a" / "last.ckpt", env_id="Pendulum-v1")
+    assert module.env_steps == 2 * 128
+
+
+def test_constructor_rejects_invalid_settings():
+    pytest.importorskip("gymnasium")
+    with pytest.raises(ValueError, match="batch_size"):
+        ppo(batch_size=1000)
+    with pytest.raises(ValueError, match="ent_coef=0"):
+        ppo(era_entropy_per_dim=0.0, ent_coef=0.01)
+    with pytest.raises(ValueError, match="target_kl"):
+        ppo(target_kl=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@needs_mujoco
+@pytest.mark.parametrize("experiment", PPO_EXPERIMENTS)
+def test_every_ppo_experiment_trains_from_the_cli(experiment, compose_train):
+    tiny = ["model.num_envs=1", "model.n_steps=16", "model.batch_size=16", "model.n_epochs=1"]
+    tiny += ["model.total_timesteps=32", "model.eval_episodes=1", "+model.env_kwargs.max_episode_steps=50"]
+    cfg = compose_train(f"experiment={experiment}", *tiny)
+    assert cfg.data is None and cfg.test is False
+    assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
+    metrics = train(cfg)
+    assert math.isfinite(metrics["eval/return"]) and metrics["step"] == 32
+
+
+@needs_mujoco
+def test_tensorboard_gets_the_rl_scalars_and_a_checkpoint_is_written(compose_train, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = ["experiment=invertedpendulum_ppo", "model.n_steps=64", "model.total_timesteps=128"]
+    overrides += ["model.eval_episodes=1", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null"]
+    train(compose_train(*overrides, "callbacks.model_summary=null", "trainer.accelerator=cpu", fast=False))
+    (events,) = (tmp_path / "tensorboard").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    expected = {"rollout/episode_return", "eval/return", "train/policy_entropy", "train/approx_kl"}
+    assert expected | {"train/clip_fraction", "perf/steps_per_s"} <= tags
+    assert [e.step for e in accumulator.Scalars("eval/return")] == [128]  # x-axis: env steps
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+# ----------------------------------------------------------------------------------------------- learning
+@needs_mujoco
+@pytest.mark.parametrize(("era", "steps"), [(None, 10_240), (0.5, 12_288)], ids=["ppo", "ppo_era"])
+def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
+    module = PPOModule(
+        "InvertedPendulum-v5", num_envs=4, n_steps=256, total_timesteps=steps, eval_episodes=5, seed=0,
+        era_entropy_per_dim=era,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, max_epochs=-1)
+    trainer.fit(module)
+    assert module.env_steps == steps
+    assert float(trainer.callback_metrics["eval/return"]) >= 900
