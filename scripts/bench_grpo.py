@@ -22,7 +22,7 @@ How:
    seeds) is reported, the whole grid is in the JSON.
 
 Digits (``--task digits``): a class-conditional flow MLP (width 256) of the 8x8 digits; reward log p(class | x)
-of a frozen MLP classifier (:func:`entreg.flow.rewards.digits_classifier`); prompts are classes; guards against
+of a frozen MLP classifier (:func:`entreg.data.digits_nets.digits_classifier`); prompts are classes; guards against
 reward hacking: the accuracy of a held-out CNN (other architecture and seed) and a PCA-Gaussian log-likelihood
 (nats per pixel); diversity: the mean pairwise distance within a class (500 samples).
 
@@ -59,15 +59,10 @@ import torch
 from benchkit import quiet_libraries
 from torch import nn
 
+from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
+from entreg.data.ring import ring_centers
 from entreg.flow.diversity import ModeMetrics, mean_pairwise_distance
-from entreg.flow.rewards import (
-    ClassifierReward,
-    PCAGaussianLikelihood,
-    RegionReward,
-    digits_classifier,
-    held_out_accuracy,
-    ring_centers,
-)
+from entreg.flow.rewards import ClassifierReward, RegionReward, held_out_accuracy
 from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
 from entreg.nn.denoisers import MLPDenoiser
@@ -105,7 +100,7 @@ class DigitsMetrics:
     the mean pairwise distance within a class."""
 
     def __init__(self) -> None:
-        self.judge, self.pca = digits_classifier(seed=1, arch="cnn"), PCAGaussianLikelihood.from_digits()
+        self.judge, self.pca = digits_classifier(seed=1, arch="cnn"), digits_pca_likelihood()
 
     def __call__(self, samples: torch.Tensor, cond: torch.Tensor | None) -> dict[str, float]:
         return {

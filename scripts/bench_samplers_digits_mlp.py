@@ -30,8 +30,9 @@ import lightning as L
 import torch
 
 from entreg.data import DigitsDataModule
+from entreg.data.digits_nets import digits_feature_extractor
 from entreg.diffusion.metrics import frechet_distance
-from entreg.modules.diffusion import DiffusionModule, digits_feature_extractor
+from entreg.modules.diffusion import DiffusionModule
 from entreg.nn.denoisers import MLPDenoiser
 
 GRIDS = {"linspace": {}, "trailing": {"timestep_spacing": "trailing"}, "logSNR": {"use_exponential_sigmas": True}}

@@ -29,7 +29,7 @@ Metrics, mean over seeds (± the std over seeds at NFE 10):
 
 * RMSE per pixel (in [-1, 1] units) to the reference solution from the same noise (solver error alone);
 * Frechet distance (FD) of classifier features: the 32 ReLU units of
-  :func:`entreg.modules.diffusion.digits_feature_extractor` (an MLP trained once on the digits training
+  :func:`entreg.data.digits_nets.digits_feature_extractor` (an MLP trained once on the digits training
   split, seed 0), between the (unclipped) samples and the 597 held-out test digits; next to it the FD of
   the reference samples and the floor: 500 real training digits (a new draw per seed) against the test digits.
 
@@ -67,8 +67,9 @@ from bench_samplers import GRIDS, LOGSNR_OK, NFES, SAMPLERS, mean_std, reference
 from torch import Tensor
 
 from entreg.data import DigitsDataModule
+from entreg.data.digits_nets import digits_feature_extractor
 from entreg.diffusion.metrics import frechet_distance
-from entreg.modules.diffusion import DiffusionModule, digits_feature_extractor
+from entreg.modules.diffusion import DiffusionModule
 from entreg.nn.denoisers import unet2d
 
 CACHE = Path("/tmp/entreg_bench_samplers")

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from entreg.data import DigitsDataModule, GaussianMixtureDataModule
+from entreg.data.digits_nets import digits_feature_extractor
 from entreg.diffusion.metrics import frechet_distance
-from entreg.modules.diffusion import PREDICTION_TYPES, DiffusionModule, digits_feature_extractor
+from entreg.modules.diffusion import PREDICTION_TYPES, DiffusionModule
 from entreg.nn.denoisers import MLPDenoiser
 
 from .helpers import make_trainer
@@ -200,7 +201,7 @@ def test_entreg_sample_writes_a_png_and_metrics(case, request, tmp_path):
     overrides = [f"ckpt_path={path}", f"paths.output_dir={tmp_path}", "num_inference_steps=6", "n=64"]
     if case == "digits":
         overrides += ["sampler=evodiff", "data=digits_diffusion", "data.size=8"]
-        overrides += ["+feature_extractor._target_=entreg.modules.diffusion.digits_feature_extractor"]
+        overrides += ["+feature_extractor._target_=entreg.data.digits_nets.digits_feature_extractor"]
         overrides += ["+feature_extractor.size=8", "+feature_extractor.steps=50"]
     else:
         overrides += ["sampler=euler", "data=gmm2d", "data.n_train=2000", "data.n_val=500"]

@@ -17,11 +17,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from entreg.data import DigitsDataModule
+from entreg.data.digits_nets import digits_classifier, digits_feature_extractor
 from entreg.data.ring import RingDataModule
 from entreg.diffusion.metrics import sliced_wasserstein
 from entreg.flow.diversity import nearest_mode
-from entreg.flow.rewards import digits_classifier
-from entreg.modules.diffusion import digits_feature_extractor
 from entreg.modules.flow import FlowMatchingModule
 from entreg.nn.denoisers import MLPDenoiser, build_denoiser, unet2d
 

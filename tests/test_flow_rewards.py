@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from entreg.data import DigitsDataModule
+from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
+from entreg.data.ring import ring_centers
 from entreg.flow.diversity import (
     in_target_fraction,
     mean_pairwise_distance,
@@ -18,14 +20,7 @@ from entreg.flow.diversity import (
     nearest_mode,
     pixel_variance,
 )
-from entreg.flow.rewards import (
-    ClassifierReward,
-    PCAGaussianLikelihood,
-    RegionReward,
-    digits_classifier,
-    held_out_accuracy,
-    ring_centers,
-)
+from entreg.flow.rewards import ClassifierReward, PCAGaussianLikelihood, RegionReward, held_out_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +165,7 @@ def test_pca_likelihood_matches_the_full_gaussian_it_defines():
 
 def test_pca_likelihood_separates_real_digits_from_noise_and_reward_hacked_digits(digits, classifiers):
     x, y = digits.test_set.tensors
-    pca = PCAGaussianLikelihood.from_digits(components=16)
+    pca = digits_pca_likelihood(components=16)
     real = pca(x)
     noise = pca(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     # reward hacking: signed-gradient ascent on the MLP reward toward another class, kept in [-1, 1]

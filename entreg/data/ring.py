@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from entreg.data.base import SplitDataModule
 
-__all__ = ["RingDataModule", "ring_mixture"]
+__all__ = ["RingDataModule", "ring_centers", "ring_mixture"]
+
+
+def ring_centers(modes: int = 8, radius: float = 4.0) -> Tensor:
+    """The (modes, 2) centres of the ring toy: ``radius (cos, sin)(2 pi k / modes)`` for k = 0 .. modes - 1.
+
+    Example:
+        >>> ring_centers(4, radius=2.0).round(decimals=4).abs()
+        tensor([[2., 0.],
+                [0., 2.],
+                [2., 0.],
+                [0., 2.]])
+    """
+    if modes < 1 or radius <= 0:
+        raise ValueError(f"need modes >= 1 and radius > 0, got {modes=}, {radius=}")
+    angles = 2 * math.pi * torch.arange(modes, dtype=torch.float64) / modes
+    return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
 
 
 def ring_mixture(modes: int = 8, radius: float = 4.0, std: float = 0.25) -> Any:
     """The ring as an equally weighted :class:`entreg.diffusion.GaussianMixture` (exact log-density), e.g. the
-    ``reference_mixture`` of a flow or diffusion module; centres :func:`entreg.flow.rewards.ring_centers`.
+    ``reference_mixture`` of a flow or diffusion module; centres :func:`ring_centers`.
 
     Example:
         >>> ring_mixture(4, radius=2.0, std=0.5).means.round(decimals=4).abs()
@@ -24,7 +42,6 @@ def ring_mixture(modes: int = 8, radius: float = 4.0, std: float = 0.25) -> Any:
                 [0., 2.]], dtype=torch.float64)
     """
     from entreg.diffusion.gmm import GaussianMixture  # the package's __init__ imports diffusers
-    from entreg.flow.rewards import ring_centers
 
     if not std > 0:
         raise ValueError(f"std must be > 0, got {std}")

@@ -8,12 +8,14 @@ the caller wants them).
 - :class:`RegionReward` (2-D ring toy): ``r(x) = max_m exp(-|x - m|^2 / width)`` over the target modes ``m``,
   so choosing a target mode and landing close to its centre both earn reward.
 - :class:`ClassifierReward` (digits): ``r = log p_classifier(c | x)`` for the requested class ``c = cond``;
-  :func:`digits_classifier` trains a small frozen classifier (MLP or CNN) on the bundled digits in seconds.
+  :func:`entreg.data.digits_nets.digits_classifier` trains a small frozen classifier (MLP or CNN) on the
+  bundled digits in seconds.
 - Hacking guards for the digits: :func:`held_out_accuracy` of a classifier of another architecture and seed,
   and :class:`PCAGaussianLikelihood`, a PCA-Gaussian density of real digits that drops on off-manifold
-  (noisy or adversarially perturbed) samples.
+  (noisy or adversarially perturbed) samples (:func:`entreg.data.digits_nets.digits_pca_likelihood`).
 
 Example:
+    >>> from entreg.data.ring import ring_centers
     >>> reward = RegionReward(ring_centers(), targets=(0, 1, 2))
     >>> reward(torch.tensor([[4.0, 0.0], [-4.0, 0.0]]), None).round(decimals=4)  # mode 0 is a target, mode 4 not
     tensor([1., 0.])
@@ -25,49 +27,26 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "CLASSIFIER_ARCHS",
     "ClassifierReward",
     "PCAGaussianLikelihood",
     "RegionReward",
-    "digits_classifier",
     "held_out_accuracy",
-    "ring_centers",
 ]
-
-CLASSIFIER_ARCHS = ("mlp", "cnn")
-DIGITS_SHAPE = (1, 8, 8)
-DEFAULT_STEPS = {"mlp": 200, "cnn": 100}
-
-
-def ring_centers(modes: int = 8, radius: float = 4.0) -> Tensor:
-    """The (modes, 2) centres of the ring toy: ``radius (cos, sin)(2 pi k / modes)`` for k = 0 .. modes - 1.
-
-    Example:
-        >>> ring_centers(4, radius=2.0).round(decimals=4).abs()
-        tensor([[2., 0.],
-                [0., 2.],
-                [2., 0.],
-                [0., 2.]])
-    """
-    if modes < 1 or radius <= 0:
-        raise ValueError(f"need modes >= 1 and radius > 0, got {modes=}, {radius=}")
-    angles = 2 * math.pi * torch.arange(modes, dtype=torch.float64) / modes
-    return (radius * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
 
 
 class RegionReward(nn.Module):
     """``r(x) = max over target modes m of exp(-|x - m|^2 / width)``: 1 at a target centre, about 0 far from all.
 
     Args:
-        centers: (K, D) mode centres (e.g. :func:`ring_centers`).
+        centers: (K, D) mode centres (e.g. :func:`entreg.data.ring.ring_centers`).
         targets: indices of the rewarded modes (non-empty, each in [0, K)).
         width: the squared-distance scale (> 0); 0.5 in the E-GRPO benchmark notes.
 
     Example:
+        >>> from entreg.data.ring import ring_centers
         >>> reward = RegionReward(ring_centers(), targets=(0, 1, 2), width=0.5)
         >>> x = torch.tensor([[4.5, 0.0]])  # 0.5 from the centre of target mode 0
         >>> round(reward(x, None).item(), 4) == round(math.exp(-0.25 / 0.5), 4)
@@ -137,68 +116,6 @@ class ClassifierReward(nn.Module):
         return logits.log_softmax(dim=-1).gather(1, cond.long()[:, None]).squeeze(1)
 
 
-class _AsDigit(nn.Module):
-    """Reshapes (B, 64) or (B, 1, 8, 8) inputs to (B, 1, 8, 8)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(len(x), *DIGITS_SHAPE)
-
-
-def _digits_net(arch: str) -> nn.Sequential:
-    if arch == "mlp":
-        return nn.Sequential(_AsDigit(), nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    return nn.Sequential(
-        _AsDigit(),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
-
-
-def digits_classifier(seed: int = 0, arch: str = "mlp", steps: int | None = None, lr: float = 3e-3) -> nn.Module:
-    """A small digits classifier, trained full batch with Adam on the training split of
-    :class:`entreg.data.DigitsDataModule` (``size=8, scale="minus_one_one"``, split seed 0 whatever ``seed`` is,
-    so every classifier is scored on the same 597 test digits), returned frozen in eval mode.
-
-    It takes (B, 1, 8, 8) or (B, 64) digits in [-1, 1] and returns (B, 10) logits. ``seed`` sets the
-    initialisation. ``arch="mlp"``: 64-128-10 with ReLU, 200 steps by default (about 0.4 s on one CPU core);
-    ``arch="cnn"``: two 3x3 convolutions (8 channels, then 16 with stride 2) and a linear head, 100 steps
-    by default (about 1.6 s). Test accuracy (597 held-out digits), measured with the defaults for seeds 0, 1, 2:
-    mlp 0.970, 0.970, 0.963; cnn 0.965, 0.968, 0.970. Use one as the reward and another architecture and seed
-    as the held-out judge (:func:`held_out_accuracy`). The judge catches small adversarial perturbations that
-    fool only the reward classifier, not large ones: 20 signed-gradient steps of 0.05 on the mlp reward toward
-    another class fool the cnn too (accuracy 1.0 on the requested classes); :class:`PCAGaussianLikelihood`
-    flags those.
-
-    Example:
-        >>> net = digits_classifier(steps=5)
-        >>> net(torch.zeros(3, 1, 8, 8)).shape, net.training
-        (torch.Size([3, 10]), False)
-    """
-    if arch not in CLASSIFIER_ARCHS:
-        raise ValueError(f"arch must be one of {CLASSIFIER_ARCHS}, got {arch!r}")
-    steps = DEFAULT_STEPS[arch] if steps is None else steps
-    if steps < 0 or not lr > 0:
-        raise ValueError(f"need steps >= 0 and lr > 0, got {steps=}, {lr=}")
-    from entreg.data import DigitsDataModule
-
-    datamodule = DigitsDataModule(size=8, scale="minus_one_one", seed=0)
-    datamodule.setup("fit")
-    x, y = datamodule.train_set.tensors
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = _digits_net(arch)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-    return net.eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def held_out_accuracy(classifier: nn.Module, samples: Tensor, cond: Tensor) -> float:
     """The fraction of ``samples`` that ``classifier`` assigns to their requested class ``cond`` (argmax of its
@@ -228,9 +145,10 @@ class PCAGaussianLikelihood(nn.Module):
 
     with ``z = V^T (x - mu)`` and ``r = x - mu - V z``. Off-manifold samples (noise, adversarial perturbations)
     put energy in low-variance directions and score far lower than real data. Variances are floored at
-    ``min_variance``. Measured with :meth:`from_digits` (16 components), in nats per dimension: test digits
-    -0.34 on average (lowest -1.55), uniform noise in [-1, 1] -5.15 (highest -3.06), digits pushed toward another
-    class by 20 signed-gradient steps of 0.05 on the mlp :func:`digits_classifier` reward -1.26.
+    ``min_variance``. Measured with :func:`entreg.data.digits_nets.digits_pca_likelihood` (16 components), in
+    nats per dimension: test digits -0.34 on average (lowest -1.55), uniform noise in [-1, 1] -5.15 (highest
+    -3.06), digits pushed toward another class by 20 signed-gradient steps of 0.05 on the mlp
+    :func:`entreg.data.digits_nets.digits_classifier` reward -1.26.
 
     Args:
         data: (N, ...) samples to fit (flattened to (N, D)), e.g. the digits training split.
@@ -270,16 +188,6 @@ class PCAGaussianLikelihood(nn.Module):
         self.register_buffer("basis", vh[:components].T.contiguous().float())
         self.register_buffer("variances", eigenvalues[:components].clamp_min(min_variance).float())
         self.register_buffer("residual_variance", residual.clamp_min(min_variance).float())
-
-    @classmethod
-    def from_digits(cls, components: int = 16) -> PCAGaussianLikelihood:
-        """Fitted on the 1,000 training digits of :class:`entreg.data.DigitsDataModule` (``size=8``,
-        ``scale="minus_one_one"``, split seed 0)."""
-        from entreg.data import DigitsDataModule
-
-        datamodule = DigitsDataModule(size=8, scale="minus_one_one", seed=0)
-        datamodule.setup("fit")
-        return cls(datamodule.train_set.tensors[0], components)
 
     def log_likelihood(self, samples: Tensor, reduce: str = "mean") -> Tensor:
         """(B,) log-density of every sample: nats per dimension (``reduce="mean"``, the default, comparable

@@ -15,13 +15,12 @@ from torch import Tensor, nn
 
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
+from entreg.nn.denoisers import denoiser_from_checkpoint
 
 __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
     "DiffusionModule",
-    "denoiser_from_checkpoint",
-    "digits_feature_extractor",
     "sample_metrics",
 ]
 
@@ -42,17 +41,6 @@ NOISE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", 
 def _locate(path: str) -> type:
     module, _, name = path.rpartition(".")
     return getattr(importlib.import_module(module), name)
-
-
-def denoiser_from_checkpoint(path: str | Path) -> nn.Module:
-    """The entreg denoiser (randomly initialised) whose spec a DiffusionModule or FlowMatchingModule checkpoint
-    stores under ``entreg_denoiser``."""
-    from entreg.nn.denoisers import build_denoiser
-
-    spec = torch.load(path, map_location="cpu", weights_only=True).get("entreg_denoiser")
-    if spec is None:
-        raise ValueError(f"{path} stores no denoiser spec: pass the architecture it was trained with")
-    return build_denoiser(spec)
 
 
 @torch.no_grad()
@@ -110,7 +98,7 @@ class DiffusionModule(EMATrainedNetwork):
         sample_every_n_epochs: sample at validation every this many epochs (0: never).
         num_val_samples: samples (and validation points) compared at validation.
         feature_extractor: frozen ``nn.Module`` mapping images to features for the Frechet distance (not
-            saved in checkpoints), e.g. :func:`digits_feature_extractor`.
+            saved in checkpoints), e.g. :func:`entreg.data.digits_nets.digits_feature_extractor`.
         reference_mixture: the true :class:`entreg.diffusion.GaussianMixture` of vector data.
         data_range: (low, high) of the data, mapped to [0, 1] for images (:meth:`to_image`).
 
@@ -296,32 +284,3 @@ class DiffusionModule(EMATrainedNetwork):
 def _data(batch: Any) -> Tensor:
     """The data tensor of a batch: the batch itself or its first entry (labels are ignored)."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def digits_feature_extractor(
-    seed: int = 0, size: int = 8, scale: str = "minus_one_one", features: int = 32, steps: int = 300
-) -> nn.Module:
-    """The frozen penultimate layer (``features`` ReLU units) of an MLP classifier trained, full batch, on the
-    digits training split (:class:`entreg.data.DigitsDataModule` with ``size`` and ``scale``, one channel):
-    features for the Frechet distance of digit samples. About a second on one CPU core.
-
-    Example:
-        >>> net = digits_feature_extractor(steps=5)
-        >>> net(torch.zeros(3, 1, 8, 8)).shape
-        torch.Size([3, 32])
-    """
-    from entreg.data import DigitsDataModule
-
-    datamodule = DigitsDataModule(size=size, scale=scale, seed=seed)
-    datamodule.setup("fit")
-    x, y = datamodule.train_set.tensors
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        body = nn.Sequential(nn.Flatten(), nn.Linear(size * size, 128), nn.ReLU(), nn.Linear(128, features), nn.ReLU())
-        head = nn.Linear(features, 10)
-    optimizer = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=3e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(head(body(x)), y).backward()
-        optimizer.step()
-    return body.eval().requires_grad_(False)

@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from entreg.flow.sampling import ode_sample
 from entreg.modules.diffusion import (
-    denoiser_from_checkpoint,
     sample_metrics,
 )
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
+from entreg.nn.denoisers import denoiser_from_checkpoint
 
 __all__ = ["TIME_SAMPLINGS", "FlowMatchingModule"]
 
@@ -71,7 +71,7 @@ class FlowMatchingModule(EMATrainedNetwork):
         sample_every_n_epochs: sample at validation every this many epochs (0: never).
         num_val_samples: samples (and validation points) compared at validation.
         feature_extractor: frozen ``nn.Module`` mapping images to features for the Frechet distance (not saved in
-            checkpoints), e.g. :func:`entreg.modules.diffusion.digits_feature_extractor`.
+            checkpoints), e.g. :func:`entreg.data.digits_nets.digits_feature_extractor`.
         reference_mixture: the true :class:`entreg.diffusion.GaussianMixture` of vector data.
         data_range: (low, high) of the data, mapped to [0, 1] for image grids (:meth:`to_image`).
 

@@ -24,12 +24,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DENOISERS", "MLPDenoiser", "UNet2DDenoiser", "build_denoiser", "sinusoidal_embedding", "unet2d"]
+__all__ = [
+    "DENOISERS",
+    "MLPDenoiser",
+    "UNet2DDenoiser",
+    "build_denoiser",
+    "denoiser_from_checkpoint",
+    "sinusoidal_embedding",
+    "unet2d",
+]
 
 
 def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -247,3 +256,12 @@ def build_denoiser(spec: dict[str, Any]) -> nn.Module:
     if name not in DENOISERS:
         raise ValueError(f"unknown denoiser {name!r}; known: {sorted(DENOISERS)}")
     return DENOISERS[name](**spec.get("kwargs", {}))
+
+
+def denoiser_from_checkpoint(path: str | Path) -> nn.Module:
+    """The entreg denoiser (randomly initialised) whose spec a DiffusionModule or FlowMatchingModule checkpoint
+    stores under ``entreg_denoiser``."""
+    spec = torch.load(path, map_location="cpu", weights_only=True).get("entreg_denoiser")
+    if spec is None:
+        raise ValueError(f"{path} stores no denoiser spec: pass the architecture it was trained with")
+    return build_denoiser(spec)

@@ -1,0 +1,73 @@
+"""The import graph follows DESIGN.md's layers (math -> nn -> methods -> lightning -> entry): every
+``import entreg...`` in the package, including the ones inside functions, points down, and the graph of
+sub-packages has no cycle. A new upward import or cycle fails here, not in a user's circular-import error."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "entreg"
+LAYERS = {
+    "math": {"entropy"},
+    "nn": {"nn"},
+    "methods": {"tta", "diffusion", "flow", "rl"},
+    "lightning": {"callbacks", "modules", "data", "distributed", "loggers", "metrics"},
+    "entry": {"cli", "train", "adapt", "sample", "finetune", "checkpoint_kind"},
+}
+ORDER = list(LAYERS)
+
+
+def unit(module: str) -> str:
+    """``entreg.flow.rewards`` -> ``flow``; ``entreg.cli`` -> ``cli``; ``entreg`` -> ``entreg``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def import_graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        source = unit(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            edges[source] |= {unit(name) for name in names if name.startswith("entreg.")} - {source}
+    return edges
+
+
+def layer(name: str) -> str:
+    (found,) = [key for key, members in LAYERS.items() if name in members] or [None]
+    assert found is not None, f"entreg/{name} belongs to no layer of DESIGN.md: add it to LAYERS"
+    return found
+
+
+def test_every_import_points_down_the_layers():
+    for source, targets in import_graph().items():
+        if source == "entreg":  # the package's __init__ re-exports the public API
+            continue
+        for target in targets:
+            upward = ORDER.index(layer(target)) > ORDER.index(layer(source))
+            methods_sideways = layer(source) == layer(target) == "methods"
+            assert not upward, f"entreg/{source} ({layer(source)}) imports entreg/{target} ({layer(target)})"
+            assert not methods_sideways, f"methods stay independent: entreg/{source} imports entreg/{target}"
+
+
+def test_the_graph_of_subpackages_has_no_cycle():
+    edges = import_graph()
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(edges.get(node, ())):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join([*path, node, target])
+            if target not in state:
+                visit(target, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
