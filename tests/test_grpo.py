@@ -216,3 +216,27 @@ def test_two_processes_equal_one_process(variant):
         enable_progress_bar=False, enable_model_summary=False, callbacks=[ExpectWeights(net.logits.detach())],
     )  # fmt: skip
     trainer.fit(two)
+
+
+def test_a_registered_variant_runs_without_touching_the_others():
+    """A variant is one spec: a late-window Flow-GRPO (SDE on the last 2 of 8 steps only) registered here trains
+    through GRPOModule, rolls out exactly its plan's SDE steps, and needs no change anywhere else."""
+    from entreg.flow.plans import mixgrpo_plan
+    from entreg.flow.variants import GRPO_VARIANTS, GRPOVariant, get_variant, register_variant
+
+    late = GRPOVariant(lambda settings, iteration, grid: [mixgrpo_plan(settings.steps, settings.steps - 2, 2)], False)
+    register_variant("late_window", late)
+    try:
+        module, _ = make_module("late_window", iterations_per_epoch=2)
+        assert module.variant_spec is late
+        (plan,) = module.plans()
+        assert [(s.start, s.end) for s in plan.sde_segments] == [(6, 7), (7, 8)]
+        fit(module)
+        rollouts = 2 * 8 * 4  # iterations x group_size x prompts
+        assert module.cost["sample_forwards"] == rollouts * 8 and module.cost["train_forward_backwards"] == rollouts * 2
+        with pytest.raises(ValueError, match="registered already"):
+            register_variant("late_window", late)
+    finally:
+        GRPO_VARIANTS.pop("late_window")
+    with pytest.raises(ValueError, match=r"variant must be one of \[.*'egrpo'.*\], got 'egrpoo' \(did you mean 'egrpo'\?\)"):
+        get_variant("egrpoo")

@@ -15,22 +15,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from entreg.flow.grpo import group_advantages, kde_entropy_bonus, ppo_clip_loss
-from entreg.flow.plans import (
-    RolloutPlan,
-    egrpo_plans,
-    flow_grpo_plan,
-    mixgrpo_plan,
-    mixgrpo_window_start,
-    ode_plan,
-)
+from entreg.flow.plans import RolloutPlan, flow_grpo_plan, ode_plan
 from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
+from entreg.flow.variants import get_variant
 from entreg.modules.ema import OptimizerFactory, log_samples
 
-__all__ = ["VARIANTS", "GRPOModule"]
-
-VARIANTS = ("flow_grpo", "mixgrpo", "g2rpo", "egrpo")
+__all__ = ["GRPOModule"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
 
@@ -115,7 +107,8 @@ class GRPOModule(L.LightningModule):
         reward: ``reward(samples, cond) -> (B,)`` (no gradient needed).
         sample_shape: shape of one sample, e.g. ``(2,)`` or ``(1, 8, 8)``.
         num_classes: draw class-label prompts from ``range(num_classes)``; None: unconditional.
-        variant: ``flow_grpo``, ``mixgrpo``, ``g2rpo`` or ``egrpo``.
+        variant: a name in :data:`entreg.flow.variants.GRPO_VARIANTS`: ``flow_grpo``, ``mixgrpo``, ``g2rpo`` or
+            ``egrpo`` (or one added with :func:`entreg.flow.variants.register_variant`).
         steps, shift: sampling grid (``steps`` levels, SD3 shift).
         noise_level: the SDE's ``a`` (sigma_t = a sqrt(t / (1 - t))).
         tau: E-GRPO's entropy threshold on exp(h) per dimension (:mod:`entreg.flow.plans`).
@@ -191,13 +184,10 @@ class GRPOModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        spec = get_variant(variant)
         active_steps = steps // 2 if active_steps is None else active_steps
         if steps < 2 or not 1 <= active_steps <= steps:
             raise ValueError(f"need steps >= 2 and 1 <= active_steps <= steps, got {steps=}, {active_steps=}")
-        if variant == "mixgrpo" and not 1 <= window_size <= active_steps:
-            raise ValueError(f"window_size must be in [1, active_steps={active_steps}], got {window_size}")
         if group_size < 2 or prompts < 1 or minibatches < 1:
             raise ValueError(
                 f"need group_size >= 2, prompts >= 1, minibatches >= 1, got {group_size}, {prompts}, {minibatches}"
@@ -208,11 +198,14 @@ class GRPOModule(L.LightningModule):
             raise ValueError(
                 f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {shift}, {noise_level}, {tau}, {kl_coef}"
             )
-        if variant in ("flow_grpo", "mixgrpo") and prompts % minibatches:
+        if not spec.branched and prompts % minibatches:
             raise ValueError(f"prompts ({prompts}) must be divisible by minibatches ({minibatches})")
         if not any(p.requires_grad for p in net.parameters()):
             raise ValueError("net has no trainable parameters (an EMA copy? call net.requires_grad_(True))")
         self.save_hyperparameters(ignore=["net", "reward", "optimizer", "eval_metrics"])
+        if spec.check is not None:
+            spec.check(self.hparams)
+        self.variant_spec = spec
         self.automatic_optimization = False
         self.net, self.reward, self.eval_metrics = net, reward, eval_metrics
         self.base = copy.deepcopy(net).requires_grad_(False).eval()
@@ -244,14 +237,7 @@ class GRPOModule(L.LightningModule):
 
     def plans(self) -> list[RolloutPlan]:
         """The plans of this iteration: one for Flow-GRPO and MixGRPO, one per branch point otherwise."""
-        h = self.hparams
-        if h.variant == "flow_grpo":
-            return [flow_grpo_plan(h.steps)]
-        if h.variant == "mixgrpo":
-            start = mixgrpo_window_start(self.iteration, h.shift_every, h.window_size, h.active_steps)
-            return [mixgrpo_plan(h.steps, start, h.window_size)]
-        tau = h.tau if h.variant == "egrpo" else 0.0
-        return egrpo_plans(self.grid, h.noise_level, tau, h.active_steps)
+        return self.variant_spec.plans(self.hparams, self.iteration, self.grid)
 
     # --- rollouts --------------------------------------------------------------------------------------------
 
@@ -281,9 +267,9 @@ class GRPOModule(L.LightningModule):
         units: list[_Unit] = []
         g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
         plans = self.plans()
-        if h.variant in ("flow_grpo", "mixgrpo"):
+        if not self.variant_spec.branched:
             (plan,) = plans
-            shared = h.variant == "mixgrpo"  # MixGRPO: shared noise, so a group shares its states up to the window
+            shared = self.variant_spec.shared_noise  # MixGRPO: a group shares its states up to the window
             noise = self._noise(h.prompts if shared else h.prompts * h.group_size, 2)
             noise = noise.repeat_interleave(h.group_size, 0) if shared else noise
             out, mine_cond = self._rollout_group(policy, noise, plan, cond, g_sde, mine, 0, parts)
@@ -322,7 +308,7 @@ class GRPOModule(L.LightningModule):
         member's noise does not depend on the number of ranks."""
         h = self.hparams
         rows = (torch.arange(h.prompts)[:, None] * h.group_size + mine[None, :]).flatten().to(self.device)
-        start = plan.branch if h.variant in ("g2rpo", "egrpo") else 0
+        start = plan.branch if self.variant_spec.branched else 0
         n_sde = len([s for s in plan.segments if s.kind == "sde" and s.start >= start])
         noises = iter([torch.randn(len(x), *h.sample_shape, generator=g).to(self.device)[rows] for _ in range(n_sde)])
         mine_cond = None if cond is None else cond[rows]
