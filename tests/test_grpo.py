@@ -238,5 +238,6 @@ def test_a_registered_variant_runs_without_touching_the_others():
             register_variant("late_window", late)
     finally:
         GRPO_VARIANTS.pop("late_window")
-    with pytest.raises(ValueError, match=r"variant must be one of \[.*'egrpo'.*\], got 'egrpoo' \(did you mean 'egrpo'\?\)"):
+    hint = r"variant must be one of \[.*'egrpo'.*\], got 'egrpoo' \(did you mean 'egrpo'\?\)"
+    with pytest.raises(ValueError, match=hint):
         get_variant("egrpoo")
