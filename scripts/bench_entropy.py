@@ -30,7 +30,7 @@ Run:
     python scripts/bench_entropy.py --quick    # tiny settings, checks that the script works
 
 The raw per-repeat numbers, the settings, the torch version, thread count and date are written to
-``bench_entropy.json`` next to this script (``--out`` to change).
+``bench_entropy.json`` in ``results/`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import ForeignCpu, quantile
+from benchkit import ForeignCpu, quantile, results_path
 
 from entreg.entropy import categorical_entropy
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--max-foreign-cores", type=float, default=0.5, help="a repeat is clean if other processes used fewer cores"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="JSON output path")
+    parser.add_argument("--out", type=Path, default=results_path(__file__), help="JSON output path")
     args = parser.parse_args(argv)
 
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 21)

@@ -40,8 +40,8 @@ Run:
     python scripts/bench_era.py --part b      # only the speed part
     python scripts/bench_era.py --quick       # tiny settings (< ~1 minute): checks that the script works
 
-Raw numbers, settings, torch version, thread count and date go to ``bench_era.json`` next to this
-script (``--out`` to change). Nothing is downloaded.
+Raw numbers, settings, torch version, thread count and date go to ``results/bench_era.json`` (``--out`` to
+change). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quantile, quiet_libraries
+from benchkit import ForeignCpu, quantile, quiet_libraries, results_path
 from torch import Tensor, nn
 
 ARMS: dict[str, list[str]] = {
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="a repeat is clean if other processes used at most this many cores while each arm ran (default 0.2)",
     )
     group_b.add_argument("--seed", type=int, default=0, help="seed of the model and the random batch")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="JSON output path")
+    parser.add_argument("--out", type=Path, default=results_path(__file__), help="JSON output path")
     args = parser.parse_args(argv)
 
     seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)

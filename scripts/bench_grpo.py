@@ -12,7 +12,7 @@ How:
 
 1. Base model: a rectified-flow MLP (:class:`entreg.nn.denoisers.MLPDenoiser`, 3 residual layers of 128) trained
    by :class:`entreg.modules.flow.FlowMatchingModule` on 8 Gaussians (std 0.25) on a circle of radius 4
-   (:class:`entreg.data.ring.RingDataModule`); cached in ``/tmp/entreg_bench_grpo/``.
+   (:class:`entreg.data.ring.RingDataModule`); cached in ``.cache/bench/grpo/`` (git-ignored).
 2. Reward: :class:`entreg.flow.rewards.RegionReward`, max over modes 0-2 of exp(-|x - m|^2 / 0.5).
 3. Arms (:class:`entreg.modules.grpo.GRPOModule`): 16 steps, shift 3, a = 0.7, group 8, 4 groups per iteration,
    8 active steps; MixGRPO's window of 4 moves every ``budget / (5 * 4 * cost of an iteration)`` iterations so
@@ -34,7 +34,7 @@ policy's trajectories); cost counters and reward calls; wall-clock.
 
 Run (from the repository root): ``PYTHONPATH=. python scripts/bench_grpo.py [--task digits]`` (ring: about 15
 minutes on 2 cores; ``--quick``: 1 seed, 1 lr, a small budget). Writes ``bench_grpo.json`` (ring) or
-``bench_grpo_digits.json`` next to this script (``--out``).
+``bench_grpo_digits.json`` in ``results/`` (``--out``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from benchkit import quiet_libraries
+from benchkit import cache_dir, quiet_libraries, results_path
 from torch import nn
 
 from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
@@ -67,7 +67,7 @@ from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
 from entreg.nn.denoisers import MLPDenoiser
 
-CACHE = Path("/tmp/entreg_bench_grpo")
+CACHE = cache_dir("grpo")
 TARGETS = (0, 1, 2)
 ARMS: dict[str, dict[str, Any]] = {
     "Flow-GRPO": {"variant": "flow_grpo"},
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.lrs = args.lrs or ([1e-3] if args.quick else [1e-4, 3e-4, 1e-3])
     args.seeds = args.seeds or (1 if args.quick else 3)
     arms = {name: ARMS[name] for name in (args.arms or ARMS)}
-    out = args.out or Path(__file__).with_name("bench_grpo.json" if args.task == "ring" else "bench_grpo_digits.json")
+    out = args.out or results_path(__file__, "bench_grpo" if args.task == "ring" else "bench_grpo_digits")
     torch.set_num_threads(args.threads)
     quiet_libraries("module(s) in eval mode", "IterableDataset` has `__len__`")
     started = time.perf_counter()

@@ -41,7 +41,7 @@ Run (``entreg`` importable: installed, or ``PYTHONPATH=.`` from the repository r
     python scripts/bench_monitor.py --quick          # smoke run (~1 minute)
     python scripts/bench_monitor.py --device cuda --steps 100 --warmup 10 --alt-steps 300 --rounds 7 --max-minutes 2.5
 
-Raw per-step times, settings and versions go to ``bench_monitor.json`` next to this script (``--out``).
+Raw per-step times, settings and versions go to ``bench_monitor.json`` in ``results/`` (``--out``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quiet_libraries
+from benchkit import ForeignCpu, quiet_libraries, results_path
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--log-every-n-steps", type=int, default=5, help="Trainer log_every_n_steps")
     add("--seed", type=int, default=0, help="seed of the models and data")
     add("--verbose", action="store_true", help="keep Lightning's info logs and warnings")
-    add("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="JSON output path")
+    add("--out", type=Path, default=results_path(__file__), help="JSON output path")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")

@@ -47,7 +47,7 @@ Run (from the repository root):
     PYTHONPATH=. python scripts/bench_samplers.py           # ~5 minutes on 2 cores
     PYTHONPATH=. python scripts/bench_samplers.py --quick   # < 1 minute
 
-Writes ``bench_samplers.json`` next to this script (``--out``).
+Writes ``bench_samplers.json`` in ``results/`` (``--out``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchkit import ForeignCpu
+from benchkit import ForeignCpu, results_path
 from diffusers import (
     DDIMScheduler,
     DEISMultistepScheduler,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--projections", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of the step overhead (default 15)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument("--out", type=Path, default=results_path(__file__))
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.ref_steps = args.ref_steps or (400 if args.quick else 2000)

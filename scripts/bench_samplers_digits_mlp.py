@@ -15,7 +15,7 @@ Why: the exact-mixture benchmark (``bench_samplers.py``) measures solver error w
 fits the CPU.
 
 Run: ``PYTHONPATH=. python scripts/bench_samplers_digits_mlp.py`` (a few minutes on 2 cores); writes
-``bench_samplers_digits_mlp.json`` next to this script (per-seed FDs).
+``bench_samplers_digits_mlp.json`` in ``results/`` (per-seed FDs).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import json
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
+from benchkit import results_path
 
 from entreg.data import DigitsDataModule
 from entreg.data.digits_nets import digits_feature_extractor
@@ -87,7 +87,7 @@ def main() -> dict:
                     results[f"{prediction}|{arm}|{grid}|{nfe}"] = fds
                     print(prediction, arm, grid, nfe, [round(v, 1) for v in fds], flush=True)
     results["seconds"] = time.perf_counter() - start
-    Path(__file__).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    results_path(__file__).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -16,7 +16,7 @@ How:
    cosine to 1e-5 over ``--train-iters``), batch ``--batch-size``, EMA 0.999 of the weights (what every
    sampler uses). Training stops at ``--train-iters`` or after ``--train-minutes``, whichever comes first
    (both reported with the final loss: the mean MSE of the last 4 batches logged, one every 50 iterations). Cached in
-   ``/tmp/entreg_bench_samplers/`` under a key of these settings (``--retrain`` ignores the cache).
+   ``.cache/bench/samplers/`` (git-ignored) under a key of these settings (``--retrain`` ignores the cache).
 2. Reference: ``bench_samplers.reference``, DPM-Solver++(2M) (our scheduler with its EVODiff coefficients
    neutral) on ``--ref-steps`` (200) uniform-logSNR levels from the largest to the smallest training noise
    level, then the data prediction; the scheduler in float64 (the UNet in float32), from the same initial
@@ -47,7 +47,7 @@ Run (from the repository root):
     PYTHONPATH=. python scripts/bench_samplers_learned.py                    # on a GPU (training capped at 6 minutes)
     PYTHONPATH=. python scripts/bench_samplers_learned.py --quick            # CPU smoke test (~10 min at load 7)
 
-Writes ``bench_samplers_learned.json`` next to this script (``--out``).
+Writes ``bench_samplers_learned.json`` in ``results/`` (``--out``).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 from bench_samplers import GRIDS, LOGSNR_OK, NFES, SAMPLERS, mean_std, reference, run_sampler
+from benchkit import cache_dir, results_path
 from torch import Tensor
 
 from entreg.data import DigitsDataModule
@@ -72,7 +73,7 @@ from entreg.diffusion.metrics import frechet_distance
 from entreg.modules.diffusion import DiffusionModule
 from entreg.nn.denoisers import unet2d
 
-CACHE = Path("/tmp/entreg_bench_samplers")
+CACHE = cache_dir("samplers")
 
 
 class CountingModel:
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--halving-all-seeds", action="store_true", help="reference halving on every seed")
     parser.add_argument("--device", default="auto", help="where the UNet runs: auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument("--out", type=Path, default=results_path(__file__))
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.samples = args.samples or (64 if args.quick else 500)

@@ -11,7 +11,7 @@ stand-ins (:func:`entreg.data.shifts.apply_shift`) instead.
 
 Sources, trained from scratch on the clean 1000-image training split (1 channel) by a plain loop,
 batch 64, no augmentation, the training seed being the benchmark seed; weights cached in
-``/tmp/entreg_bench_tta/`` by settings and seed (never in the repository); their clean test accuracy is
+``.cache/bench/tta/`` (git-ignored) by settings and seed (never in the repository); their clean test accuracy is
 reported:
 
 * ``small_cnn`` (``widths=(16, 32, 64)``, half the width of ``configs/backbone/small_cnn.yaml``) with
@@ -87,9 +87,9 @@ fewer were clean).
 Run (from the repository root):
     PYTHONPATH=. python scripts/bench_tta.py             # full: 3 seeds, ~40 minutes on 2 cores
     PYTHONPATH=. python scripts/bench_tta.py --quick     # 1 seed, 2 shifts, 3 batches each: < 1 minute
-    PYTHONPATH=. python scripts/bench_tta.py --seeds 5 --out /tmp/tta.json
+    PYTHONPATH=. python scripts/bench_tta.py --seeds 5 --out tta_5seeds.json
 
-Writes ``bench_tta.json`` next to this script (``--out``): settings, versions, every per-seed number.
+Writes ``bench_tta.json`` in ``results/`` (``--out``): settings, versions, every per-seed number.
 Nothing is downloaded.
 """
 
@@ -112,7 +112,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quantile, quiet_libraries
+from benchkit import ForeignCpu, cache_dir, quantile, quiet_libraries, results_path
 from torch import Tensor, nn
 
 from entreg.data.digits import DigitsDataModule
@@ -124,7 +124,7 @@ from entreg.tta import StepInfo, Tent, TTAMethod, build_method
 from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES, force_batch_statistics
 
 NUM_CLASSES = 10
-CACHE = Path("/tmp/entreg_bench_tta")
+CACHE = cache_dir("tta")
 WIDTHS = (16, 32, 64)
 EPOCHS = 15
 WEIGHT_DECAY = 5e-4
@@ -1102,7 +1102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0.2,
         help="a repeat is clean if other processes used at most this many cores during every arm (default 0.2)",
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"), help="JSON output path")
+    parser.add_argument("--out", type=Path, default=results_path(__file__), help="JSON output path")
     args = parser.parse_args(argv)
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (6 if args.quick else EPOCHS)

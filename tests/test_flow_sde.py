@@ -108,8 +108,8 @@ def test_bad_input_raises_clear_errors(call, message):
 
 
 def test_step_entropies_and_egrpo_merges_at_the_paper_settings():
-    """16 steps, shift 3, a = 0.7 (E-GRPO's settings): exp(h) per step from the closed form (the numbers
-    of the research note ../shared/references/egrpo.md, section 1.3), and the merges tau makes."""
+    """16 steps, shift 3, a = 0.7 (E-GRPO's settings, arXiv 2601.00423): exp(h) per step from the closed form
+    h = log(sqrt(2 pi e) sigma_t sqrt(dt)) per dimension, rounded to 2 decimals, and the merges tau makes."""
     grid = grid_list(16, 3.0)
     expected = [2.89, 2.99, 2.14, 1.76, 1.54, 1.39, 1.28, 1.19, 1.12, 1.06, 1.00, 0.94, 0.87, 0.80, 0.69, 0.53]
     assert [round(e, 2) for e in step_entropies(grid, 0.7)] == expected
