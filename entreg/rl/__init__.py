@@ -1,0 +1,26 @@
+"""Reinforcement learning with entropy as a training signal: gymnasium envs, a replay buffer, SAC (+ERA), PPO (+ERA).
+
+Needs the optional extra: ``pip install "entreg[rl]"`` (gymnasium with MuJoCo, and Stable-Baselines3 for the
+parity benchmark). The Lightning modules are :class:`entreg.modules.sac.SACModule` and
+:class:`entreg.modules.ppo.PPOModule`.
+"""
+
+from entreg.rl.envs import (
+    env_spaces,
+    evaluate,
+    get_env_state,
+    make_env,
+    make_vector_env,
+    require_gymnasium,
+    set_env_state,
+)
+
+__all__ = [
+    "env_spaces",
+    "evaluate",
+    "get_env_state",
+    "make_env",
+    "make_vector_env",
+    "require_gymnasium",
+    "set_env_state",
+]

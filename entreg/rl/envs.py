@@ -1,0 +1,176 @@
+"""Gymnasium environments for entreg's agents: construction, seeded deterministic evaluation, exact env state.
+
+gymnasium and MuJoCo are an optional extra (``pip install "entreg[rl]"``); they are imported on first use, so
+``import entreg`` works without them.
+
+* :func:`make_env` / :func:`make_vector_env`: ``gymnasium.make`` wrapped in ``RecordEpisodeStatistics``, with a
+  clear error for unknown ids; a ``SyncVectorEnv`` whose env ``i`` is seeded ``seed + i``.
+* :func:`evaluate`: deterministic episodes with fixed seeds, so two evaluations of one policy are identical.
+* :func:`get_env_state` / :func:`set_env_state`: the exact state of a MuJoCo env (simulator integration state,
+  the env's RNG, time-limit and episode-statistics counters), so a resumed run continues the same episode.
+
+Example:
+    >>> env = make_env("InvertedPendulum-v5", seed=0)
+    >>> obs, _ = env.reset(seed=0)
+    >>> obs.shape
+    (4,)
+    >>> returns = evaluate(lambda obs: torch.zeros(1, 1), "InvertedPendulum-v5", episodes=2, seed=0)
+    >>> returns == evaluate(lambda obs: torch.zeros(1, 1), "InvertedPendulum-v5", episodes=2, seed=0)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MUJOCO_IDS",
+    "env_spaces",
+    "evaluate",
+    "get_env_state",
+    "make_env",
+    "make_vector_env",
+    "require_gymnasium",
+    "set_env_state",
+]
+
+MUJOCO_IDS = ("InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
+
+
+def require_gymnasium() -> ModuleType:
+    """The ``gymnasium`` module, or an ImportError that says how to install it."""
+    try:
+        import gymnasium
+    except ImportError as err:  # pragma: no cover - the test environment has the extra
+        raise ImportError(
+            'entreg.rl needs gymnasium with MuJoCo: pip install "entreg[rl]" (or "gymnasium[mujoco]>=1.0")'
+        ) from err
+    return gymnasium
+
+
+def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> Any:
+    """``gymnasium.make(env_id, **kwargs)`` wrapped in ``RecordEpisodeStatistics``.
+
+    With ``seed`` the action space is seeded with it; the simulator is seeded by the first ``reset(seed=...)``,
+    as gymnasium intends. Unknown ids raise a ValueError that lists the MuJoCo ids entreg's configs use.
+    """
+    gym = require_gymnasium()
+    try:
+        env = gym.make(env_id, **kwargs)
+    except gym.error.DependencyNotInstalled as err:
+        raise ImportError(f'{env_id} needs a missing dependency ({err}): pip install "entreg[rl]"') from err
+    except gym.error.Error as err:
+        raise ValueError(
+            f"unknown gymnasium env id {env_id!r} ({err}); MuJoCo ids include {', '.join(MUJOCO_IDS)}"
+        ) from err
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    if seed is not None:
+        env.action_space.seed(seed)
+    return env
+
+
+def make_vector_env(env_id: str, num_envs: int, seed: int, **kwargs: Any) -> Any:
+    """A ``SyncVectorEnv`` of ``num_envs`` :func:`make_env` envs, reset once with seeds ``seed .. seed+num_envs-1``.
+
+    Gymnasium's default next-step autoreset applies: after an episode ends, the next ``step`` call resets that
+    env (its action is ignored) and returns the first observation of the new episode.
+    """
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    gym = require_gymnasium()
+    envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(env_id, seed + i, **kwargs) for i in range(num_envs)])
+    envs.reset(seed=seed)
+    return envs
+
+
+def env_spaces(env_id: str, **kwargs: Any) -> tuple[Any, Any]:
+    """(observation_space, action_space) of ``env_id`` (an env is built and closed)."""
+    env = make_env(env_id, **kwargs)
+    try:
+        return env.observation_space, env.action_space
+    finally:
+        env.close()
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env_id: str, episodes: int, seed: int, **kwargs: Any) -> list[float]:
+    """Returns of ``episodes`` episodes of ``env_id`` with actions from ``act``; episode ``k`` is seeded ``seed + k``.
+
+    ``act`` maps a float32 observation tensor of shape (1, obs_dim) to an action tensor (1, action_dim) in the
+    env's action units, and should be deterministic (e.g. the policy's mean); actions are clipped to the bounds.
+    ``kwargs`` go to :func:`make_env`.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    env = make_env(env_id, **kwargs)
+    low, high = env.action_space.low, env.action_space.high
+    returns = []
+    try:
+        for k in range(episodes):
+            obs, _ = env.reset(seed=seed + k)
+            total, done = 0.0, False
+            while not done:
+                x = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1)
+                action = act(x).detach().cpu().numpy().reshape(low.shape)
+                obs, reward, terminated, truncated, _ = env.step(np.clip(action, low, high))
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return returns
+
+
+def _layers(env: Any) -> list[Any]:
+    layers, layer = [], env
+    while layer is not None:
+        layers.append(layer)
+        layer = getattr(layer, "env", None)
+    return layers
+
+
+def get_env_state(env: Any) -> dict[str, Any] | None:
+    """The exact state of a (wrapped) MuJoCo env: the full simulator integration state (``mj_getState``), the
+    env's numpy RNG, the time-limit step counter and the episode-statistics counters. None for other envs."""
+    base = env.unwrapped
+    if not (hasattr(base, "model") and hasattr(base, "data")):
+        return None
+    import mujoco
+
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    sim = np.empty(mujoco.mj_stateSize(base.model, spec))
+    mujoco.mj_getState(base.model, base.data, sim, spec)
+    layers = _layers(env)
+    return {
+        "mujoco": torch.from_numpy(sim),
+        "np_random": copy.deepcopy(base.np_random.bit_generator.state),
+        "elapsed_steps": [int(w._elapsed_steps or 0) for w in layers if hasattr(w, "_elapsed_steps")],
+        "episode_stats": [
+            (float(w.episode_returns), int(w.episode_lengths)) for w in layers if hasattr(w, "episode_returns")
+        ],
+    }
+
+
+def set_env_state(env: Any, state: dict[str, Any]) -> None:
+    """Restore a :func:`get_env_state` state into a freshly made env of the same id (it is reset first, as
+    gymnasium's wrappers require, then overwritten)."""
+    import mujoco
+
+    env.reset()
+    base = env.unwrapped
+    mujoco.mj_setState(base.model, base.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    base.np_random.bit_generator.state = copy.deepcopy(state["np_random"])
+    layers = _layers(env)
+    limits = [w for w in layers if hasattr(w, "_elapsed_steps")]
+    stats = [w for w in layers if hasattr(w, "episode_returns")]
+    for layer, steps in zip(limits, state["elapsed_steps"], strict=True):
+        layer._elapsed_steps = steps
+    for layer, (ret, length) in zip(stats, state["episode_stats"], strict=True):
+        layer.episode_returns, layer.episode_lengths = ret, length

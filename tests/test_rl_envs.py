@@ -1,0 +1,100 @@
+"""entreg.rl.envs: construction, seeded evaluation, exact MuJoCo env state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+from entreg.rl.envs import env_spaces, evaluate, get_env_state, make_env, make_vector_env, set_env_state
+
+
+def test_make_env_steps_inverted_pendulum():
+    env = make_env("InvertedPendulum-v5", seed=0)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4,)
+    total, done, steps = 0.0, False, 0
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        total += reward
+        steps += 1
+        done = terminated or truncated
+    # RecordEpisodeStatistics reports the finished episode
+    assert info["episode"]["r"] == pytest.approx(total) and info["episode"]["l"] == steps
+    env.close()
+
+
+def test_unknown_id_lists_valid_ids():
+    with pytest.raises(ValueError, match="HalfCheetah-v5"):
+        make_env("HalfCheeta-v5")
+    with pytest.raises(ValueError, match="unknown gymnasium env id"):
+        make_env("Hopper-v99")
+
+
+def test_vector_env_seeds_each_env():
+    envs = make_vector_env("Hopper-v5", num_envs=2, seed=3)
+    first, _ = envs.reset(seed=3)
+    single = make_env("Hopper-v5")
+    for i in range(2):
+        obs, _ = single.reset(seed=3 + i)
+        np.testing.assert_array_equal(first[i], obs)
+    assert not np.array_equal(first[0], first[1])
+    envs.close()
+    with pytest.raises(ValueError, match="num_envs"):
+        make_vector_env("Hopper-v5", 0, 0)
+
+
+def test_evaluate_is_deterministic_and_depends_on_seed():
+    weights = torch.tensor([[0.5, 2.0, 0.3, 0.6]])  # a linear controller that balances for a while
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        assert obs.dtype == torch.float32 and obs.shape == (1, 4)
+        return (obs * weights).sum(-1, keepdim=True)
+
+    a = evaluate(act, "InvertedPendulum-v5", episodes=3, seed=7)
+    b = evaluate(act, "InvertedPendulum-v5", episodes=3, seed=7)
+    c = evaluate(act, "InvertedPendulum-v5", episodes=3, seed=8)
+    assert len(a) == 3 and a == b
+    assert a[1:] == c[:2]  # episode k is seeded seed + k
+    with pytest.raises(ValueError, match="episodes"):
+        evaluate(act, "InvertedPendulum-v5", episodes=0, seed=0)
+
+
+def test_env_state_round_trip_continues_exactly():
+    _, action_space = env_spaces("Hopper-v5")
+    rng = np.random.default_rng(0)
+    actions = 0.1 * rng.uniform(action_space.low, action_space.high, size=(40, *action_space.shape))
+    env = make_env("Hopper-v5", max_episode_steps=30)
+    env.reset(seed=1)
+    for a in actions[:10]:
+        env.step(a)
+    state = get_env_state(env)
+    rest = []  # up to the 30-step time limit (or a fall): truncation depends on the restored counter
+    for a in actions[10:]:
+        rest.append(env.step(a))
+        if rest[-1][2] or rest[-1][3]:
+            break
+    env.reset()  # what the reset draws depends on the saved RNG state
+    reset_obs = env.reset()[0]
+
+    other = make_env("Hopper-v5", max_episode_steps=30)
+    set_env_state(other, state)
+    for a, (obs, reward, terminated, truncated, _) in zip(actions[10:], rest, strict=False):
+        o, r, te, tr, i = other.step(a)
+        np.testing.assert_array_equal(o, obs)
+        assert (r, te, tr) == (reward, terminated, truncated)
+    # the episode statistics continued too (not the wall-clock time "t")
+    info = rest[-1][4]
+    assert rest[-1][3] and len(rest) == 20  # truncated by the restored time-limit counter
+    assert (i["episode"]["r"], i["episode"]["l"]) == (info["episode"]["r"], info["episode"]["l"])
+    other.reset()
+    np.testing.assert_array_equal(other.reset()[0], reset_obs)
+
+
+def test_env_state_is_none_for_non_mujoco_envs():
+    env = make_env("Pendulum-v1")
+    env.reset(seed=0)
+    assert get_env_state(env) is None
