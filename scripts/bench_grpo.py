@@ -12,7 +12,7 @@ How:
 
 1. Base model: a rectified-flow MLP (:class:`entreg.nn.denoisers.MLPDenoiser`, 3 residual layers of 128) trained
    by :class:`entreg.modules.flow.FlowMatchingModule` on 8 Gaussians (std 0.25) on a circle of radius 4
-   (:class:`entreg.data.ring.RingDataModule`); cached in ``.cache/bench/grpo/`` (git-ignored).
+   (:class:`entreg.data.ring.RingDataModule`); cached in ``.cache/bench/grpo/`` (git-ignored; ``--cache-dir``).
 2. Reward: :class:`entreg.flow.rewards.RegionReward`, max over modes 0-2 of exp(-|x - m|^2 / 0.5).
 3. Arms (:class:`entreg.modules.grpo.GRPOModule`): 16 steps, shift 3, a = 0.7, group 8, 4 groups per iteration,
    8 active steps; MixGRPO's window of 4 moves every ``budget / (5 * 4 * cost of an iteration)`` iterations so
@@ -56,7 +56,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from benchkit import cache_dir, quiet_libraries, results_path
+from benchkit import add_cache_argument, quiet_libraries, results_path
 from torch import nn
 
 from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
@@ -67,7 +67,6 @@ from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
 from entreg.nn.denoisers import MLPDenoiser
 
-CACHE = cache_dir("grpo")
 TARGETS = (0, 1, 2)
 ARMS: dict[str, dict[str, Any]] = {
     "Flow-GRPO": {"variant": "flow_grpo"},
@@ -110,10 +109,12 @@ class DigitsMetrics:
         }
 
 
-def pretrained(module: FlowMatchingModule, datamodule: L.LightningDataModule, steps: int, name: str) -> nn.Module:
-    """``module`` trained for ``steps`` steps on ``datamodule`` (once; its EMA weights cached under ``name``);
-    returns the EMA network."""
-    path = CACHE / f"{name}_{steps}.pt"
+def pretrained(
+    module: FlowMatchingModule, datamodule: L.LightningDataModule, steps: int, cache: Path, name: str
+) -> nn.Module:
+    """``module`` trained for ``steps`` steps on ``datamodule`` (once; its EMA weights cached in ``cache`` under
+    ``name``); returns the EMA network."""
+    path = cache / f"{name}_{steps}.pt"
     if path.exists():
         module.ema.load_state_dict(torch.load(path, weights_only=True))
         return module.ema.module
@@ -122,7 +123,7 @@ def pretrained(module: FlowMatchingModule, datamodule: L.LightningDataModule, st
         enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, datamodule)
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     torch.save(module.ema.state_dict(), path)
     return module.ema.module
 
@@ -132,7 +133,8 @@ def ring_task(args: argparse.Namespace) -> Task:
 
     torch.manual_seed(0)
     module = FlowMatchingModule(MLPDenoiser(dim=2, hidden=128, layers=3), sample_every_n_epochs=0)
-    net = pretrained(module, RingDataModule(n_train=8000, batch_size=256, seed=0), args.base_steps, "ring_base")
+    data = RingDataModule(n_train=8000, batch_size=256, seed=0)
+    net = pretrained(module, data, args.base_steps, args.cache_dir, "ring_base")
     reward, metrics = RegionReward(ring_centers(), TARGETS, width=0.5), ModeMetrics(ring_centers(), TARGETS)
     return Task("ring", net, reward, metrics, (2,), None, 2000, ("in_target", "balance", "distance"))
 
@@ -144,7 +146,7 @@ def digits_task(args: argparse.Namespace) -> Task:
     denoiser = MLPDenoiser(dim=64, hidden=256, layers=3, shape=(1, 8, 8), num_classes=10)
     module = FlowMatchingModule(denoiser, num_classes=10, sample_every_n_epochs=0)
     data = DigitsDataModule(size=8, scale="minus_one_one", batch_size=128)
-    net = pretrained(module, data, args.base_steps, "digits_base")
+    net = pretrained(module, data, args.base_steps, args.cache_dir, "digits_base")
     reward = ClassifierReward(digits_classifier(seed=0, arch="mlp"))
     columns = ("held_out_accuracy", "pca_log_likelihood", "pairwise_distance")
     return Task("digits", net, reward, DigitsMetrics(), (1, 8, 8), 10, 500, columns)
@@ -252,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--arms", nargs="+", default=None, help=f"a subset of {list(ARMS)}")
     parser.add_argument("--base-steps", type=int, default=3000, help="pretraining steps of the base model")
     parser.add_argument("--threads", type=int, default=2)
+    add_cache_argument(parser, "grpo")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     args.budget = args.budget or (2e4 if args.quick else 3e5)
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "common": COMMON,
         "arms": arms,
         "base": make_module(task, ARMS["Flow-GRPO"], 1e-4, 0).evaluate(),

@@ -66,7 +66,7 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quiet_libraries, results_path
+from benchkit import ForeignCpu, quiet_libraries, results_path, shown
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        "settings": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"max_minutes": max_minutes, "goal_ratio": GOAL_RATIO},
     }
     print(

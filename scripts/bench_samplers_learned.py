@@ -15,8 +15,9 @@ How:
    training split of :class:`entreg.data.DigitsDataModule` (8x8, [-1, 1]); plain loop, AdamW (lr 1e-3,
    cosine to 1e-5 over ``--train-iters``), batch ``--batch-size``, EMA 0.999 of the weights (what every
    sampler uses). Training stops at ``--train-iters`` or after ``--train-minutes``, whichever comes first
-   (both reported with the final loss: the mean MSE of the last 4 batches logged, one every 50 iterations). Cached in
-   ``.cache/bench/samplers/`` (git-ignored) under a key of these settings (``--retrain`` ignores the cache).
+   (both reported with the final loss: the mean MSE of the last 4 batches logged, one every 50 iterations). Cached
+   in ``.cache/bench/samplers/`` (git-ignored; ``--cache-dir``) under a key of these settings (``--retrain``
+   ignores the cache).
 2. Reference: ``bench_samplers.reference``, DPM-Solver++(2M) (our scheduler with its EVODiff coefficients
    neutral) on ``--ref-steps`` (200) uniform-logSNR levels from the largest to the smallest training noise
    level, then the data prediction; the scheduler in float64 (the UNet in float32), from the same initial
@@ -64,7 +65,7 @@ from typing import Any
 
 import torch
 from bench_samplers import GRIDS, LOGSNR_OK, NFES, SAMPLERS, mean_std, reference, run_sampler
-from benchkit import cache_dir, results_path
+from benchkit import add_cache_argument, results_path, shown
 from torch import Tensor
 
 from entreg.data import DigitsDataModule
@@ -72,8 +73,6 @@ from entreg.data.digits_nets import digits_feature_extractor
 from entreg.diffusion.metrics import frechet_distance
 from entreg.modules.diffusion import DiffusionModule
 from entreg.nn.denoisers import unet2d
-
-CACHE = cache_dir("samplers")
 
 
 class CountingModel:
@@ -100,14 +99,14 @@ def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device)
         "seed": 0,
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = CACHE / f"unet_{key}_{device.type}.pt"
+    path = args.cache_dir / f"unet_{key}_{device.type}.pt"
     denoiser = unet2d(8, 1, block_out_channels=args.channels, layers_per_block=args.layers, attention=True)
     module = DiffusionModule(denoiser, prediction_type="epsilon", ema_decay=0.999)
     if path.exists() and not args.retrain:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         module.ema.load_state_dict(saved["ema"])
         print(f"  loaded the trained model from {path}", flush=True)
-        return module.ema.module, {**saved["info"], "cached": str(path)}
+        return module.ema.module, {**saved["info"], "cached": shown(path)}
     torch.manual_seed(0)
     module.to(device)
     data = x_train.to(device)
@@ -143,7 +142,7 @@ def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device)
     }
     ema = module.ema.module.to("cpu")
     module.ema.to("cpu")
-    CACHE.mkdir(parents=True, exist_ok=True)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": module.ema.state_dict(), "info": info}, path)
     print(f"  trained {it} iterations in {seconds:.0f} s, final loss {info['final_loss']:.4f}", flush=True)
     return ema, info
@@ -248,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-minutes", type=float, default=None, help="cap on the training time (6; quick 0.5)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 (quick 64)")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached model")
+    add_cache_argument(parser, "samplers")
     parser.add_argument("--halving-all-seeds", action="store_true", help="reference halving on every seed")
     parser.add_argument("--device", default="auto", help="where the UNet runs: auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=2)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "command": " ".join(sys.argv),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
         "samplers": {k: [cls.__name__, kw] for k, (cls, kw) in SAMPLERS.items()},
         "grids": GRIDS,
         "logsnr_ok": sorted(LOGSNR_OK),

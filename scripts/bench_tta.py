@@ -1,6 +1,7 @@
 """Test-time adaptation on shifted digits: online error of Tent, ETA, EATA, OSTTA, SAR and DeYO, and their cost.
 
-A CPU benchmark following the protocol of ``shared/references/tta.md`` section 4 at a smaller scale.
+A CPU benchmark of the scenarios the reference implementations run on ImageNet-C (Tent, EATA, SAR, DeYO;
+below), at a smaller scale.
 
 Data, "digits-C" (default): the 597 test digits of the fixed split (data seed 0), upsampled to 32x32,
 under ImageNet-C's 15 corruptions from ``imagecorruptions-imaug`` (``pip install entreg[corruptions]``),
@@ -11,7 +12,7 @@ stand-ins (:func:`entreg.data.shifts.apply_shift`) instead.
 
 Sources, trained from scratch on the clean 1000-image training split (1 channel) by a plain loop,
 batch 64, no augmentation, the training seed being the benchmark seed; weights cached in
-``.cache/bench/tta/`` (git-ignored) by settings and seed (never in the repository); their clean test accuracy is
+``.cache/bench/tta/`` (git-ignored; ``--cache-dir``) by settings and seed; their clean test accuracy is
 reported:
 
 * ``small_cnn`` (``widths=(16, 32, 64)``, half the width of ``configs/backbone/small_cnn.yaml``) with
@@ -112,7 +113,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, cache_dir, quantile, quiet_libraries, results_path
+from benchkit import ForeignCpu, add_cache_argument, quantile, quiet_libraries, results_path, shown
 from torch import Tensor, nn
 
 from entreg.data.digits import DigitsDataModule
@@ -124,7 +125,6 @@ from entreg.tta import StepInfo, Tent, TTAMethod, build_method
 from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES, force_batch_statistics
 
 NUM_CLASSES = 10
-CACHE = cache_dir("tta")
 WIDTHS = (16, 32, 64)
 EPOCHS = 15
 WEIGHT_DECAY = 5e-4
@@ -307,10 +307,10 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def source_model(
-    data: Digits, norm: str, seed: int, epochs: int, classes: int = NUM_CLASSES
+    data: Digits, norm: str, seed: int, epochs: int, cache: Path, classes: int = NUM_CLASSES
 ) -> tuple[ClassificationModule, dict[str, Any]]:
-    """The source model of ``norm`` trained with ``seed`` on the digits below ``classes`` (loaded from the
-    cache when there). The ViT has a recipe of its own (:data:`VIT_RECIPE`; ``epochs`` is the CNNs')."""
+    """The source model of ``norm`` trained with ``seed`` on the digits below ``classes`` (loaded from
+    ``cache`` when there). The ViT has a recipe of its own (:data:`VIT_RECIPE`; ``epochs`` is the CNNs')."""
     if norm == "vit":
         epochs, lr, weight_decay = VIT_RECIPE["epochs"], VIT_RECIPE["lr"], VIT_RECIPE["weight_decay"]
         name = "vit_" + "_".join(f"{k}{v}" for k, v in VIT.items())
@@ -318,7 +318,7 @@ def source_model(
         lr, weight_decay = TRAIN_LR, WEIGHT_DECAY
         name = f"small_cnn_{norm}_w{'-'.join(map(str, WIDTHS))}"
     known = "" if classes == NUM_CLASSES else f"_known{classes}"
-    path = CACHE / f"{name}{known}_e{epochs}_lr{lr:g}_wd{weight_decay:g}_cos_seed{seed}.pt"
+    path = cache / f"{name}{known}_e{epochs}_lr{lr:g}_wd{weight_decay:g}_cos_seed{seed}.pt"
     module = build_module(norm, classes)
     start = time.perf_counter()
     cached = path.is_file()
@@ -341,7 +341,7 @@ def source_model(
                 F.cross_entropy(module(x[idx]), y[idx]).backward()
                 optimizer.step()
             schedule.step()
-        CACHE.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(module.backbone.state_dict(), partial)
         os.replace(partial, path)  # atomic: a concurrent run never reads half a file
@@ -352,7 +352,7 @@ def source_model(
         "classes": classes,
         "seed": seed,
         "cached": cached,
-        "path": str(path),
+        "path": shown(path),
         "seconds": time.perf_counter() - start,
         "clean_test_acc": accuracy(module, x_test[y_test < classes], y_test[y_test < classes]),
         "clean_val_acc": accuracy(module, x_val[y_val < classes], y_val[y_val < classes]),
@@ -1102,6 +1102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0.2,
         help="a repeat is clean if other processes used at most this many cores during every arm (default 0.2)",
     )
+    add_cache_argument(parser, "tta")
     parser.add_argument("--out", type=Path, default=results_path(__file__), help="JSON output path")
     args = parser.parse_args(argv)
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
@@ -1178,7 +1179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wanted = [(norm, NUM_CLASSES) for norm in norms] + [(norm, KNOWN) for norm in OPEN_SET_NORMS]
         for norm, classes in wanted:
             key = norm if classes == NUM_CLASSES else f"{norm} open"
-            sources[key], info = source_model(data, norm, seed, epochs, classes)
+            sources[key], info = source_model(data, norm, seed, epochs, args.cache_dir, classes)
             infos.append(info)
             how = "cached" if info["cached"] else f"trained in {info['seconds']:.1f} s"
             print(f"  {key:<10} seed {seed}: clean test acc {100 * info['clean_test_acc']:.1f}% ({how})", flush=True)

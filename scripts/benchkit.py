@@ -8,6 +8,7 @@ repeats out of their statistics.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -26,9 +27,18 @@ def results_path(script: str, name: str | None = None) -> Path:
     return RESULTS / f"{name or Path(script).stem}.json"
 
 
-def cache_dir(name: str) -> Path:
-    """A cache folder of its own for one benchmark, inside the repository's git-ignored ``.cache/bench``."""
-    return CACHE / name
+def add_cache_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--cache-dir``: where one benchmark keeps what it trains, ``.cache/bench/<name>`` in the repository
+    (git-ignored) by default."""
+    default = CACHE / name
+    parser.add_argument("--cache-dir", type=Path, default=default, help=f"trained models (default {shown(default)})")
+
+
+def shown(path: Path) -> str:
+    """``path`` as recorded in results: relative to the repository when inside it, so no result names a
+    folder of the machine it ran on."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 class ForeignCpu:

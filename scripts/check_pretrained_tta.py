@@ -39,11 +39,12 @@ How:
    normalises with batch statistics). Agreement = share of crops whose top-1 class equals the source
    model's top-1 on the clean crop. Also: the share of crops below E0 (what ETA/EATA/SAR may select),
    and, on the clean crops, batch statistics in only some BatchNorm groups (which layers break).
-4. Hyperparameters, the ImageNet defaults of ``shared/references/tta.md``: E0 = 0.4 ln 1000, SGD
-   momentum 0.9; lr at batch 64 is 2.5e-4 for all five, scaled linearly to the batch size for Tent,
-   ETA and EATA (6.25e-5 at 16) and by SAR's own small-batch rule 2.5e-4 * bs / 64 * 2 for SAR and
-   DeYO (bs < 32; 1.25e-4 at 16). EATA: d_margin 0.05, beta 2000, Fisher on ``--fisher-images`` (32)
-   clean crops drawn with another seed. SAR: rho 0.05. DeYO: tau_Ent 0.5 ln 1000, tau_PLPD 0.3 (mild).
+4. Hyperparameters, the ImageNet defaults of the reference implementations (EATA's and SAR's ``main.py``,
+   DeYO's ``config.py``): E0 = 0.4 ln 1000, SGD momentum 0.9; lr at batch 64 is 2.5e-4 for all five,
+   scaled linearly to the batch size for Tent, ETA and EATA (6.25e-5 at 16) and by SAR's own small-batch
+   rule 2.5e-4 * bs / 64 * 2 for SAR and DeYO (bs < 32; 1.25e-4 at 16). EATA: d_margin 0.05, beta 2000,
+   Fisher on ``--fisher-images`` (32) clean crops drawn with another seed. SAR: rho 0.05. DeYO: tau_Ent
+   0.5 ln 1000, tau_PLPD 0.3 (mild).
    ``tent_hi``: Tent at 2.5e-3 (``--tent-lr-high``), the authors' upper lr 1e-2 at batch 64 scaled to 16.
 
 What it found (``check_pretrained_tta.json``): the weights map (chelsea -> tiger/Egyptian cat, coffee ->
