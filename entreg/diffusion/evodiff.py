@@ -141,7 +141,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         adaptive_ratio: rescale the step ratio ``r`` by ``sigmoid(|b|/4)``; False: DPM-Solver++'s ``r``.
         corrector: apply the corrector with the next evaluation.
         final_step: ``"evodiff"`` (the reference's last step) or ``"dpmsolver"`` (the same update as the
-            other steps). Measured on exact mixtures (README): ``"dpmsolver"`` has 3-6x lower RMSE on
+            other steps). Measured on exact mixtures (README): ``"dpmsolver"`` has 2-6x lower RMSE on
             time-uniform grids ending at 0 (diffusers' ``timestep_spacing`` trailing/linspace/leading), where the
             reference's shrink ``1 - sqrt(s_t s_0)`` is far from 1 (a warning says so); it is 5-20x worse on grids
             ending at a positive level (``final_sigmas_type="sigma_min"``; a warning says so too) and about
@@ -296,7 +296,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
                 warnings.warn(
                     f"EVODiff's last step multiplies the sample by 1 - sqrt(s_t s_0) = {1 - shrink:.3f}: the reference "
                     f"tuned it in absolute EDM noise units for grids ending near 0.002, and this grid ends at "
-                    f"{s_t:.3g}; final_step='dpmsolver' makes the last step an ordinary one (3-6x lower RMSE on "
+                    f"{s_t:.3g}; final_step='dpmsolver' makes the last step an ordinary one (2-6x lower RMSE on "
                     "time-uniform grids ending at 0, see the README's EVODiff benchmark)",
                     stacklevel=3,
                 )
