@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from entreg.modules.ema import OptimizerFactory
 from entreg.nn.era import GaussianERA
+from entreg.rl.envs import env_spaces, make_vector_env
+from entreg.rl.envs import evaluate as run_episodes
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import (
@@ -59,8 +61,14 @@ class PPOModule(L.LightningModule):
 
     PPO+ERA (``era_entropy_per_dim`` set): the actor outputs a mean and log-std scores per state and
     :class:`entreg.nn.GaussianERA` makes the policy entropy exactly ``era_entropy_per_dim * action_dim`` in every
-    state (more only where a log-std reaches ``era_log_std_min``); the entropy bonus must be 0. The ERA paper's
-    PPO setup is not in its released code; we keep everything else equal to plain PPO.
+    state (more only where a log-std reaches ``era_log_std_min``); the entropy bonus must be 0. What we follow:
+    the paper's continuous ERA map (a softmax splits a fixed log-std budget over the action dimensions, log-stds
+    clamped to [-8, 0] as its released SAC code) with the loss unchanged. Where we differ or had to choose: the
+    released code has no PPO, so its PPO setup (target, network, schedule) is unknown to us and everything but
+    the std head is plain PPO's; the target is constant (the paper's compensation delta, constant or learned, is
+    not implemented); the Gaussian is not truncated (as SB3's PPO, the sample is clipped to the bounds only when
+    stepping, so the entropy floor holds for the distribution PPO trains on); with one action dimension (e.g.
+    InvertedPendulum) ERA is a constant std, exp(target - 0.5 ln(2 pi e)).
 
     Steps with a non-finite observation or reward are masked out of the update with a warning (see
     :class:`entreg.rl.ppo.RolloutCollector`), and an update whose gradient is not finite is skipped, so weights
@@ -169,7 +177,8 @@ class PPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
-        obs_dim, action_dim = _space_dims(env_id, env_kwargs or {})
+        obs_space, action_space = env_spaces(env_id, **(env_kwargs or {}))
+        obs_dim, action_dim = int(np.prod(obs_space.shape)), int(np.prod(action_space.shape))
         era = None
         if era_entropy_per_dim is not None:
             era = GaussianERA(action_dim, era_entropy_per_dim * action_dim, era_log_std_min, era_log_std_max)
@@ -192,9 +201,8 @@ class PPOModule(L.LightningModule):
         if stage != "fit" or self.collector is not None:
             return
         h = self.hparams
-        self.collector = RolloutCollector(
-            _make_vector_env(h.env_id, h.num_envs, h.env_kwargs or {}), self.obs_rms, self.return_rms, h.gamma
-        )
+        envs = make_vector_env(h.env_id, h.num_envs, self._env_seed(), **(h.env_kwargs or {}))
+        self.collector = RolloutCollector(envs, self.obs_rms, self.return_rms, h.gamma)
 
     def _env_seed(self) -> int:
         return self.hparams.seed + self.global_rank * self.hparams.num_envs
@@ -388,37 +396,30 @@ class PPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- acting
     @torch.no_grad()
-    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
-        """Action(s) for raw observation(s) (normalised with the current statistics, not updated), clipped to
-        the action bounds; deterministic: the mean."""
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> Tensor:
+        """Action(s) for raw observation(s), normalised with the current statistics (not updated); deterministic:
+        the mean. In the env's units, not clipped: clip to the action bounds before stepping."""
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
         if self.obs_rms is not None:
             x = self.obs_rms.normalize(x)
         mean, log_std = self.policy.policy(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
-        action = mean if deterministic else mean + log_std.exp() * torch.randn(mean.shape, generator=self.generator)
-        low, high = self._bounds()
-        return np.clip(action.cpu().numpy(), low, high)
-
-    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.collector is not None:
-            return self.collector.low, self.collector.high
-        env = _make_env(self.hparams.env_id, self.hparams.env_kwargs or {})
-        space = env.action_space
-        env.close()
-        return space.low, space.high
+        if deterministic:
+            return mean
+        return mean + log_std.exp() * torch.randn(mean.shape, generator=self.generator).to(mean)
 
     def evaluate(self) -> float:
-        """Mean return of ``eval_episodes`` deterministic episodes seeded ``eval_seed + k``, split over ranks."""
+        """Mean return of ``eval_episodes`` deterministic episodes seeded ``eval_seed + k``, split over ranks
+        (:func:`entreg.rl.envs.evaluate`)."""
         h = self.hparams
-        world, rank = self.trainer.world_size if self._trainer is not None else 1, self.global_rank
+        world = self.trainer.world_size if self._trainer is not None else 1
         per_rank = math.ceil(h.eval_episodes / world)
-        mine = [k for k in range(rank * per_rank, (rank + 1) * per_rank) if k < h.eval_episodes]
+        mine = range(self.global_rank * per_rank, min((self.global_rank + 1) * per_rank, h.eval_episodes))
         was_training = self.policy.training
         self.policy.eval()
-        returns = [_run_episode(self.act, h.env_id, h.env_kwargs or {}, h.eval_seed + k) for k in mine]
+        returns = [run_episodes(self.act, h.env_id, 1, h.eval_seed + k, **(h.env_kwargs or {}))[0] for k in mine]
         self.policy.train(was_training)
         local = torch.tensor([sum(returns), len(returns)], dtype=torch.float64)
-        total = self._gather(local.to(self.device)).sum(0).cpu() if self._trainer is not None else local
+        total = self._gather(local.to(self.device)).sum(0).cpu() if world > 1 else local
         return float(total[0] / total[1])
 
     # ----------------------------------------------------------------------------------------------- checkpoints
@@ -449,35 +450,3 @@ def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
-    import gymnasium as gym
-
-    return gym.make(env_id, **env_kwargs)
-
-
-def _make_vector_env(env_id: str, num_envs: int, env_kwargs: dict[str, Any]) -> Any:
-    from gymnasium.vector import SyncVectorEnv
-
-    return SyncVectorEnv([lambda: _make_env(env_id, env_kwargs) for _ in range(num_envs)])
-
-
-def _space_dims(env_id: str, env_kwargs: dict[str, Any]) -> tuple[int, int]:
-    env = _make_env(env_id, env_kwargs)
-    try:
-        return int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
-    finally:
-        env.close()
-
-
-def _run_episode(act: Any, env_id: str, env_kwargs: dict[str, Any], seed: int) -> float:
-    env = _make_env(env_id, env_kwargs)
-    obs, _ = env.reset(seed=seed)
-    total, done = 0.0, False
-    while not done:
-        obs, reward, terminated, truncated, _ = env.step(act(obs))
-        total += float(reward)
-        done = terminated or truncated
-    env.close()
-    return total

@@ -8,9 +8,9 @@ actions: a Gaussian actor-critic, the clipped objective, and rollouts from a gym
 * :func:`clipped_surrogate_loss`, :func:`value_loss`, :func:`normalize_advantages`: the loss terms, with a mask
   for steps that must not train (non-finite rewards or observations, autoreset steps).
 * :class:`RolloutCollector`: steps a vector env (both gymnasium 1.x autoreset modes), normalises observations and
-  scales rewards as RL-Zoo's ``VecNormalize`` (running statistics updated every step), clips actions to the
-  bounds when stepping (the unclipped sample is what is trained on), masks non-finite steps with a warning and
-  can save and restore the exact state of MuJoCo envs.
+  scales rewards as RL-Zoo's ``VecNormalize`` (running statistics updated every step; final observations are not
+  counted, as there), clips actions to the bounds when stepping (the unclipped sample is what is trained on),
+  masks non-finite steps with a warning and can save and restore the exact state of MuJoCo envs.
 
 The Lightning glue (update epochs, DDP, checkpoints, logging) is :class:`entreg.modules.ppo.PPOModule`.
 """
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from entreg.entropy import gaussian_entropy
 from entreg.nn.era import GaussianERA
+from entreg.rl.envs import get_env_state, set_env_state
 from entreg.rl.normalization import RunningMeanStd
 
 __all__ = [
@@ -304,9 +305,10 @@ class RolloutCollector:
         episode_lengths: list[int] = []
         for t in range(n_steps):
             obs_ok = np.isfinite(self.obs).all(axis=tuple(range(1, self.obs.ndim)))
-            if obs_rms is not None and obs_ok.any():
-                counted_obs.append(self.obs[obs_ok])
-                obs_rms.update(self.obs[obs_ok])
+            counted = obs_ok & ~self.reset_step  # not the final observation of next-step autoreset (as SB3)
+            if obs_rms is not None and counted.any():
+                counted_obs.append(self.obs[counted])
+                obs_rms.update(self.obs[counted])
             x = self.normalize(self.obs, obs_rms)
             obs_buf[t] = x
             mean, log_std = policy.policy(x.to(device))
@@ -374,14 +376,14 @@ class RolloutCollector:
 
     def state_dict(self) -> dict[str, Any]:
         """The collector's position: current observations, pending resets, episode accumulators and, for
-        MuJoCo envs, every env's exact simulator state, RNG and time-limit counter (else ``envs`` is None)."""
+        MuJoCo envs, every sub-env's exact state (:func:`entreg.rl.envs.get_env_state`; else ``envs`` is None)."""
         return {
             "obs": torch.from_numpy(np.asarray(self.obs)).clone() if self.obs is not None else None,
             "reset_step": torch.from_numpy(self.reset_step.copy()),
             "episode_return": torch.from_numpy(self.episode_return.copy()),
             "episode_length": torch.from_numpy(self.episode_length.copy()),
             "discounted_return": torch.from_numpy(self.discounted_return.copy()),
-            "envs": _vector_env_state(self.envs),
+            "envs": _env_states(self.envs),
         }
 
     def load_state_dict(self, state: dict[str, Any], seed: int | None = None) -> bool:
@@ -391,9 +393,8 @@ class RolloutCollector:
         if envs_state is None or state.get("obs") is None or len(envs_state) != self.num_envs:
             self.reset(seed)
             return False
-        self.envs.reset(seed=seed)  # the wrappers require a reset before stepping
         for env, env_state in zip(self.envs.envs, envs_state, strict=True):
-            _set_env_state(env, env_state)
+            set_env_state(env, env_state)
         self.obs = state["obs"].numpy().copy()
         self.reset_step = state["reset_step"].numpy().copy()
         if self.next_step_reset:
@@ -404,46 +405,7 @@ class RolloutCollector:
         return True
 
 
-def _time_limits(env: Any) -> list[Any]:
-    layers, layer = [], env
-    while layer is not None:
-        if hasattr(layer, "_elapsed_steps"):
-            layers.append(layer)
-        layer = getattr(layer, "env", None)
-    return layers
-
-
-def _vector_env_state(envs: Any) -> list[dict[str, Any]] | None:
-    """Exact state of every sub-env of a SyncVectorEnv of MuJoCo envs (mj_getState of the full integration state,
-    the env's numpy RNG, the time-limit counters); None when any sub-env is not a MuJoCo env."""
-    sub_envs = getattr(envs, "envs", None)
-    if sub_envs is None or not all(
-        hasattr(env.unwrapped, "data") and hasattr(env.unwrapped, "model") for env in sub_envs
-    ):
-        return None
-    import mujoco
-
-    states = []
-    spec = mujoco.mjtState.mjSTATE_INTEGRATION
-    for env in sub_envs:
-        base = env.unwrapped
-        sim = np.empty(mujoco.mj_stateSize(base.model, spec))
-        mujoco.mj_getState(base.model, base.data, sim, spec)
-        states.append(
-            {
-                "mujoco": torch.from_numpy(sim),
-                "np_random": copy.deepcopy(base.np_random.bit_generator.state),
-                "elapsed_steps": [int(layer._elapsed_steps or 0) for layer in _time_limits(env)],
-            }
-        )
-    return states
-
-
-def _set_env_state(env: Any, state: dict[str, Any]) -> None:
-    import mujoco
-
-    base = env.unwrapped
-    mujoco.mj_setState(base.model, base.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    base.np_random.bit_generator.state = state["np_random"]
-    for layer, steps in zip(_time_limits(env), state["elapsed_steps"], strict=True):
-        layer._elapsed_steps = steps
+def _env_states(envs: Any) -> list[dict[str, Any]] | None:
+    """:func:`entreg.rl.envs.get_env_state` of every sub-env of a SyncVectorEnv; None unless all are MuJoCo envs."""
+    states = [get_env_state(env) for env in getattr(envs, "envs", ())]
+    return None if not states or any(state is None for state in states) else states
