@@ -17,6 +17,7 @@ from entreg.cli import train
 from entreg.entropy import HALF_LOG_2PI_E
 from entreg.modules.ppo import PPOModule
 from entreg.nn import GaussianERA
+from entreg.rl.envs import env_spaces
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import (
@@ -323,6 +324,14 @@ def test_resume_of_a_non_mujoco_env_warns_and_resets_the_envs(tmp_path):
     assert module.env_steps == 2 * 128
 
 
+@needs_mujoco
+def test_target_kl_stops_the_epochs_early(tmp_path):
+    logger = RecordingLogger()
+    make_trainer(tmp_path, max_epochs=2, logger=logger).fit(ppo(target_kl=1e-7))
+    # the first minibatch starts at KL 0 and steps; the second sees KL > 1.5 target_kl and stops the update
+    assert logger.values("train/updates") == [1.0, 1.0]
+
+
 def test_constructor_rejects_invalid_settings():
     pytest.importorskip("gymnasium")
     with pytest.raises(ValueError, match="batch_size"):
@@ -344,6 +353,10 @@ def test_every_ppo_experiment_trains_from_the_cli(experiment, compose_train):
     assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
     metrics = train(cfg)
     assert math.isfinite(metrics["eval/return"]) and metrics["step"] == 32
+    if cfg.model.era_entropy_per_dim is not None:  # ERA is wired in: the policy entropy is its target
+        _, action_space = env_spaces(cfg.model.env_id)
+        target = cfg.model.era_entropy_per_dim * action_space.shape[0]
+        assert metrics["train/policy_entropy"] == pytest.approx(target, abs=1e-4)
 
 
 @needs_mujoco
