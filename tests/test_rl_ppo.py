@@ -286,6 +286,35 @@ def test_ddp_keeps_weights_identical_across_ranks(tmp_path):
     trainer.fit(module)
 
 
+class SaveFinalWeights(L.Callback):
+    """Rank 0 writes its final weights to ``path`` (the workers of ddp_fork do not share the parent's module)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            torch.save([p.detach().clone() for p in pl_module.parameters()], self.path)
+
+
+@needs_mujoco
+def test_ddp_resume_restores_every_rank_and_continues_exactly(tmp_path):
+    def ddp_fit(name: str, epochs: int, resume: Path | None = None) -> list[torch.Tensor]:
+        weights = tmp_path / f"{name}.pt"
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / name, save_last=True), SaveFinalWeights(weights)]
+        trainer = make_trainer(
+            tmp_path, max_epochs=epochs, devices=2, strategy="ddp_fork", enable_checkpointing=True, callbacks=callbacks
+        )
+        trainer.fit(ppo(), ckpt_path=resume, weights_only=True)
+        return torch.load(weights, weights_only=True)
+
+    full = ddp_fit("full", 3)
+    ddp_fit("half", 2)
+    assert len(torch.load(tmp_path / "half" / "last.ckpt", weights_only=True)["ppo"]["ranks"]) == 2
+    resumed = ddp_fit("resumed", 3, resume=tmp_path / "half" / "last.ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
+
+
 def fit(tmp_path: Path, epochs: int, resume: Path | None = None, **kwargs) -> tuple[PPOModule, RecordingLogger]:
     module, logger = ppo(eval_every=2, eval_episodes=1, **kwargs), RecordingLogger()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
