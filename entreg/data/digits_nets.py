@@ -5,16 +5,12 @@ code need not import the data layer."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entreg.data.digits import DigitsDataModule
-
-if TYPE_CHECKING:
-    from entreg.flow.rewards import PCAGaussianLikelihood
+from entreg.nn.density import PCAGaussianLikelihood
 
 __all__ = ["CLASSIFIER_ARCHS", "digits_classifier", "digits_feature_extractor", "digits_pca_likelihood"]
 
@@ -113,7 +109,7 @@ def digits_feature_extractor(
 
 
 def digits_pca_likelihood(components: int = 16) -> PCAGaussianLikelihood:
-    """:class:`entreg.flow.rewards.PCAGaussianLikelihood` fitted on the 1,000 training digits of
+    """:class:`entreg.nn.density.PCAGaussianLikelihood` fitted on the 1,000 training digits of
     :class:`DigitsDataModule` (``size=8``, ``scale="minus_one_one"``, split seed 0): the off-manifold guard of
     digits GRPO runs.
 
@@ -121,6 +117,4 @@ def digits_pca_likelihood(components: int = 16) -> PCAGaussianLikelihood:
         >>> digits_pca_likelihood(components=4).dim
         64
     """
-    from entreg.flow.rewards import PCAGaussianLikelihood
-
     return PCAGaussianLikelihood(_digits_train_split(8, "minus_one_one", 0)[0], components)
