@@ -60,7 +60,7 @@ def test_class_order_is_preserved():
 
 
 def test_paper_defaults_cap_confidence_on_ten_classes():
-    # H0 = 0.6 with tau = 4 on 10 classes caps the top probability near 0.79 (notes in shared/references/era.md)
+    # H0 = 0.6 with tau = 4 on 10 classes caps the top probability near 0.79 (ERA, arXiv 2510.08549)
     top = torch.softmax(era_logits(torch.tensor([[1e4] + [0.0] * 9]), 0.6), -1).max().item()
     assert 0.75 < top < 0.82
 
