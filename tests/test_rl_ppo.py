@@ -361,6 +361,20 @@ def test_target_kl_stops_the_epochs_early(tmp_path):
     assert logger.values("train/updates") == [1.0, 1.0]
 
 
+@needs_mujoco
+def test_a_checkpoint_saved_after_fit_loads_the_policy_and_normaliser(tmp_path):
+    module = ppo(era_entropy_per_dim=0.2)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")  # the envs are closed: no env state in it
+    loaded = PPOModule.load_from_checkpoint(tmp_path / "after.ckpt", weights_only=True)
+    obs = torch.randn(5, 4) * 3
+    assert torch.equal(loaded.act(obs), module.act(obs)) and loaded.policy.era.target_entropy == 0.2
+    assert loaded.obs_rms.count == module.obs_rms.count > 100  # 128 steps less the final observations
+    with pytest.warns(UserWarning, match="no env and noise state"):
+        make_trainer(tmp_path, max_epochs=2).fit(loaded, ckpt_path=tmp_path / "after.ckpt", weights_only=True)
+
+
 def test_constructor_rejects_invalid_settings():
     pytest.importorskip("gymnasium")
     with pytest.raises(ValueError, match="batch_size"):

@@ -208,8 +208,7 @@ class PPOModule(L.LightningModule):
         return self.hparams.seed + self.global_rank * self.hparams.num_envs
 
     def on_train_start(self) -> None:
-        state = self._resume
-        self._resume = None
+        state, self._resume = self._resume, None
         ranks = state["ranks"] if state is not None else None
         if ranks is not None and len(ranks) == self.trainer.world_size:
             mine = ranks[self.global_rank]
@@ -219,7 +218,10 @@ class PPOModule(L.LightningModule):
             rank_zero_warn("PPO resume: the envs' states are not restorable (not MuJoCo): envs reset, episodes lost")
             return
         if state is not None:
-            rank_zero_warn(f"PPO resume on {self.trainer.world_size} ranks from {len(ranks)}: noise and envs reseeded")
+            rank_zero_warn(
+                f"PPO resume: the checkpoint holds no env and noise state for {self.trainer.world_size} rank(s) (saved "
+                "outside fit, or by another number of ranks): envs and action noise reseeded"
+            )
         seed = self.hparams.seed + self.env_steps  # a fresh start draws new episodes after a resume
         self.generator.manual_seed(int(np.random.SeedSequence([seed, self.global_rank]).generate_state(1)[0]))
         self.collector.reset(self._env_seed() + self.env_steps)
@@ -424,12 +426,13 @@ class PPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        mine = {"generator": self.generator.get_state(), "collector": self.collector.state_dict()}
-        if self.trainer.world_size > 1:
-            ranks: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(ranks, mine)
-        else:
+        ranks: list[Any] | None = None  # saved outside fit (envs closed): weights, normalisers and counters only
+        if self.collector is not None:
+            mine = {"generator": self.generator.get_state(), "collector": self.collector.state_dict()}
             ranks = [mine]
+            if self.trainer.world_size > 1:
+                ranks = [None] * self.trainer.world_size
+                torch.distributed.all_gather_object(ranks, mine)
         checkpoint["ppo"] = {
             "rollouts": self.rollouts,
             "env_steps": self.env_steps,
