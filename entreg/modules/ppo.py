@@ -51,11 +51,13 @@ class PPOModule(L.LightningModule):
     """Proximal policy optimisation (Schulman et al. 2017, arXiv 1707.06347) of a Gaussian policy on a gymnasium
     env, optionally with ERA (Kang et al. 2025, arXiv 2510.08549): a per-state entropy floor instead of a bonus.
 
-    One training step is one rollout of ``n_steps`` steps in each of ``num_envs`` envs (a SyncVectorEnv),
-    GAE (:func:`entreg.rl.gae.gae`; truncated episodes bootstrap from the value of their final observation), then
-    ``n_epochs`` passes over the rollout in minibatches of ``batch_size`` with the clipped objective, the value
-    loss, the entropy bonus, advantages normalised per minibatch and the gradient norm clipped; optionally an
-    early stop of the epochs when the approximate KL exceeds 1.5 ``target_kl`` (as SB3). Defaults are SB3's PPO
+    One training step is one rollout of ``n_steps`` steps in each of ``num_envs`` envs
+    (:func:`entreg.rl.envs.make_vector_env`; with gymnasium's next-step autoreset the step after an episode's end
+    is the reset and is masked out), GAE (:func:`entreg.rl.gae.gae`; truncated episodes bootstrap from the value
+    of their final observation), then ``n_epochs`` passes over the rollout in minibatches of ``batch_size`` with
+    the clipped objective, the value loss, the entropy bonus, advantages normalised per minibatch and the gradient
+    norm clipped; optionally an early stop of the epochs when the approximate KL exceeds 1.5 ``target_kl`` (as
+    SB3). Defaults are SB3's PPO
     with RL-Zoo's ``normalize: true`` for MuJoCo (observations normalised and clipped to 10, rewards scaled by
     the std of the discounted return and clipped to 10), Adam(lr 3e-4, eps 1e-5).
 
@@ -77,7 +79,8 @@ class PPOModule(L.LightningModule):
     ``train/approx_kl``, ``train/clip_fraction``, ``train/policy_loss``, ``train/value_loss``, ``train/std``,
     ``train/explained_variance``, ``train/masked_steps``, ``perf/steps_per_s``, ``perf/updates_per_s``; every
     ``eval_every`` rollouts and at the end, ``eval/return``: deterministic actions (the mean), episodes seeded
-    ``eval_seed, eval_seed + 1, ...``.
+    ``eval_seed, eval_seed + 1, ...``. Under DDP the episode and NaN counts and the evaluation cover all ranks,
+    the other ``train/`` and ``perf/`` values are rank 0's.
 
     DDP: every rank steps its own ``num_envs`` envs (seeds ``seed + rank * num_envs + i``), gradients are averaged
     by DDP at every minibatch, the normalisers merge every rank's statistics after each rollout, the KL early
@@ -89,7 +92,8 @@ class PPOModule(L.LightningModule):
     the uninterrupted run (with the same number of ranks). Other envs are reset on resume (a warning says so).
 
     Args:
-        env_id: gymnasium id, e.g. ``"Hopper-v5"``; ``env_kwargs`` go to ``gymnasium.make``.
+        env_id: gymnasium id, e.g. ``"Hopper-v5"``; ``env_kwargs`` go to ``gymnasium.make``
+            (:func:`entreg.rl.envs.make_env`).
         num_envs, n_steps, batch_size, n_epochs: rollout size per rank and minibatch epochs.
         gamma, gae_lambda: discount and GAE lambda.
         clip_range, clip_range_vf: ratio clip and optional value clip (None: unclipped value loss).
