@@ -1,0 +1,373 @@
+"""SAC and SAC+ERA on gymnasium environments as a LightningModule (manual optimisation)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from entreg.loggers import log_metrics
+from entreg.modules.ema import OptimizerFactory
+from entreg.nn.era import GaussianERA
+from entreg.rl.buffer import ReplayBuffer
+from entreg.rl.envs import evaluate, get_env_state, make_env, set_env_state
+from entreg.rl.policies import Squash
+from entreg.rl.sac import SAC
+
+__all__ = ["SACModule"]
+
+
+class SACModule(L.LightningModule):
+    """Soft actor-critic (Haarnoja et al. 2018, arXiv 1801.01290 and 1812.05905) with automatic temperature, or
+    SAC+ERA (Kang et al. 2025, arXiv 2510.08549), on a gymnasium env with a Box action space.
+
+    The algorithm is :class:`entreg.rl.sac.SAC` (its docstring gives the update and what SAC+ERA follows). One
+    training step is one env step; before ``learning_starts`` steps the actions are uniform in the action
+    space, after it they are sampled from the policy, and once more than ``learning_starts`` steps are stored,
+    every ``train_freq`` steps make ``gradient_steps`` updates on minibatches of ``batch_size`` from the replay
+    buffer (:class:`entreg.rl.buffer.ReplayBuffer`). Defaults are Stable-Baselines3's SAC: Adam(lr 3e-4) for
+    actor, critics and log alpha, buffer 1e6, batch 256, tau 0.005, gamma 0.99, learning_starts 100, one update
+    per step, 256-256 ReLU networks, alpha learned from 1.0 towards the target entropy -dim(A). Actions are
+    rescaled from [-1, 1] to the env's bounds. Episodes ended by the time limit are not terminal (the critic
+    target bootstraps from the final observation).
+
+    SAC+ERA (``era_entropy_per_dim`` set): the actor's std comes from :class:`entreg.nn.GaussianERA`, the
+    Gaussian's entropy is ``era_entropy_per_dim * dim(A)`` in every state (ERA's training script: 0.25 per
+    dimension, log-std in [-8, 0]), actions are drawn from the Gaussian centred at tanh(mean) truncated to
+    [-1, 1] and no entropy term enters the losses, as in ERA's released SAC (``squash="tanh"``: the paper's
+    tanh squashing). With a one-dimensional action (InvertedPendulum) ERA has nothing to distribute and the std
+    is the constant exp(H0 - 0.5 ln(2 pi e)).
+
+    Non-finite data: a transition whose reward or next observation is NaN or infinite is not stored (counted
+    in ``train/skipped_transitions``, with a warning); a non-finite next observation also ends the episode (the
+    env is reset), so the policy never acts on it. The weights therefore only ever see finite data.
+
+    Logged to the trainer's loggers with the env step as x-axis (at periods of their own, so independent of
+    ``log_every_n_steps``): ``rollout/episode_return`` and ``rollout/episode_length`` at each episode end;
+    every ``log_every`` env steps the means since the last log of ``train/critic_loss``, ``train/actor_loss``,
+    ``train/q``, ``train/policy_entropy`` (-log pi of the sampled actions: the entropy the temperature
+    controls), ``train/gaussian_entropy`` (before squashing: ERA's constrained quantity), ``train/alpha``,
+    ``train/target_entropy``, ``train/skipped_transitions``, ``perf/updates_per_s`` and ``perf/steps_per_s``
+    (training wall time, evaluation excluded); ``eval/return`` every ``eval_every`` env steps and at the end:
+    the mean return of ``eval_episodes`` deterministic episodes (the action tanh(mean)) seeded
+    ``eval_seed, eval_seed + 1, ...``. The latest values are also in ``trainer.callback_metrics``.
+
+    Checkpoints hold the weights (actor, critics, target critics, log alpha), the optimizers, the counters, the
+    noise generator, the replay buffer (``save_buffer``) and, for MuJoCo envs, the env's exact simulator state,
+    RNG and time-limit counter with the current observation, so resuming from a checkpoint continues exactly
+    like the uninterrupted run. Other envs cannot be restored: they are reset on resume (with a warning).
+
+    Args:
+        env_id: gymnasium id, e.g. ``"Hopper-v5"``; ``env_kwargs`` go to ``gymnasium.make``.
+        total_steps: env steps of the run (the fit stops there); use ``max_epochs=-1`` or enough epochs.
+        buffer_size, batch_size, learning_starts, train_freq, gradient_steps: replay and update schedule.
+        gamma, tau: discount and Polyak coefficient.
+        ent_coef, initial_alpha, target_entropy: temperature, ``"auto"`` (dual ascent from ``initial_alpha``
+            towards ``target_entropy``, default -dim(A)) or a fixed value.
+        hidden, activation, log_std_min, log_std_max: actor and critic MLPs, the actor's log-std clamp.
+        era_entropy_per_dim, era_log_std_min, era_log_std_max: SAC+ERA (None: plain SAC).
+        squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA).
+        entropy_in_losses: alpha log pi terms in the losses (None: SAC yes, ERA no).
+        optimizer: factory ``params -> Optimizer`` for the critics (with log alpha) and the actor; default
+            Adam(lr=3e-4, foreach=True).
+        steps_per_epoch: env steps per Lightning epoch (checkpoints are written at epoch ends).
+        eval_every, eval_episodes, eval_seed: evaluation period in env steps (0: only at the end), episodes
+            and their first seed.
+        log_every: period in env steps of the ``train/`` and ``perf/`` metrics.
+        save_buffer: keep the replay buffer in checkpoints (needed for an exact resume; large for long runs).
+        seed: seed of the initial weights, the env and the noise (a run is reproducible from it).
+
+    Example:
+        >>> module = SACModule("InvertedPendulum-v5", total_steps=60, learning_starts=40, batch_size=16,
+        ...                    hidden=(16, 16), steps_per_epoch=30, eval_episodes=1)
+        >>> trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module)
+        >>> module.env_steps, module.updates, "eval/return" in trainer.callback_metrics
+        (60, 20, True)
+    """
+
+    def __init__(
+        self,
+        env_id: str,
+        env_kwargs: dict[str, Any] | None = None,
+        total_steps: int = 1_000_000,
+        buffer_size: int = 1_000_000,
+        batch_size: int = 256,
+        learning_starts: int = 100,
+        train_freq: int = 1,
+        gradient_steps: int = 1,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        ent_coef: str | float = "auto",
+        initial_alpha: float = 1.0,
+        target_entropy: float | None = None,
+        hidden: tuple[int, ...] = (256, 256),
+        activation: str = "relu",
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+        era_entropy_per_dim: float | None = None,
+        era_log_std_min: float = -8.0,
+        era_log_std_max: float = 0.0,
+        squash: Squash | None = None,
+        entropy_in_losses: bool | None = None,
+        optimizer: OptimizerFactory | None = None,
+        steps_per_epoch: int = 1000,
+        eval_every: int = 10_000,
+        eval_episodes: int = 10,
+        eval_seed: int = 10_000,
+        log_every: int = 1000,
+        save_buffer: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in {
+            "total_steps": total_steps,
+            "buffer_size": buffer_size,
+            "batch_size": batch_size,
+            "train_freq": train_freq,
+            "gradient_steps": gradient_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "eval_episodes": eval_episodes,
+            "log_every": log_every,
+        }.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if learning_starts < 0 or eval_every < 0:
+            raise ValueError(f"learning_starts and eval_every must be >= 0, got {learning_starts}, {eval_every}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        self.optimizer_factory = optimizer
+        from gymnasium.spaces import Box
+
+        env = make_env(env_id, **(env_kwargs or {}))
+        obs_space, action_space = env.observation_space, env.action_space
+        env.close()
+        if not isinstance(action_space, Box) or not np.all(np.isfinite(action_space.low + action_space.high)):
+            raise ValueError(f"SAC needs a bounded Box action space, {env_id} has {action_space}")
+        self.obs_dim, self.action_dim = int(np.prod(obs_space.shape)), int(np.prod(action_space.shape))
+        self.action_low = action_space.low.reshape(-1).astype(np.float64)
+        self.action_high = action_space.high.reshape(-1).astype(np.float64)
+        era = None
+        if era_entropy_per_dim is not None:
+            era = GaussianERA(self.action_dim, era_entropy_per_dim * self.action_dim, era_log_std_min, era_log_std_max)
+        with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
+            torch.manual_seed(seed)
+            self.sac = SAC(
+                self.obs_dim,
+                self.action_dim,
+                tuple(hidden),
+                activation,
+                gamma=gamma,
+                tau=tau,
+                ent_coef=ent_coef,
+                initial_alpha=initial_alpha,
+                target_entropy=target_entropy,
+                log_std_min=log_std_min,
+                log_std_max=log_std_max,
+                era=era,
+                squash=squash,
+                entropy_in_losses=entropy_in_losses,
+            )
+        self.env_steps = 0
+        self.updates = 0
+        self.episodes = 0
+        self.skipped_transitions = 0
+        self.env: Any = None
+        self.buffer: ReplayBuffer | None = None
+        self.generator: torch.Generator | None = None
+        self._obs: np.ndarray | None = None
+        self._episode_return = 0.0
+        self._episode_length = 0
+        self._resume: dict[str, Any] | None = None
+        self._window: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)  # one item per env step
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=3e-4, foreach=True))
+        return list(self.sac.optimizers(factory))
+
+    def on_train_start(self) -> None:
+        h = self.hparams
+        if self.trainer.world_size > 1:
+            raise RuntimeError("SACModule runs on one device (one env, one replay buffer): use devices=1")
+        self.env = make_env(h.env_id, **(h.env_kwargs or {}))
+        self.buffer = ReplayBuffer(h.buffer_size, self.obs_dim, self.action_dim, self.device, seed=h.seed)
+        self.generator = torch.Generator(device=self.device)
+        self._new_window()
+        state, self._resume = self._resume, None
+        if state is None:
+            self.generator.manual_seed(h.seed)
+            self._reset_env(seed=h.seed)
+            return
+        self.generator.set_state(state["generator"])
+        if state["buffer"] is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        else:
+            rank_zero_warn("SAC resume: the checkpoint has no replay buffer (save_buffer=False): it starts empty")
+        if state["env"] is not None:
+            set_env_state(self.env, state["env"])
+            self._obs = state["obs"].numpy().copy()
+            self._episode_return, self._episode_length = state["episode_return"], state["episode_length"]
+        else:
+            rank_zero_warn("SAC resume: the env's state is not restorable (not MuJoCo): env reset, episode lost")
+            self._reset_env(seed=h.seed + self.env_steps)
+
+    def on_train_end(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def _reset_env(self, seed: int | None = None) -> None:
+        self._obs, _ = self.env.reset(seed=seed)
+        self._episode_return, self._episode_length = 0.0, 0
+
+    def _new_window(self) -> None:
+        self._window = {"stats": [], "updates": 0, "steps": 0, "time": 0.0}
+
+    # ----------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        h = self.hparams
+        start = time.perf_counter()
+        action = self._action()
+        obs, reward, terminated, truncated, _ = self.env.step(self._scale(action))
+        self.env_steps += 1
+        self._episode_length += 1
+        obs_ok = bool(np.isfinite(obs).all())
+        if np.isfinite(reward):
+            self._episode_return += float(reward)
+        if not (obs_ok and self.buffer.add(self._obs, action, reward, obs, terminated)):
+            self.skipped_transitions += 1
+            warnings.warn(
+                "SAC: a transition with a non-finite reward or observation was not stored "
+                "(counted in train/skipped_transitions)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._obs = obs
+        metrics: dict[str, float] = {}
+        if terminated or truncated or not obs_ok:
+            self.episodes += 1
+            metrics["rollout/episode_return"] = self._episode_return
+            metrics["rollout/episode_length"] = float(self._episode_length)
+            self._reset_env()
+        if self.env_steps > h.learning_starts and self.env_steps % h.train_freq == 0 and len(self.buffer) > 0:
+            critic_opt, actor_opt = self.optimizers()
+            for _ in range(h.gradient_steps):
+                stats = self.sac.update(
+                    self.buffer.sample(h.batch_size), critic_opt, actor_opt, self.generator, self.manual_backward
+                )
+                self._window["stats"].append(stats)
+            self.updates += h.gradient_steps
+            self._window["updates"] += h.gradient_steps
+        self._window["steps"] += 1
+        self._window["time"] += time.perf_counter() - start
+        done = self.env_steps >= h.total_steps
+        if self.env_steps % h.log_every == 0 or done:
+            metrics |= self._window_metrics()
+        if done or (h.eval_every and self.env_steps % h.eval_every == 0):
+            metrics["eval/return"] = float(np.mean(self.evaluate()))
+        if metrics:
+            self._emit(metrics)
+        if done:
+            self.trainer.should_stop = True
+
+    @torch.no_grad()
+    def _action(self) -> np.ndarray:
+        """The action in [-1, 1] for the current observation: uniform before ``learning_starts``, else sampled."""
+        if self.env_steps < self.hparams.learning_starts:
+            uniform = torch.rand(self.action_dim, generator=self.generator, device=self.device)
+            return (uniform * 2.0 - 1.0).cpu().numpy()
+        obs = torch.as_tensor(self._obs, dtype=torch.float32).reshape(1, -1).to(self.device)
+        return self.sac.act(obs, generator=self.generator)[0].cpu().numpy()
+
+    def _scale(self, action: np.ndarray | Tensor) -> np.ndarray:
+        """[-1, 1] -> the env's bounds."""
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        return self.action_low + (a + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+    def _window_metrics(self) -> dict[str, float]:
+        w = self._window
+        metrics = {
+            "train/skipped_transitions": float(self.skipped_transitions),
+            "train/target_entropy": float(
+                self.sac.era.target_entropy if self.sac.era is not None else self.sac.target_entropy
+            ),
+            "perf/steps_per_s": w["steps"] / max(w["time"], 1e-9),
+        }
+        if w["stats"]:
+            means = torch.stack([torch.stack(list(s.values())) for s in w["stats"]]).mean(0).tolist()
+            metrics |= {f"train/{k}": v for k, v in zip(w["stats"][0], means, strict=True)}
+            metrics["perf/updates_per_s"] = w["updates"] / max(w["time"], 1e-9)
+        self._new_window()
+        return metrics
+
+    def _emit(self, metrics: dict[str, float]) -> None:
+        """Write ``metrics`` to the loggers at the current env step and to ``trainer.callback_metrics``."""
+        log_metrics(self.trainer, metrics, step=self.env_steps)
+        self.log_dict(metrics, logger=False, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------------------------------------- acting
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
+        """Action(s) in the env's units for raw observation(s) of shape (obs_dim,) or (B, obs_dim);
+        deterministic: tanh(mean)."""
+        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(-1, self.obs_dim)
+        a = self.sac.act(x, deterministic=deterministic, generator=self.generator).cpu().numpy()
+        scaled = self.action_low + (a.astype(np.float64) + 1.0) * 0.5 * (self.action_high - self.action_low)
+        return scaled.reshape((*np.shape(obs)[:-1], self.action_dim))
+
+    def evaluate(self, episodes: int | None = None, seed: int | None = None) -> list[float]:
+        """Returns of deterministic episodes seeded ``eval_seed + k`` (defaults from the hyperparameters)."""
+        h = self.hparams
+        actor = self.sac.actor
+        was_training = actor.training
+        actor.eval()
+
+        def act(obs: Tensor) -> Tensor:
+            return torch.from_numpy(self.act(obs.to(self.device), deterministic=True))
+
+        try:
+            return evaluate(
+                act,
+                h.env_id,
+                episodes or h.eval_episodes,
+                h.eval_seed if seed is None else seed,
+                **(h.env_kwargs or {}),
+            )
+        finally:
+            actor.train(was_training)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        env_state = get_env_state(self.env) if self.env is not None else None
+        checkpoint["sac"] = {
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "episodes": self.episodes,
+            "skipped_transitions": self.skipped_transitions,
+            "generator": self.generator.get_state() if self.generator is not None else None,
+            "buffer": self.buffer.state_dict() if self.buffer is not None and self.hparams.save_buffer else None,
+            "env": env_state,
+            "obs": torch.from_numpy(np.asarray(self._obs)).clone() if env_state is not None else None,
+            "episode_return": self._episode_return,
+            "episode_length": self._episode_length,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("sac")
+        if state is None:
+            return
+        self.env_steps, self.updates = state["env_steps"], state["updates"]
+        self.episodes, self.skipped_transitions = state["episodes"], state["skipped_transitions"]
+        self._resume = state if state["generator"] is not None else None

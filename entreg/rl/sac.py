@@ -1,0 +1,257 @@
+"""Soft actor-critic (Haarnoja, Zhou, Abbeel, Levine 2018, arXiv 1801.01290; automatic temperature from
+"Soft Actor-Critic Algorithms and Applications", Haarnoja et al. 2018, arXiv 1812.05905), and SAC+ERA
+(Kang, Liao, Xu, Xu 2025, arXiv 2510.08549).
+
+:class:`SAC` holds the networks and performs one gradient update on a replay minibatch; the Lightning glue
+(env stepping, replay, logging, checkpoints) is :class:`entreg.modules.sac.SACModule`.
+
+One update, in the order of Stable-Baselines3's SAC so that a side-by-side run is like for like:
+
+1. a ~ pi(.|s) (reparameterised), with log pi(a|s);
+2. temperature: J(log alpha) = -mean(log alpha * (log pi(a|s) + H_target)), H_target = -dim(A), with
+   alpha = exp(log alpha) read *before* this step for the losses below;
+3. critics: y = r + gamma (1 - terminated) (min_i Q'_i(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s'),
+   L = 0.5 sum_i mean((Q_i(s, a_replay) - y)^2); steps 2 and 3 share one optimizer step (their gradients are
+   independent, so this equals SB3's two steps);
+4. actor: L = mean(alpha log pi(a|s) - min_i Q_i(s, a)) with the critics just updated (their weights detached,
+   so no critic gradient is computed);
+5. Polyak averaging of the target critics, Q' <- (1 - tau) Q' + tau Q (one fused ``_foreach_lerp_``).
+
+The temperature rule is kept here rather than in :class:`entreg.callbacks.EntropyController`: the controller
+steps a coefficient from a closed-form categorical entropy read off a module's outputs once per optimizer step,
+whereas SAC's dual ascent must run inside every gradient update on the sampled estimate -log pi of a
+tanh-squashed Gaussian (no closed form), with Adam on log alpha as in the reference implementations; the
+controller's rule with ``kp=0`` is the same dual-ascent idea, in linear rather than log space.
+
+SAC+ERA (``era`` given): the actor's log-std comes from :class:`entreg.nn.GaussianERA`, so the Gaussian's
+entropy equals the ERA target in every state; there is no temperature and no entropy term in either loss
+(y = r + gamma (1 - terminated) min_i Q'_i(s', a'), actor loss -min_i Q_i(s, a)), as in ERA's released SAC.
+ERA's code samples a Gaussian centred at tanh(mean) truncated to [-1, 1] (``squash="truncated"``, our default for
+ERA); the paper describes the usual tanh squashing with the target raised by a compensation delta >= 0 for the
+entropy the squashing removes (``squash="tanh"`` with ``era.target_entropy`` = H0 + delta; we keep delta
+constant, as the code does, rather than learning it). ``entropy_in_losses=True`` puts SAC's alpha log pi terms
+back for an ablation.
+
+Example:
+    >>> sac = SAC(obs_dim=3, action_dim=2, hidden=(32, 32))
+    >>> batch = ReplayBatch(torch.randn(8, 3), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 3),
+    ...                     torch.zeros(8))
+    >>> critic_opt, actor_opt = sac.optimizers(lambda params: torch.optim.Adam(params, lr=3e-4))
+    >>> stats = sac.update(batch, critic_opt, actor_opt)
+    >>> sorted(stats)
+    ['actor_loss', 'alpha', 'critic_loss', 'gaussian_entropy', 'policy_entropy', 'q']
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from entreg.entropy import gaussian_entropy
+from entreg.nn.era import GaussianERA
+from entreg.rl.buffer import ReplayBatch
+from entreg.rl.policies import ACTIVATIONS, GaussianActor, Squash
+
+__all__ = ["SAC", "QEnsemble", "ReplayBatch"]
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+class QEnsemble(nn.Module):
+    """``num_q`` independent MLP critics Q_i(s, a) evaluated together: the first layer of all members is one
+    matmul, the others one batched matmul each, so two critics cost about one.
+
+    Each member has the widths and initialisation of ``nn.Linear`` layers (uniform in +-1/sqrt(fan_in)), as
+    Stable-Baselines3's separate critics.
+
+    Example:
+        >>> q = QEnsemble(obs_dim=3, action_dim=2, hidden=(16, 16))
+        >>> q(torch.randn(5, 3), torch.randn(5, 2)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...] = (256, 256),
+        activation: str = "relu",
+        num_q: int = 2,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if num_q < 1 or not hidden:
+            raise ValueError(f"QEnsemble needs num_q >= 1 and at least one hidden layer, got {num_q}, {hidden}")
+        self.num_q = num_q
+        self.activation = ACTIVATIONS[activation]()
+        dims = (obs_dim + action_dim, *hidden, 1)
+        self.width = hidden[0]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in itertools.pairwise(dims):
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+        # the first layer of all members as one (in, num_q * width) matrix: member i is columns i*width..
+        first = self.weights[0].detach().permute(1, 0, 2).reshape(dims[0], num_q * self.width)
+        self.weights[0] = nn.Parameter(first.contiguous())
+        self.biases[0] = nn.Parameter(self.biases[0].detach().reshape(num_q * self.width).clone())
+
+    def forward(self, obs: Tensor, actions: Tensor, detach_params: bool = False) -> Tensor:
+        """Q-values of every member, shape (num_q, B). ``detach_params``: no gradient reaches the weights (the
+        gradient with respect to ``obs`` and ``actions`` still flows)."""
+        weights, biases = list(self.weights), list(self.biases)
+        if detach_params:
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        x = torch.cat([obs, actions], dim=-1)
+        h = torch.addmm(biases[0], x, weights[0]).view(x.shape[0], self.num_q, self.width).transpose(0, 1)
+        for w, b in zip(weights[1:], biases[1:], strict=True):
+            h = torch.baddbmm(b, self.activation(h), w)
+        return h.squeeze(-1)
+
+
+class SAC(nn.Module):
+    """Soft actor-critic with twin critics, Polyak target critics and automatic temperature, or SAC+ERA.
+
+    See the module docstring for the update. Defaults are Stable-Baselines3's SAC.
+
+    Args:
+        obs_dim, action_dim: sizes of the flat observation and action (actions live in [-1, 1]).
+        hidden, activation: widths and activation of the actor and critic MLPs (SB3: 256-256 ReLU).
+        num_q: number of critics (2: clipped double Q).
+        gamma, tau: discount and Polyak coefficient.
+        ent_coef: ``"auto"`` (learned alpha, initial value ``initial_alpha``) or a fixed alpha >= 0; ignored
+            with ``era`` unless ``entropy_in_losses``.
+        initial_alpha: initial temperature for ``"auto"`` (SB3: 1.0).
+        target_entropy: H_target of the temperature rule (None: -action_dim).
+        log_std_min, log_std_max: the actor's log-std clamp without ERA (SB3: -20, 2).
+        era: a :class:`entreg.nn.GaussianERA` for SAC+ERA.
+        squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA, as ERA's code).
+        entropy_in_losses: whether alpha log pi enters the losses (None: True for SAC, False for ERA).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...] = (256, 256),
+        activation: str = "relu",
+        num_q: int = 2,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        ent_coef: str | float = "auto",
+        initial_alpha: float = 1.0,
+        target_entropy: float | None = None,
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+        era: GaussianERA | None = None,
+        squash: Squash | None = None,
+        entropy_in_losses: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        auto = ent_coef == "auto"
+        if not auto and not (isinstance(ent_coef, (int, float)) and ent_coef >= 0):
+            raise ValueError(f"ent_coef must be 'auto' or a number >= 0, got {ent_coef!r}")
+        if not initial_alpha > 0:
+            raise ValueError(f"initial_alpha must be > 0, got {initial_alpha}")
+        hidden = tuple(hidden)
+        self.gamma, self.tau = float(gamma), float(tau)
+        self.entropy_in_losses = era is None if entropy_in_losses is None else bool(entropy_in_losses)
+        self.target_entropy = float(-action_dim if target_entropy is None else target_entropy)
+        squash = squash or ("tanh" if era is None else "truncated")
+        self.actor = GaussianActor(obs_dim, action_dim, hidden, activation, log_std_min, log_std_max, era, squash)
+        self.critic = QEnsemble(obs_dim, action_dim, hidden, activation, num_q)
+        self.critic_target = QEnsemble(obs_dim, action_dim, hidden, activation, num_q)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.learn_alpha = self.entropy_in_losses and auto
+        alpha = initial_alpha if auto else float(ent_coef)
+        log_alpha = torch.tensor(math.log(alpha) if alpha > 0 else -math.inf)
+        if self.learn_alpha:
+            self.log_alpha = nn.Parameter(log_alpha)
+        else:
+            self.register_buffer("log_alpha", log_alpha)
+
+    @property
+    def era(self) -> GaussianERA | None:
+        return self.actor.era
+
+    def optimizers(
+        self, critic_factory: OptimizerFactory, actor_factory: OptimizerFactory | None = None
+    ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """(critic optimizer, also stepping log alpha when learned; actor optimizer) from factories
+        ``params -> Optimizer`` (the actor's defaults to the critic's)."""
+        critic_params: list[Any] = list(self.critic.parameters())
+        if self.learn_alpha:
+            critic_params.append(self.log_alpha)
+        return critic_factory(critic_params), (actor_factory or critic_factory)(self.actor.parameters())
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Actions in [-1, 1] for a batch of observations: sampled, or the mode when ``deterministic``."""
+        if deterministic:
+            return self.actor.mode(obs)
+        return self.actor.sample(obs, generator)[0]
+
+    def update(
+        self,
+        batch: ReplayBatch,
+        critic_optimizer: Any,
+        actor_optimizer: Any,
+        generator: torch.Generator | None = None,
+        backward: Callable[[Tensor], None] = Tensor.backward,
+    ) -> dict[str, Tensor]:
+        """One gradient update (critics and temperature, actor, target critics) on ``batch``; returns detached
+        0-dim diagnostics (no host synchronisation): losses, alpha, mean Q, the policy entropy estimate
+        -mean log pi and the mean entropy of the Gaussian before squashing."""
+        actions_pi, log_prob, log_std = self.actor.sample(batch.obs, generator)
+        alpha = self.log_alpha.detach().exp()
+        loss = self._critic_loss(batch, alpha, generator)
+        critic_loss = loss.detach()
+        if self.learn_alpha:
+            loss = loss - (self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        critic_optimizer.zero_grad()
+        backward(loss)
+        critic_optimizer.step()
+
+        q_pi = self.critic(batch.obs, actions_pi, detach_params=True).min(0).values
+        actor_loss = -q_pi.mean()
+        if self.entropy_in_losses:
+            actor_loss = actor_loss + (alpha * log_prob).mean()
+        actor_optimizer.zero_grad()
+        backward(actor_loss)
+        actor_optimizer.step()
+        self.update_target()
+        return {
+            "critic_loss": critic_loss,
+            "actor_loss": actor_loss.detach(),
+            "alpha": alpha,
+            "q": q_pi.detach().mean(),
+            "policy_entropy": -log_prob.detach().mean(),
+            "gaussian_entropy": gaussian_entropy(log_std.detach()).mean(),
+        }
+
+    def _critic_loss(self, batch: ReplayBatch, alpha: Tensor, generator: torch.Generator | None) -> Tensor:
+        with torch.no_grad():
+            next_actions, next_log_prob, _ = self.actor.sample(batch.next_obs, generator)
+            next_q = self.critic_target(batch.next_obs, next_actions).min(0).values
+            if self.entropy_in_losses:
+                next_q = next_q - alpha * next_log_prob
+            target = batch.rewards + self.gamma * (1.0 - batch.terminated) * next_q
+        q = self.critic(batch.obs, batch.actions)
+        return 0.5 * (q - target).square().mean(-1).sum()
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Q' <- Q' + tau (Q - Q'), all tensors in one fused call."""
+        torch._foreach_lerp_(list(self.critic_target.parameters()), list(self.critic.parameters()), self.tau)
