@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+from entreg.diffusion import GaussianMixture
 from entreg.diffusion.evodiff import EVODiffScheduler, projection
 
 NEUTRAL = {"balance": False, "adaptive_ratio": False, "corrector": False, "final_step": "dpmsolver"}
@@ -59,6 +61,8 @@ def test_from_config_swaps_into_a_pipeline_config_and_round_trips(tmp_path):
         ({"prediction_type": "v_prediction"}, 1e-5),
         ({"prediction_type": "sample", "timestep_spacing": "trailing"}, 1e-5),
         ({"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}, 1e-5),
+        # the last level repeated (Karras with sigma_min): a zero-length last step, the sample stays
+        ({"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, 1e-3),
     ],
 )
 @pytest.mark.parametrize("steps", [3, 8, 25])
@@ -117,62 +121,91 @@ def test_custom_grids_are_checked():
     torch.testing.assert_close(scheduler.timesteps, dpm.timesteps.double(), atol=1e-3, rtol=0)
 
 
-def test_the_reference_last_step_warns_on_grids_far_from_its_edm_endpoint():
-    """The reference's last step multiplies x by 1 - sqrt(s_t s_0) (absolute EDM units): harmless on its own
-    grid ending at 0.002; on diffusers' default grid (last level s = 0.34 at 10 steps) it multiplies x by 0.51, at
-    5 steps by -0.21."""
-    with pytest.warns(UserWarning, match="final_step='dpmsolver'"):
-        sample(EVODiffScheduler(), 10)
-    edm = torch.linspace(80 ** (1 / 7), 0.002 ** (1 / 7), 11).pow(7)  # the reference's EDM grid, in the same units
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        scheduler = EVODiffScheduler()
-        scheduler.set_timesteps(sigmas=edm)
-        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * float(edm[0])
-        for t in scheduler.timesteps:
-            x = scheduler.step(toy_model(x, t), t, x).prev_sample
-        sample(EVODiffScheduler(final_step="dpmsolver"), 10)
+def diffusers_grid(steps: int, **config) -> torch.Tensor:
+    """The noise levels s of ``DPMSolverMultistepScheduler(**config)`` at ``steps`` steps."""
+    scheduler = DPMSolverMultistepScheduler(**config)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.double()
 
 
-def exact_rmse(scheduler: EVODiffScheduler, steps: int) -> float:
-    """RMSE of 300 samples of an exact 16-D Gaussian mixture denoiser to a 400-step neutral solution."""
-    from entreg.diffusion.gmm import GaussianMixture
+def log_snr_grid(steps: int, end: float, start: float = 80.0) -> torch.Tensor:
+    return torch.exp(torch.linspace(math.log(start), math.log(end), steps + 1, dtype=torch.float64))
 
+
+def exact_run(grid: torch.Tensor, **config) -> tuple[torch.Tensor, list[str]]:
+    """300 samples of an exact 16-D Gaussian-mixture denoiser (data prediction at the scheduler's own levels) from
+    fixed noise over ``grid``, and the scheduler's warnings."""
     mixture = GaussianMixture.random(16, 6, 2, seed=0)
-    abar = scheduler.alphas_cumprod.double()
-
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = float(abar[round(float(t))])
-        alpha, sigma = a**0.5, (1 - a) ** 0.5
-        x64 = x.double()
-        return ((x64 - alpha * mixture.posterior_mean(x64, alpha, sigma)) / sigma).to(x.dtype)
-
-    noise = torch.randn(300, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    solutions = []
-    for solver, n in ((scheduler, steps), (EVODiffScheduler(**NEUTRAL, timestep_spacing="trailing"), 400)):
-        solver.set_timesteps(n)
-        x = noise.clone()
-        for t in solver.timesteps:
-            x = solver.step(eps(x, t), t, x).prev_sample
-        solutions.append(x)
-    return float((solutions[0] - solutions[1]).pow(2).mean().sqrt())
+    scheduler = EVODiffScheduler(prediction_type="sample", **config)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler.set_timesteps(sigmas=grid)
+        for k, t in enumerate(scheduler.timesteps):
+            s = float(scheduler.sigmas[k])
+            alpha = 1 / math.sqrt(1 + s * s)
+            x = scheduler.step(mixture.posterior_mean(x, alpha, s * alpha), t, x).prev_sample
+    return x, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
-def test_final_step_guidance_warns_only_where_the_other_choice_is_better():
-    """Time-uniform grid ending at 0: the reference's last step shrinks x by 0.51 at 10 steps, the scheduler
-    recommends final_step='dpmsolver', and it is more accurate. Grid ending at sigma_min: the balanced
-    final_step='dpmsolver' extrapolates over the long last interval, the scheduler warns against it, it is
-    far less accurate, and the reference's last step stays silent."""
-    zero = {"timestep_spacing": "trailing"}
+RECOMMEND_ORDINARY = "final_step='dpmsolver' makes the last step an ordinary one"
+RECOMMEND_REFERENCE = "final_step='evodiff' (the default) is made for it"
+
+
+@pytest.mark.parametrize(
+    ("grid", "better"),
+    [
+        # the reference's last step multiplies x by 0.51 here (s falls 0.72 -> 0.34, then x = D), a normal-length step
+        pytest.param(diffusers_grid(10, timestep_spacing="trailing"), "dpmsolver", id="trailing-to-0"),
+        pytest.param(log_snr_grid(10, 0.3), "dpmsolver", id="logSNR-to-0.3"),  # factor 0.60, ends above 0
+        # factor 0.87 too, but the last step (8 -> 0.002) is 12x the previous one in logSNR: the reference's rule
+        pytest.param(
+            torch.cat([torch.linspace(80.0, 0.002, 10, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]),
+            "evodiff",
+            id="edm-time-uniform-to-0",
+        ),
+        pytest.param(  # last step 0.34 -> 0.01: 4.7x the previous one
+            diffusers_grid(10, timestep_spacing="trailing", final_sigmas_type="sigma_min"),
+            "evodiff",
+            id="trailing-to-sigma-min",
+        ),
+        pytest.param(log_snr_grid(10, 0.002), None, id="logSNR-to-0.002"),  # the reference's grid: factor 0.997
+    ],
+)
+def test_final_step_advice_fires_only_where_the_other_choice_is_more_accurate(grid, better):
+    """A warning names the other ``final_step`` exactly where it is more accurate (RMSE to a converged solution)."""
+    reference_grid = log_snr_grid(800, float(grid[grid > 0][-1]), float(grid[0]))
+    if float(grid[-1]) == 0.0:
+        reference_grid = torch.cat([reference_grid, torch.zeros(1, dtype=torch.float64)])
+    converged, _ = exact_run(reference_grid, **NEUTRAL)
+    (reference_last, reference_warns), (ordinary_last, ordinary_warns) = (
+        exact_run(grid, final_step=final_step) for final_step in ("evodiff", "dpmsolver")
+    )
+    rmse_reference = float((reference_last - converged).pow(2).mean().sqrt())
+    rmse_ordinary = float((ordinary_last - converged).pow(2).mean().sqrt())
+    assert [RECOMMEND_ORDINARY in w for w in reference_warns] == ([True] if better == "dpmsolver" else [])
+    assert [RECOMMEND_REFERENCE in w for w in ordinary_warns] == ([True] if better == "evodiff" else [])
+    if better == "dpmsolver":
+        assert rmse_ordinary < rmse_reference / 1.5
+    elif better == "evodiff":
+        assert rmse_reference < rmse_ordinary / 1.5
+    else:
+        assert 0.5 < rmse_ordinary / rmse_reference < 2.0
+
+
+def test_neutral_coefficients_differ_from_dpm_solver_only_at_its_first_order_last_step():
+    """On a grid ending above 0 diffusers takes the step into the last level at first order below 15 steps
+    (``lower_order_final``) or with ``euler_at_final``; neutral EVODiff keeps the second-order step there."""
     positive = {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}
-    with pytest.warns(UserWarning, match="final_step='dpmsolver' makes the last step an ordinary one"):
-        reference_last = exact_rmse(EVODiffScheduler(**zero), 10)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        ordinary_last = exact_rmse(EVODiffScheduler(final_step="dpmsolver", **zero), 10)
-        reference_last_positive = exact_rmse(EVODiffScheduler(**positive), 10)
-        exact_rmse(EVODiffScheduler(final_step="dpmsolver", balance=False, **positive), 10)
-    with pytest.warns(UserWarning, match="use final_step='evodiff'"):
-        ordinary_last_positive = exact_rmse(EVODiffScheduler(final_step="dpmsolver", **positive), 10)
-    assert ordinary_last < reference_last / 2
-    assert ordinary_last_positive > 3 * reference_last_positive
+    for config, steps, equal in [
+        (positive, 8, False),
+        (positive, 14, False),
+        (positive, 15, True),
+        ({**positive, "lower_order_final": False}, 8, True),
+        ({**positive, "euler_at_final": True}, 20, False),
+        ({"timestep_spacing": "trailing", "euler_at_final": True}, 8, True),  # ends at 0: x = D either way
+    ]:
+        diff = sample(EVODiffScheduler(**config, **NEUTRAL), steps) - sample(
+            DPMSolverMultistepScheduler(**config), steps
+        )
+        assert (diff.abs().max() < 1e-3) == equal, (config, steps, float(diff.abs().max()))

@@ -25,7 +25,9 @@ The sampler integrates the probability-flow ODE in data prediction, in the exact
   reference's ``denoise_to_zero``).
 
 With ``balance=False, adaptive_ratio=False, corrector=False, final_step="dpmsolver"`` every step is
-DPM-Solver++(2M)'s, so the scheduler reproduces :class:`~diffusers.DPMSolverMultistepScheduler`.
+DPM-Solver++(2M)'s, so the scheduler reproduces :class:`~diffusers.DPMSolverMultistepScheduler`, except where
+diffusers takes a first-order step into a positive last level (``final_sigmas_type="sigma_min"`` below 15 steps,
+``lower_order_final``, or ``euler_at_final=True``; we keep the second-order step there).
 
 Differences from the reference, all documented options:
 
@@ -73,7 +75,11 @@ TEMPERATURE = 0.25  # r~ = clip(sigmoid(|b| * TEMPERATURE) * r, ...)
 RATIO_BOUNDS = (0.25, 1.5)
 ZETA_SHIFT = 0.5
 MANY_STEPS = 20  # above this many steps the reference changes its zeta rule
-SHRINK_WARNING = 0.1  # warn when the reference's last step shrinks the sample by more than this fraction
+# final-step advice (measured on exact mixtures, README): the reference's last step hurts where it shrinks the sample
+# by more than SHRINK_WARNING and the last step is not long; the ordinary step hurts where it is long, i.e. where the
+# logSNR ratio r of the step before to the last one is below LONG_LAST_STEP (last interval > 2x the previous one)
+SHRINK_WARNING = 0.1
+LONG_LAST_STEP = 0.5
 
 
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
@@ -141,11 +147,13 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         adaptive_ratio: rescale the step ratio ``r`` by ``sigmoid(|b|/4)``; False: DPM-Solver++'s ``r``.
         corrector: apply the corrector with the next evaluation.
         final_step: ``"evodiff"`` (the reference's last step) or ``"dpmsolver"`` (the same update as the
-            other steps). Measured on exact mixtures (README): ``"dpmsolver"`` has 2-6x lower RMSE on
-            time-uniform grids ending at 0 (diffusers' ``timestep_spacing`` trailing/linspace/leading), where the
-            reference's shrink ``1 - sqrt(s_t s_0)`` is far from 1 (a warning says so); it is 5-20x worse on grids
-            ending at a positive level (``final_sigmas_type="sigma_min"``; a warning says so too) and about
-            equal on logSNR grids.
+            other steps). Which is better depends on the grid's last step (exact mixtures, README), and a
+            warning names the other where it was measured better: ``"dpmsolver"`` where the reference's
+            factor ``1 - sqrt(s_t s_0)`` is below 0.9 and the last step is at most twice the previous one in
+            logSNR (diffusers' trailing/linspace/leading spacing, a logSNR grid stopping at 0.3: 1.9-14x lower
+            RMSE); ``"evodiff"`` where the last step is longer than that (EDM-style time-uniform or quadratic
+            grids, ``final_sigmas_type="sigma_min"``: ``"dpmsolver"`` extrapolates over it, 1.6-20x higher
+            RMSE). Elsewhere (logSNR, Karras and EDM grids) they are within 0.5-1.9x of each other.
         bounded_zeta: keep ``zeta >= sigmoid(-1/2)`` on grids of more than 20 steps (our correction;
             False: the reference, which can diverge there).
         per_channel: least-squares coefficients per sample and channel (the reference); False: per sample.
@@ -204,7 +212,6 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self._reset_state()
         if sigmas is None:
             super().set_timesteps(num_inference_steps, device=device, mu=mu, timesteps=timesteps)
-            self._check_final_step()
             return
         if num_inference_steps is not None or timesteps is not None:
             raise ValueError("pass either sigmas or num_inference_steps/timesteps, not both")
@@ -224,22 +231,26 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
-        self._check_final_step()
 
-    def _check_final_step(self) -> None:
-        """Warn where ``final_step='dpmsolver'`` hurts: on a grid that ends at a positive noise level
-        (``final_sigmas_type='sigma_min'``, timesteps down to 0, custom sigmas), the balanced least-squares step
-        extrapolates over the long last interval (s drops ~30x at 10 steps). On exact mixtures it gave 5-20x the
-        RMSE of the reference's last step (README); without ``balance`` it is fine."""
-        if self.config.final_step != "dpmsolver" or not self.config.balance or float(self.sigmas[-1]) == 0.0:
-            return
-        warnings.warn(
-            f"EVODiff with final_step='dpmsolver' and balance on a grid ending at the positive noise level "
-            f"{float(self.sigmas[-1]):.3g}: the balanced last step extrapolates far (5-20x the RMSE of "
-            "final_step='evodiff' on exact mixtures); use final_step='evodiff' (the default), balance=False or a "
-            "grid ending at 0 (final_sigmas_type='zero')",
-            stacklevel=3,
-        )
+    def _advise_final_step(self, s_t: float, s_prev: float, r: float) -> None:
+        """Warn where the other ``final_step`` was measured more accurate for this grid's last step (from ``s_prev``
+        to the smallest positive level ``s_t``; ``r``: logSNR ratio of the step before to this one)."""
+        factor = 1 - math.sqrt(s_t * s_prev)
+        if self.config.final_step == "evodiff" and factor < 1 - SHRINK_WARNING and r >= LONG_LAST_STEP:
+            warnings.warn(
+                f"EVODiff's last step multiplies the sample by 1 - sqrt(s_t s_0) = {factor:.3f}: the reference tuned "
+                f"it in absolute EDM noise units for grids ending near 0.002, and this grid ends at {s_t:.3g}; "
+                "final_step='dpmsolver' makes the last step an ordinary one (1.9-14x lower RMSE on such grids, see the "
+                "README's EVODiff benchmark)",
+                stacklevel=4,
+            )
+        elif self.config.final_step == "dpmsolver" and r < LONG_LAST_STEP:
+            warnings.warn(
+                f"final_step='dpmsolver' on a grid whose last step is {1 / r:.1f}x the previous one in logSNR: the "
+                "ordinary second-order step extrapolates over it (1.6-20x the RMSE of the reference's last step on "
+                "such grids, see the README's EVODiff benchmark); final_step='evodiff' (the default) is made for it",
+                stacklevel=4,
+            )
 
     # --- the update: EDM units (noise level s = sigma / alpha), folded into the sample's coordinates -----
 
@@ -258,7 +269,8 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
     def _grid_bounds(self) -> tuple[float, float, int]:
         """(largest, smallest positive) noise level in EDM units and the number of steps between them."""
         if self._bounds is None:
-            positive = [s for s in (self._alpha_s(i)[1] for i in range(len(self.sigmas))) if s > 0]
+            levels = (self._alpha_s(i)[1] for i in range(len(self.sigmas)))
+            positive = sorted({s for s in levels if s > 0}, reverse=True)  # a repeated last level counts once
             self._bounds = positive[0], positive[-1], len(positive) - 1
         return self._bounds
 
@@ -289,20 +301,13 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             return x_euler
         (d1_prev, d1_prev_norm), s_prev2 = self._history[-2], self._levels[-2]
         step = alpha_t * 0.5 * s_t * h
+        r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
+        if final:
+            self._advise_final_step(s_t, s_prev, r)
         if final and self.config.final_step == "evodiff":
             c = 1 - 0.5 * math.sqrt(rho) if rho < 0.5 else 1 - 0.5 * math.sqrt(rho - 0.5)
-            shrink = math.sqrt(s_t * s_prev)
-            if shrink > SHRINK_WARNING and float(self.sigmas[-1]) == 0.0:  # where final_step='dpmsolver' helps
-                warnings.warn(
-                    f"EVODiff's last step multiplies the sample by 1 - sqrt(s_t s_0) = {1 - shrink:.3f}: the reference "
-                    f"tuned it in absolute EDM noise units for grids ending near 0.002, and this grid ends at "
-                    f"{s_t:.3g}; final_step='dpmsolver' makes the last step an ordinary one (2-6x lower RMSE on "
-                    "time-uniform grids ending at 0, see the README's EVODiff benchmark)",
-                    stacklevel=3,
-                )
-            shrunk = x_euler * (1 - shrink)
+            shrunk = x_euler * (1 - math.sqrt(s_t * s_prev))
             return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
-        r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
         b1 = self._balance(cross, d1_prev_norm, w, base)
         d1 = minus_scaled(d0, d1_prev, b1)
@@ -380,8 +385,10 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self._levels = [*self._levels[-1:], now[1]]
         if nxt[1] == 0.0:
             prev = data
+        elif nxt[1] == now[1]:  # a repeated level (e.g. Karras sigmas with final_sigmas_type="sigma_min"): no step
+            prev = x
         else:
-            last_positive = k + 1 == len(self.sigmas) - 1 or float(self.sigmas[k + 2]) == 0.0
+            last_positive = nxt[1] == self._grid_bounds()[1]
             prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final, cross)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
