@@ -55,7 +55,12 @@ def data_on_disk(tmp_path, monkeypatch):
     }
 
 
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def is_rl(group: str, option: str) -> bool:
+    """The reinforcement-learning models and experiments (MuJoCo, extra entreg[rl]): tested in tests/test_rl_*.py."""
+    return group in ("model", "experiment") and any(tag in option for tag in ("ppo", "sac"))
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g) if not is_rl(g, o)])
 def test_config_composes_and_instantiates(group, option, compose_train, data_on_disk):
     overrides = [f"{group}={option}"]
     if group == "data":
@@ -97,8 +102,7 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
         assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
-# the reinforcement-learning experiments (MuJoCo, optional extra entreg[rl]) run in tests/test_rl_*.py
-RL_EXPERIMENTS = {name for name in options("experiment") if "_ppo" in name or "_sac" in name}
+RL_EXPERIMENTS = {name for name in options("experiment") if is_rl("experiment", name)}
 
 
 @pytest.mark.parametrize("experiment", sorted(set(options("experiment")) - RL_EXPERIMENTS))
