@@ -180,6 +180,7 @@ class SACModule(L.LightningModule):
         self.updates = 0
         self.episodes = 0
         self.skipped_transitions = 0
+        self.eval_seconds = 0.0  # wall time spent in the periodic evaluations
         self.env: Any = None
         self.buffer: ReplayBuffer | None = None
         self.generator: torch.Generator | None = None
@@ -276,7 +277,9 @@ class SACModule(L.LightningModule):
         if self.env_steps % h.log_every == 0 or done:
             metrics |= self._window_metrics()
         if done or (h.eval_every and self.env_steps % h.eval_every == 0):
+            eval_start = time.perf_counter()
             metrics["eval/return"] = float(np.mean(self.evaluate()))
+            self.eval_seconds += time.perf_counter() - eval_start
         if metrics:
             self._emit(metrics)
         if done:

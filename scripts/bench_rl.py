@@ -1,0 +1,334 @@
+"""Continuous control on MuJoCo: entreg's SAC, SAC+ERA (and PPO+ERA) against Stable-Baselines3, quality and speed.
+
+Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` for ``--budget`` env steps with seeds
+``0..--seeds-1``; seeds are the outer loop, envs the middle one and arms the inner one, so the implementations
+alternate and a stopped run still covers every arm. Every ``--eval-every`` steps and at the end, the policy is
+evaluated on ``--eval-episodes`` deterministic episodes seeded 10000, 10001, ... (:func:`entreg.rl.envs.evaluate`,
+the same for every arm). Each finished (env, arm, seed, budget) is appended to ``results/bench_rl.json`` at once
+and skipped when the script runs again, so a benchmark can span sessions (``--fresh`` starts over).
+
+Arms (``ARMS``: name -> function(env_id, seed, budget, eval_every, eval_episodes) -> run dict):
+
+* ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer 1e6, batch 256,
+  tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
+* ``entreg_sac``: :class:`entreg.modules.sac.SACModule` with its defaults, which are SB3's;
+* ``entreg_sac_era``: the same with ``era_entropy_per_dim=0.25`` (ERA's released SAC: truncated Gaussian, no
+  entropy terms), everything else equal;
+* ``sb3_ppo`` and ``entreg_ppo_era``: slots for the PPO arms (``register_arm``), filled where PPO is benchmarked.
+
+A run dict holds the eval curve ``[[step, mean return], ...]``, ``train_s`` (training wall time, evaluations
+excluded), ``updates`` and ``updates_per_s``. The table gives per (env, budget, arm) the final return and the
+area under the curve (mean eval return over the evaluation points, so it rewards learning early) as mean +- sample
+std over seeds, the training time, updates/s, and the ratio of entreg's to SB3's SAC updates/s paired by seed.
+
+Part ``speed``: the two SAC implementations interleaved (ABBA) on ``--speed-env`` with the default networks,
+timing ``--speed-steps`` training steps (one update each) after the 100 random warm-up steps, so start-up costs are
+left out for both (Lightning's per-step loop is timed); ``--repeats`` times each, median ratio entreg/SB3. Both
+parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
+whenever a neighbour is busy).
+
+Run:
+    python scripts/bench_rl.py --envs InvertedPendulum-v5 Hopper-v5 --budget 20000 --seeds 3
+    python scripts/bench_rl.py --part speed
+    python scripts/bench_rl.py --quick          # tiny settings: checks that the script works (< ~2 minutes)
+
+Nothing is downloaded; gymnasium[mujoco] and stable-baselines3 come with ``pip install "entreg[rl]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from benchkit import ForeignCpu, quiet_libraries, results_path, shown
+
+EVAL_SEED = 10_000
+ArmFn = Callable[[str, int, int, int, int], dict[str, Any]]
+ARMS: dict[str, ArmFn] = {}
+
+
+def register_arm(name: str) -> Callable[[ArmFn], ArmFn]:
+    """Add an arm ``fn(env_id, seed, budget, eval_every, eval_episodes) -> run dict`` to ``ARMS``."""
+
+    def add(fn: ArmFn) -> ArmFn:
+        ARMS[name] = fn
+        return fn
+
+    return add
+
+
+def eval_points(budget: int, eval_every: int) -> list[int]:
+    """Env steps at which every arm is evaluated: multiples of ``eval_every`` and the budget."""
+    return sorted({*range(eval_every, budget + 1, eval_every), budget})
+
+
+def mean_return(act: Callable[[torch.Tensor], torch.Tensor], env_id: str, episodes: int) -> float:
+    from entreg.rl.envs import evaluate
+
+    return float(np.mean(evaluate(act, env_id, episodes, EVAL_SEED)))
+
+
+@register_arm("sb3_sac")
+def sb3_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    from stable_baselines3 import SAC
+
+    from entreg.rl.envs import make_env
+
+    model = SAC("MlpPolicy", make_env(env_id), seed=seed, device="cpu", verbose=0)
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(model.predict(obs.numpy(), deterministic=True)[0])
+
+    curve, train_s, done = [], 0.0, 0
+    for point in eval_points(budget, eval_every):
+        start = time.perf_counter()
+        model.learn(point - done, reset_num_timesteps=done == 0)
+        train_s += time.perf_counter() - start
+        done = point
+        curve.append([point, mean_return(act, env_id, eval_episodes)])
+    updates = model._n_updates
+    return {"curve": curve, "train_s": train_s, "updates": updates, "updates_per_s": updates / train_s}
+
+
+def _entreg_sac(
+    env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
+) -> dict[str, Any]:
+    import lightning as L
+
+    from entreg.modules.sac import SACModule
+
+    class Curve(L.Callback):
+        """The module's own evaluations (at the same points and seeds as the other arms), as they are logged."""
+
+        def __init__(self) -> None:
+            self.curve: list[list[float]] = []
+            self.points = set(eval_points(budget, eval_every))
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+            if module.env_steps in self.points:
+                self.curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
+
+    module = SACModule(
+        env_id,
+        total_steps=budget,
+        eval_every=eval_every,
+        eval_episodes=eval_episodes,
+        eval_seed=EVAL_SEED,
+        steps_per_epoch=budget,
+        seed=seed,
+        **kwargs,
+    )
+    curve = Curve()
+    trainer = L.Trainer(
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[curve],
+    )
+    start = time.perf_counter()
+    trainer.fit(module)
+    train_s = time.perf_counter() - start - module.eval_seconds
+    return {
+        "curve": curve.curve,
+        "train_s": train_s,
+        "updates": module.updates,
+        "updates_per_s": module.updates / train_s,
+    }
+
+
+@register_arm("entreg_sac")
+def entreg_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    return _entreg_sac(env_id, seed, budget, eval_every, eval_episodes)
+
+
+@register_arm("entreg_sac_era")
+def entreg_sac_era(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    return _entreg_sac(env_id, seed, budget, eval_every, eval_episodes, era_entropy_per_dim=0.25)
+
+
+# ----------------------------------------------------------------------------------------------- results
+def load(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"runs": [], "speed": []}
+
+
+def save(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def key(run: dict[str, Any]) -> tuple[str, str, int, int]:
+    return run["env"], run["arm"], run["seed"], run["budget"]
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {std:.1f}"
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    for run in runs:
+        groups.setdefault((run["env"], run["budget"]), {}).setdefault(run["arm"], []).append(run)
+    lines = ["| env | steps | arm | seeds | final return | AUC return | train s | updates/s | ups vs SB3 |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for (env, budget), arms in sorted(groups.items()):
+        baseline = {r["seed"]: r["updates_per_s"] for r in arms.get("sb3_sac", [])}
+        for arm, rs in sorted(arms.items()):
+            final = [r["curve"][-1][1] for r in rs]
+            auc = [float(np.mean([c[1] for c in r["curve"]])) for r in rs]
+            ratios = [r["updates_per_s"] / baseline[r["seed"]] for r in rs if r["seed"] in baseline]
+            ratio = f"{statistics.median(ratios):.2f}" if ratios and arm.endswith("sac") else "-"
+            lines.append(
+                f"| {env} | {budget:g} | {arm} | {len(rs)} | {spread(final)} | {spread(auc)} | "
+                f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
+                f"{statistics.mean(r['updates_per_s'] for r in rs):.1f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- speed
+def sb3_steady(env_id: str, seed: int, steps: int) -> float:
+    """SB3 SAC's updates/s over ``steps`` steps after its 100 warm-up steps (construction and warm-up untimed)."""
+    from stable_baselines3 import SAC
+
+    from entreg.rl.envs import make_env
+
+    model = SAC("MlpPolicy", make_env(env_id), seed=seed, device="cpu", verbose=0)
+    model.learn(100)
+    before = model._n_updates
+    start = time.perf_counter()
+    model.learn(steps, reset_num_timesteps=False)
+    return (model._n_updates - before) / (time.perf_counter() - start)
+
+
+def entreg_steady(env_id: str, seed: int, steps: int) -> float:
+    """SACModule's updates/s over ``steps`` steps after its 100 warm-up steps (Trainer start-up, warm-up and the
+    final evaluation untimed; Lightning's per-step loop is timed)."""
+    import lightning as L
+
+    from entreg.modules.sac import SACModule
+
+    class Clock(L.Callback):
+        start = end = 0.0
+        updates = 0
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+            if module.env_steps == module.hparams.learning_starts:
+                self.start, self.updates = time.perf_counter(), module.updates
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+            self.end = time.perf_counter()
+
+    module = SACModule(env_id, total_steps=100 + steps, eval_every=0, eval_episodes=1, seed=seed)
+    clock = Clock()
+    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(max_epochs=-1, enable_model_summary=False, accelerator="cpu", callbacks=[clock], **options)
+    trainer.fit(module)
+    return (module.updates - clock.updates) / (clock.end - clock.start - module.eval_seconds)
+
+
+def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
+    """ABBA-interleaved steady-state updates/s of SB3's and entreg's SAC; the CPU other processes used meanwhile."""
+    foreign = ForeignCpu()
+    arms = {"sb3_sac": sb3_steady, "entreg_sac": entreg_steady}
+    rows = []
+    for repeat in range(repeats):
+        order = ["sb3_sac", "entreg_sac"] if repeat % 2 == 0 else ["entreg_sac", "sb3_sac"]
+        row: dict[str, float] = {}
+        for arm in order:
+            start = foreign.snapshot()
+            row[arm] = arms[arm](env_id, repeat, steps)
+            row[f"{arm}_foreign_cores"] = foreign.cores(start, foreign.snapshot()) or math.nan
+        row["ratio"] = row["entreg_sac"] / row["sb3_sac"]
+        print(f"  repeat {repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["quality", "speed", "both"], default="quality")
+    parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
+    parser.add_argument("--arms", nargs="+", default=["sb3_sac", "entreg_sac", "entreg_sac_era"])
+    parser.add_argument("--budget", type=float, default=1e5, help="env steps per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eval-every", type=int, default=5000)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--speed-env", default="Hopper-v5")
+    parser.add_argument("--speed-steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny settings, results to results/bench_rl_quick.json")
+    parser.add_argument("--fresh", action="store_true", help="forget the results file's runs")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.envs, args.budget, args.seeds, args.eval_every, args.eval_episodes = (
+            ["InvertedPendulum-v5"],
+            400,
+            1,
+            200,
+            1,
+        )
+        args.speed_steps, args.repeats = 100, 2
+    unknown = set(args.arms) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}; known: {sorted(ARMS)}")
+    torch.set_num_threads(args.threads)
+    quiet_libraries("non-finite", "LeafSpec")
+    out = args.out or results_path(__file__, "bench_rl_quick" if args.quick else None)
+    results = {"runs": [], "speed": []} if args.fresh else load(out)
+    budget = int(args.budget)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.part in ("quality", "both"):
+        done = {key(r) for r in results["runs"]}
+        for seed in range(args.seeds):
+            for env_id in args.envs:
+                for arm in args.arms:
+                    if (env_id, arm, seed, budget) in done:
+                        continue
+                    print(f"{env_id} {arm} seed {seed} ({budget} steps)", flush=True)
+                    run = ARMS[arm](env_id, seed, budget, args.eval_every, args.eval_episodes)
+                    run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, **meta}
+                    print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)
+                    results["runs"].append(run)
+                    save(out, results)
+        print(summary(results["runs"]))
+    if args.part in ("speed", "both"):
+        rows = speed(args.speed_env, args.speed_steps, args.repeats)
+        ratios = [r["ratio"] for r in rows]
+        results["speed"].append({"env": args.speed_env, "steps": args.speed_steps, "rows": rows, **meta})
+        save(out, results)
+        print(
+            f"speed on {args.speed_env}: entreg/SB3 updates/s median {statistics.median(ratios):.3f} "
+            f"(repeats {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
+    print(f"results: {shown(out)}")
+
+
+if __name__ == "__main__":
+    main()
