@@ -43,6 +43,10 @@ _LAZY = {
     "CIFAR10DataModule": "entreg.data",
     "ImageFolderDataModule": "entreg.data",
     "RingDataModule": "entreg.data",
+    "SACModule": "entreg.modules.sac",
+    "SAC": "entreg.rl.sac",
+    "ReplayBuffer": "entreg.rl.buffer",
+    "make_env": "entreg.rl.envs",
 }
 
 __all__ = list(_LAZY)

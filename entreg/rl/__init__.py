@@ -5,6 +5,7 @@ parity benchmark). The Lightning modules are :class:`entreg.modules.sac.SACModul
 :class:`entreg.modules.ppo.PPOModule`.
 """
 
+from entreg.rl.buffer import ReplayBatch, ReplayBuffer
 from entreg.rl.envs import (
     env_spaces,
     evaluate,
@@ -14,8 +15,15 @@ from entreg.rl.envs import (
     require_gymnasium,
     set_env_state,
 )
+from entreg.rl.policies import GaussianActor
+from entreg.rl.sac import SAC, QEnsemble
 
 __all__ = [
+    "SAC",
+    "GaussianActor",
+    "QEnsemble",
+    "ReplayBatch",
+    "ReplayBuffer",
     "env_spaces",
     "evaluate",
     "get_env_state",
