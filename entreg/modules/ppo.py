@@ -195,7 +195,9 @@ class PPOModule(L.LightningModule):
         self.return_rms = RunningMeanStd((), clip=clip_reward) if normalize_reward else None
         self.rollouts = 0
         self.env_steps = 0
+        self.updates = 0  # optimizer steps
         self.skipped_updates = 0
+        self.eval_seconds = 0.0  # wall time spent in evaluations
         self.collector: RolloutCollector | None = None
         self.generator = torch.Generator()
         self._resume: dict[str, Any] | None = None
@@ -267,7 +269,9 @@ class PPOModule(L.LightningModule):
         metrics |= self._episode_metrics(rollout)
         done = h.total_timesteps is not None and self.env_steps >= h.total_timesteps
         if done or (h.eval_every and self.rollouts % h.eval_every == 0):
+            eval_start = time.perf_counter()
             metrics["eval/return"] = self.evaluate()
+            self.eval_seconds += time.perf_counter() - eval_start
         self.log("step", float(self.env_steps), on_step=True, on_epoch=False)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         if done:
@@ -357,6 +361,7 @@ class PPOModule(L.LightningModule):
                     continue
                 optimizer.step()
                 updates += 1
+                self.updates += 1
                 for key, value in (("policy_loss", policy.loss), ("value_loss", values)):
                     sums[key] += float(value.detach())
                 sums["approx_kl"] += float(policy.approx_kl)
@@ -440,6 +445,7 @@ class PPOModule(L.LightningModule):
         checkpoint["ppo"] = {
             "rollouts": self.rollouts,
             "env_steps": self.env_steps,
+            "updates": self.updates,
             "skipped_updates": self.skipped_updates,
             "ranks": ranks,
         }
@@ -449,7 +455,7 @@ class PPOModule(L.LightningModule):
         if state is None:
             return
         self.rollouts, self.env_steps = state["rollouts"], state["env_steps"]
-        self.skipped_updates = state["skipped_updates"]
+        self.updates, self.skipped_updates = state["updates"], state["skipped_updates"]
         self._resume = state
 
 
