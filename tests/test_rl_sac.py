@@ -280,7 +280,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(era, tmp_path):
     make_trainer(tmp_path / "a", max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(first)
     resumed = sac(**{**kwargs, "seed": 99})  # the checkpoint decides everything, not the constructor's seed
     trainer = make_trainer(tmp_path / "b", max_epochs=3)
-    trainer.fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer.fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # as entreg-train loads
     assert (resumed.env_steps, resumed.updates, resumed.episodes) == (full.env_steps, full.updates, full.episodes)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -348,16 +348,19 @@ def test_module_rejects_invalid_settings():
 
 
 # ----------------------------------------------------------------------------------------------- learning
-@pytest.mark.parametrize("era", [None, 0.25], ids=["sac", "sac_era"])
-def test_inverted_pendulum_reaches_900(era, tmp_path):
+@pytest.mark.parametrize(("era", "steps"), [(None, 3000), (0.25, 3500)], ids=["sac", "sac_era"])
+def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
+    """Small networks, lr 3e-3, tau 0.05 and alpha from 0.1: with seeds 0-4 SAC balances (1000) by 3000 steps and
+    SAC+ERA by 3500 (the SB3 defaults need ~1e4 steps, see scripts/bench_rl.py)."""
     module = SACModule(
-        "InvertedPendulum-v5", total_steps=2500, hidden=(64, 64), batch_size=64, tau=0.05, initial_alpha=0.1,
+        "InvertedPendulum-v5", total_steps=steps, hidden=(64, 64), batch_size=64, tau=0.05, initial_alpha=0.1,
         optimizer=lambda params: torch.optim.Adam(params, lr=3e-3, foreach=True), era_entropy_per_dim=era,
-        eval_every=0, eval_episodes=3, seed=0,
+        eval_every=0, eval_episodes=5, seed=0,
     )  # fmt: skip
-    make_trainer(tmp_path).fit(module)
-    assert module.env_steps == 2500
-    assert min(module.evaluate()) >= 900
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module)
+    assert module.env_steps == steps
+    assert float(trainer.callback_metrics["eval/return"]) >= 900
 
 
 # ----------------------------------------------------------------------------------------------- configs and CLI

@@ -291,7 +291,7 @@ class SACModule(L.LightningModule):
         if self.env_steps < self.hparams.learning_starts:
             uniform = torch.rand(self.action_dim, generator=self.generator, device=self.device)
             return (uniform * 2.0 - 1.0).cpu().numpy()
-        obs = torch.as_tensor(self._obs, dtype=torch.float32).reshape(1, -1).to(self.device)
+        obs = torch.as_tensor(np.nan_to_num(self._obs), dtype=torch.float32).reshape(1, -1).to(self.device)
         return self.sac.act(obs, generator=self.generator)[0].cpu().numpy()
 
     def _scale(self, action: np.ndarray | Tensor) -> np.ndarray:
@@ -324,8 +324,9 @@ class SACModule(L.LightningModule):
     @torch.no_grad()
     def act(self, obs: np.ndarray | Tensor, deterministic: bool = True) -> np.ndarray:
         """Action(s) in the env's units for raw observation(s) of shape (obs_dim,) or (B, obs_dim);
-        deterministic: tanh(mean)."""
+        deterministic: tanh(mean). Non-finite observation entries are read as 0."""
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(-1, self.obs_dim)
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite observation must not give NaN actions
         a = self.sac.act(x, deterministic=deterministic, generator=self.generator).cpu().numpy()
         scaled = self.action_low + (a.astype(np.float64) + 1.0) * 0.5 * (self.action_high - self.action_low)
         return scaled.reshape((*np.shape(obs)[:-1], self.action_dim))

@@ -7,7 +7,7 @@ samples with the reparameterisation trick, so losses differentiate through the a
   u ~ N(mean, std); log pi(a) = log N(u) - sum_i log(1 - tanh(u_i)^2), the last term written as
   2 (log 2 - u - softplus(-2u)) so it stays finite where tanh saturates (SB3 adds 1e-6 inside the log instead).
 * ``squash="truncated"`` (ERA's released SAC code, Kang et al. 2025, arXiv 2510.08549): a ~ N(tanh(mean), std)
-  truncated to [-1, 1], sampled by the inverse CDF (in float64, then cast back); the mode tanh(mean) lies
+  truncated to [-1, 1], sampled by the inverse CDF; the mode tanh(mean) lies
   inside the interval, so the deterministic action is the same for both.
 
 Without ``era`` the log-std comes from the head and is clamped to [log_std_min, log_std_max] (SB3: [-20, 2]).
@@ -65,17 +65,21 @@ def tanh_gaussian_log_prob(u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
 
 def truncated_gaussian_sample(centre: Tensor, log_std: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
     """Reparameterised sample of N(centre, exp(log_std)^2) truncated to [-1, 1] and its log-density (summed over
-    the last dim), from ``uniform`` noise in (0, 1) by the inverse CDF. ``centre`` must lie in [-1, 1]."""
-    dtype = centre.dtype
-    c, log_s = centre.double(), log_std.double()
-    s = torch.exp(log_s)
-    cdf_low = torch.special.ndtr((-1.0 - c) / s)
-    mass = torch.special.ndtr((1.0 - c) / s) - cdf_low
-    p = (cdf_low + uniform.double() * mass).clamp(1e-300, 1.0 - 1e-16)
-    x = (c + s * torch.special.ndtri(p)).clamp(-1.0, 1.0)
-    z = (x - c) / s
-    log_prob = (-0.5 * z.square() - log_s - LOG_SQRT_2PI - torch.log(mass)).sum(-1)
-    return x.to(dtype), log_prob.to(dtype)
+    the last dim), from ``uniform`` noise in (0, 1) by the inverse CDF. ``centre`` must lie in [-1, 1].
+
+    Computed in the inputs' dtype. The CDF value is kept inside (0, 1) (in float32 at most 1 - 2^-24, which cuts
+    the Gaussian's tail beyond about 5.3 std above the centre: a probability below 1e-7), so the inverse CDF and
+    its gradient stay finite; the sample is clamped to [-1, 1] against rounding.
+    """
+    finfo = torch.finfo(centre.dtype)
+    s = torch.exp(log_std)
+    cdf_low = torch.special.ndtr((-1.0 - centre) / s)
+    mass = torch.special.ndtr((1.0 - centre) / s) - cdf_low
+    p = (cdf_low + uniform * mass).clamp(finfo.tiny, 1.0 - finfo.eps / 2)
+    x = (centre + s * torch.special.ndtri(p)).clamp(-1.0, 1.0)
+    z = (x - centre) / s
+    log_prob = (-0.5 * z.square() - log_std - LOG_SQRT_2PI - torch.log(mass)).sum(-1)
+    return x, log_prob
 
 
 class GaussianActor(nn.Module):
