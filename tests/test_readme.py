@@ -98,3 +98,36 @@ def test_grpo_snippet_trains_and_counts_its_cost(tmp_path, monkeypatch):
         torch.cat([p.flatten() for p in module.net.parameters()]),
         torch.cat([p.flatten() for p in module.base.parameters()]),
     )  # the policy moved away from the frozen base
+
+
+ENTRY_POINTS = {
+    "entreg-train": "train",
+    "entreg-adapt": "adapt",
+    "entreg-sample": "sample",
+    "entreg-finetune": "finetune",
+}
+ENTRY_POINTS |= {f"entreg.{name}": name for name in ENTRY_POINTS.values()}  # python -m / torchrun -m entreg.<name>
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(config name, overrides) of every entreg command in the README's shell blocks; a multirun's first value."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.splitlines():
+            words = line.split("#")[0].replace("<run>", "RUN").split()  # <run>: the user's run directory
+            entry = next((i for i, word in enumerate(words) if word in ENTRY_POINTS), None)
+            if entry is not None:
+                overrides = [w.split(",")[0] for w in words[entry + 1 :] if "=" in w and not w.startswith("-")]
+                commands.append((ENTRY_POINTS[words[entry]], overrides))
+    return commands
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"), readme_commands(), ids=lambda v: " ".join(v) if isinstance(v, list) else v
+)
+def test_every_readme_command_composes(config, overrides):
+    """Every config group, option and key a README command names exists (paths and checkpoints are not read)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        compose(config, overrides=overrides)
