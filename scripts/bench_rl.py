@@ -1,4 +1,4 @@
-"""Continuous control on MuJoCo: entreg's SAC, SAC+ERA (and PPO+ERA) against Stable-Baselines3, quality and speed.
+"""Continuous control on MuJoCo: entreg's SAC, PPO and their ERA variants against Stable-Baselines3.
 
 Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` for ``--budget`` env steps with seeds
 ``0..--seeds-1``; seeds are the outer loop, envs the middle one and arms the inner one, so the implementations
@@ -14,12 +14,21 @@ Arms (``ARMS``: name -> function(env_id, seed, budget, eval_every, eval_episodes
 * ``entreg_sac``: :class:`entreg.modules.sac.SACModule` with its defaults, which are SB3's;
 * ``entreg_sac_era``: the same with ``era_entropy_per_dim=0.25`` (ERA's released SAC: truncated Gaussian, no
   entropy terms), everything else equal;
-* ``sb3_ppo`` and ``entreg_ppo_era``: slots for the PPO arms (``register_arm``), filled where PPO is benchmarked.
+* ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs,
+  lr 3e-4, clip 0.2, GAE 0.95, 64-64 tanh, no entropy bonus) in ``VecNormalize`` (observations and rewards, clip
+  10: RL-Zoo's ``normalize: true`` for MuJoCo); evaluated on normalised observations with frozen statistics;
+* ``entreg_ppo``: :class:`entreg.modules.ppo.PPOModule` with its defaults, which are the above;
+* ``entreg_ppo_era``: the same with ``era_entropy_per_dim=0.5`` (PPO+ERA: state-dependent std, no bonus).
+
+PPO arms train in whole rollouts of 2048 steps, so their ``--budget`` and ``--eval-every`` must be multiples of
+2048 (e.g. ``--budget 204800 --eval-every 20480``).
 
 A run dict holds the eval curve ``[[step, mean return], ...]``, ``train_s`` (training wall time, evaluations
 excluded), ``updates`` and ``updates_per_s``. The table gives per (env, budget, arm) the final return and the
 area under the curve (mean eval return over the evaluation points, so it rewards learning early) as mean +- sample
-std over seeds, the training time, updates/s, and the ratio of entreg's to SB3's SAC updates/s paired by seed.
+std over seeds, the training time, the speed (SAC: updates/s; PPO: env steps/s, updates included) and its ratio to
+SB3's arm of the same algorithm paired by seed. Several copies of the script may run at once on different
+``--envs`` or ``--arms``: each finished run is appended to the results file under a lock.
 
 Part ``speed``: the two SAC implementations interleaved (ABBA) on ``--speed-env`` with the default networks,
 timing ``--speed-steps`` training steps (one update each) after the 100 random warm-up steps, so start-up costs are
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import math
 import platform
@@ -129,6 +139,20 @@ def _entreg_sac(
         **kwargs,
     )
     curve = Curve()
+    train_s = fit(module, curve)
+    return {
+        "curve": curve.curve,
+        "train_s": train_s,
+        "updates": module.updates,
+        "updates_per_s": module.updates / train_s,
+    }
+
+
+def fit(module: Any, curve: Any) -> float:
+    """Train ``module`` on the CPU with ``curve`` collecting its evaluations; seconds of training, evaluations
+    excluded."""
+    import lightning as L
+
     trainer = L.Trainer(
         max_epochs=-1,
         logger=False,
@@ -140,13 +164,7 @@ def _entreg_sac(
     )
     start = time.perf_counter()
     trainer.fit(module)
-    train_s = time.perf_counter() - start - module.eval_seconds
-    return {
-        "curve": curve.curve,
-        "train_s": train_s,
-        "updates": module.updates,
-        "updates_per_s": module.updates / train_s,
-    }
+    return time.perf_counter() - start - module.eval_seconds
 
 
 @register_arm("entreg_sac")
@@ -159,10 +177,89 @@ def entreg_sac_era(env_id: str, seed: int, budget: int, eval_every: int, eval_ep
     return _entreg_sac(env_id, seed, budget, eval_every, eval_episodes, era_entropy_per_dim=0.25)
 
 
+PPO_ROLLOUT = 2048  # SB3's and PPOModule's default n_steps, one env
+
+
+def check_ppo_budget(budget: int, eval_every: int) -> None:
+    if budget % PPO_ROLLOUT or eval_every % PPO_ROLLOUT:
+        raise ValueError(
+            f"PPO arms train in rollouts of {PPO_ROLLOUT} steps: --budget ({budget}) and --eval-every "
+            f"({eval_every}) must be multiples of {PPO_ROLLOUT}"
+        )
+
+
+@register_arm("sb3_ppo")
+def sb3_ppo(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from entreg.rl.envs import make_env
+
+    check_ppo_budget(budget, eval_every)
+    venv = VecNormalize(DummyVecEnv([lambda: make_env(env_id)]), gamma=0.99, clip_obs=10.0, clip_reward=10.0)
+    model = PPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0)
+
+    def act(obs: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(model.predict(venv.normalize_obs(obs.numpy()), deterministic=True)[0])
+
+    curve, train_s, done = [], 0.0, 0
+    for point in eval_points(budget, eval_every):
+        start = time.perf_counter()
+        model.learn(point - done, reset_num_timesteps=done == 0)
+        train_s += time.perf_counter() - start
+        done = point
+        curve.append([point, mean_return(act, env_id, eval_episodes)])
+    return {"curve": curve, "train_s": train_s, "updates": model._n_updates, "updates_per_s": budget / train_s}
+
+
+def _entreg_ppo(
+    env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
+) -> dict[str, Any]:
+    import lightning as L
+
+    from entreg.modules.ppo import PPOModule
+
+    check_ppo_budget(budget, eval_every)
+
+    class Curve(L.Callback):
+        """The module's own evaluations (at the same points and seeds as the other arms), as they are logged."""
+
+        def __init__(self) -> None:
+            self.curve: list[list[float]] = []
+            self.points = set(eval_points(budget, eval_every))
+
+        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+            if module.env_steps in self.points:
+                self.curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
+
+    module = PPOModule(
+        env_id,
+        total_timesteps=budget,
+        eval_every=eval_every // PPO_ROLLOUT,
+        eval_episodes=eval_episodes,
+        eval_seed=EVAL_SEED,
+        seed=seed,
+        **kwargs,
+    )
+    curve = Curve()
+    train_s = fit(module, curve)
+    return {"curve": curve.curve, "train_s": train_s, "updates": module.updates, "updates_per_s": budget / train_s}
+
+
+@register_arm("entreg_ppo")
+def entreg_ppo(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    return _entreg_ppo(env_id, seed, budget, eval_every, eval_episodes)
+
+
+@register_arm("entreg_ppo_era")
+def entreg_ppo_era(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    return _entreg_ppo(env_id, seed, budget, eval_every, eval_episodes, era_entropy_per_dim=0.5)
+
+
 # ----------------------------------------------------------------------------------------------- results
 def load(path: Path) -> dict[str, Any]:
     if path.is_file():
-        return json.loads(path.read_text())
+        return {"runs": [], "speed": []} | json.loads(path.read_text())
     return {"runs": [], "speed": []}
 
 
@@ -171,6 +268,19 @@ def save(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
+
+
+def append(path: Path, part: str, item: dict[str, Any]) -> dict[str, Any]:
+    """Append ``item`` to the results file's list ``part`` (``"runs"`` or ``"speed"``) under an exclusive lock,
+    re-reading the file first so that copies of the script running at once keep each other's runs; returns the
+    file's new contents."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load(path)
+        results[part].append(item)
+        save(path, results)
+    return results
 
 
 def key(run: dict[str, Any]) -> tuple[str, str, int, int]:
@@ -184,19 +294,24 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
+def algorithm(arm: str) -> str:
+    """``"sac"`` or ``"ppo"``, from an arm's name (``entreg_sac_era`` -> ``"sac"``)."""
+    return arm.split("_")[1]
+
+
 def summary(runs: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         groups.setdefault((run["env"], run["budget"]), {}).setdefault(run["arm"], []).append(run)
-    lines = ["| env | steps | arm | seeds | final return | AUC return | train s | updates/s | ups vs SB3 |"]
+    lines = ["| env | steps | arm | seeds | final return | AUC return | train s | speed | speed vs SB3 |"]
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for (env, budget), arms in sorted(groups.items()):
-        baseline = {r["seed"]: r["updates_per_s"] for r in arms.get("sb3_sac", [])}
         for arm, rs in sorted(arms.items()):
+            baseline = {r["seed"]: r["updates_per_s"] for r in arms.get(f"sb3_{algorithm(arm)}", [])}
             final = [r["curve"][-1][1] for r in rs]
             auc = [float(np.mean([c[1] for c in r["curve"]])) for r in rs]
             ratios = [r["updates_per_s"] / baseline[r["seed"]] for r in rs if r["seed"] in baseline]
-            ratio = f"{statistics.median(ratios):.2f}" if ratios and arm.endswith("sac") else "-"
+            ratio = f"{statistics.median(ratios):.2f}" if ratios and not arm.startswith("sb3") else "-"
             lines.append(
                 f"| {env} | {budget:g} | {arm} | {len(rs)} | {spread(final)} | {spread(auc)} | "
                 f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
@@ -268,7 +383,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["quality", "speed", "both"], default="quality")
     parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
-    parser.add_argument("--arms", nargs="+", default=["sb3_sac", "entreg_sac", "entreg_sac_era"])
+    parser.add_argument(
+        "--arms", nargs="+", default=["sb3_sac", "entreg_sac", "entreg_sac_era"], help=f"of {sorted(ARMS)}"
+    )
     parser.add_argument("--budget", type=float, default=1e5, help="env steps per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-every", type=int, default=5000)
@@ -278,15 +395,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny settings, results to results/bench_rl_quick.json")
-    parser.add_argument("--fresh", action="store_true", help="forget the results file's runs")
+    parser.add_argument("--fresh", action="store_true", help="delete the results file first")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
         args.envs, args.budget, args.seeds, args.eval_every, args.eval_episodes = (
             ["InvertedPendulum-v5"],
-            400,
+            2048,
             1,
-            200,
+            2048,
             1,
         )
         args.speed_steps, args.repeats = 100, 2
@@ -296,7 +413,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_libraries("non-finite", "LeafSpec")
     out = args.out or results_path(__file__, "bench_rl_quick" if args.quick else None)
-    results = {"runs": [], "speed": []} if args.fresh else load(out)
+    if args.fresh:
+        out.unlink(missing_ok=True)
+    results = load(out)
     budget = int(args.budget)
     meta = {
         "torch": torch.__version__,
@@ -315,14 +434,12 @@ def main() -> None:
                     run = ARMS[arm](env_id, seed, budget, args.eval_every, args.eval_episodes)
                     run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, **meta}
                     print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)
-                    results["runs"].append(run)
-                    save(out, results)
+                    results = append(out, "runs", run)
         print(summary(results["runs"]))
     if args.part in ("speed", "both"):
         rows = speed(args.speed_env, args.speed_steps, args.repeats)
         ratios = [r["ratio"] for r in rows]
-        results["speed"].append({"env": args.speed_env, "steps": args.speed_steps, "rows": rows, **meta})
-        save(out, results)
+        append(out, "speed", {"env": args.speed_env, "steps": args.speed_steps, "rows": rows, **meta})
         print(
             f"speed on {args.speed_env}: entreg/SB3 updates/s median {statistics.median(ratios):.3f} "
             f"(repeats {', '.join(f'{r:.3f}' for r in ratios)})"
