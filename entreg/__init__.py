@@ -44,7 +44,9 @@ _LAZY = {
     "ImageFolderDataModule": "entreg.data",
     "RingDataModule": "entreg.data",
     "SACModule": "entreg.modules.sac",
+    "PPOModule": "entreg.modules.ppo",
     "SAC": "entreg.rl.sac",
+    "GaussianActorCritic": "entreg.rl.ppo",
     "ReplayBuffer": "entreg.rl.buffer",
     "make_env": "entreg.rl.envs",
 }

@@ -77,3 +77,18 @@ def test_data_does_not_import_flow():
     """The data and the nets trained on it (ring centres, digits classifiers and densities) stand apart from the
     flow methods that use them: the old data <-> flow cycle stays broken even where the layers would allow it."""
     assert "flow" not in import_graph()["data"]
+
+
+def test_every_lazy_top_level_name_is_the_object_of_its_module() -> None:
+    """``entreg.<Name>`` resolves to the object its module defines under that name; an unknown name raises."""
+    import importlib
+
+    import pytest
+
+    import entreg
+
+    for name, module in entreg._LAZY.items():
+        assert getattr(entreg, name) is getattr(importlib.import_module(module), name), name
+    assert {"SACModule", "PPOModule", "SAC", "GaussianActorCritic"} <= set(entreg.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'PPO'"):
+        entreg.PPO  # noqa: B018

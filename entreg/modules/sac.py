@@ -38,12 +38,12 @@ class SACModule(L.LightningModule):
     rescaled from [-1, 1] to the env's bounds. Episodes ended by the time limit are not terminal (the critic
     target bootstraps from the final observation).
 
-    SAC+ERA (``era_entropy_per_dim`` set): the actor's std comes from :class:`entreg.nn.GaussianERA`, the
-    Gaussian's entropy is ``era_entropy_per_dim * dim(A)`` in every state (ERA's training script: 0.25 per
-    dimension, log-std in [-8, 0]), actions are drawn from the Gaussian centred at tanh(mean) truncated to
-    [-1, 1] and no entropy term enters the losses, as in ERA's released SAC (``squash="tanh"``: the paper's
-    tanh squashing). With a one-dimensional action (InvertedPendulum) ERA has nothing to distribute and the std
-    is the constant exp(H0 - 0.5 ln(2 pi e)).
+    SAC+ERA (``era_entropy_per_dim`` set): the actor's std comes from :class:`entreg.nn.GaussianERA`, the Gaussian's
+    entropy is ``era_entropy_per_dim * dim(A)`` in every state (higher only where a log-std is clamped at -8; ERA's
+    training script: 0.25 per dimension, log-std in [-8, 0]), actions are drawn from the Gaussian centred at
+    tanh(mean) truncated to [-1, 1] and no entropy term enters the losses, as in ERA's released SAC
+    (``squash="tanh"``: the paper's tanh squashing). With a one-dimensional action (InvertedPendulum) ERA has
+    nothing to distribute and the std is the constant exp(H0 - 0.5 ln(2 pi e)).
 
     Non-finite data: a transition whose reward or next observation is NaN or infinite is not stored (counted
     in ``train/skipped_transitions``, with a warning); a non-finite next observation also ends the episode (the

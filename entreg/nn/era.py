@@ -188,7 +188,8 @@ class ERA(_TargetEntropyModule):
 
 
 class GaussianERA(_TargetEntropyModule):
-    """ERA for a diagonal Gaussian policy: its entropy equals ``target_entropy`` in every state.
+    """ERA for a diagonal Gaussian policy: its entropy equals ``target_entropy`` in every state where no
+    log-std reaches ``log_std_min``, and is higher where one does.
 
     From raw scores s (..., D) the log-stds are
     log sigma_i = max(log_std_max + (H0 - D c - D log_std_max) softmax(s)_i, log_std_min),

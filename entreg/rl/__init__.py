@@ -15,20 +15,29 @@ from entreg.rl.envs import (
     require_gymnasium,
     set_env_state,
 )
+from entreg.rl.gae import gae
+from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.policies import GaussianActor
+from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, clipped_surrogate_loss, value_loss
 from entreg.rl.sac import SAC, QEnsemble
 
 __all__ = [
     "SAC",
     "GaussianActor",
+    "GaussianActorCritic",
     "QEnsemble",
     "ReplayBatch",
     "ReplayBuffer",
+    "RolloutCollector",
+    "RunningMeanStd",
+    "clipped_surrogate_loss",
     "env_spaces",
     "evaluate",
+    "gae",
     "get_env_state",
     "make_env",
     "make_vector_env",
     "require_gymnasium",
     "set_env_state",
+    "value_loss",
 ]

@@ -3,8 +3,8 @@ actions: a Gaussian actor-critic, the clipped objective, and rollouts from a gym
 
 * :class:`GaussianActorCritic`: separate actor and critic MLPs (default 64-64 tanh, orthogonal init, as
   Stable-Baselines3's PPO). The std is a state-independent parameter (SB3's default), or, with ``era``, state
-  dependent through :class:`entreg.nn.GaussianERA`, whose entropy equals its target in every state (PPO+ERA,
-  Kang et al. 2025; the entropy bonus is then pointless and off).
+  dependent through :class:`entreg.nn.GaussianERA`, whose entropy equals its target in every state unless a
+  log-std reaches its floor (PPO+ERA, Kang et al. 2025; the entropy bonus is then pointless and off).
 * :func:`clipped_surrogate_loss`, :func:`value_loss`, :func:`normalize_advantages`: the loss terms, with a mask
   for steps that must not train (non-finite rewards or observations, autoreset steps).
 * :class:`RolloutCollector`: steps a vector env (both gymnasium 1.x autoreset modes), normalises observations and

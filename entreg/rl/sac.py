@@ -24,8 +24,9 @@ tanh-squashed Gaussian (no closed form), with Adam on log alpha as in the refere
 controller's rule with ``kp=0`` is the same dual-ascent idea, in linear rather than log space.
 
 SAC+ERA (``era`` given): the actor's log-std comes from :class:`entreg.nn.GaussianERA`, so the Gaussian's
-entropy equals the ERA target in every state; there is no temperature and no entropy term in either loss
-(y = r + gamma (1 - terminated) min_i Q'_i(s', a'), actor loss -min_i Q_i(s, a)), as in ERA's released SAC.
+entropy equals the ERA target in every state (higher only where a log-std hits its floor); there is no
+temperature and no entropy term in either loss (y = r + gamma (1 - terminated) min_i Q'_i(s', a'), actor loss
+-min_i Q_i(s, a)), as in ERA's released SAC.
 ERA's code samples a Gaussian centred at tanh(mean) truncated to [-1, 1] (``squash="truncated"``, our default for
 ERA); the paper describes the usual tanh squashing with the target raised by a compensation delta >= 0 for the
 entropy the squashing removes (``squash="tanh"`` with ``era.target_entropy`` = H0 + delta; we keep delta
