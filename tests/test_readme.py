@@ -9,6 +9,7 @@ import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RL = "Continuous control: SAC and PPO with ERA"
 
 
 def python_blocks(heading: str) -> list[str]:
@@ -44,7 +45,7 @@ def test_every_python_block_of_the_readme_is_tested():
     blocks = re.findall(r"```python\n", README.read_text())
     flows = "Flow models: flow matching and GRPO fine-tuning (E-GRPO)"
     tested = {"Python": 2, "Add entreg to your project": 1, "Test-time adaptation": 1,
-              "Diffusion sampling: EVODiff": 1, flows: 1}  # fmt: skip
+              "Diffusion sampling: EVODiff": 1, flows: 1, RL: 1}  # fmt: skip
     assert {heading: len(python_blocks(heading)) for heading in tested} == tested
     assert len(blocks) == sum(tested.values())
 
@@ -131,3 +132,13 @@ def test_every_readme_command_composes(config, overrides):
 
     with initialize_config_module("entreg.configs", version_base="1.3"):
         compose(config, overrides=overrides)
+
+
+def test_continuous_control_ppo_era_balances_the_pendulum_at_its_entropy_target(tmp_path, monkeypatch):
+    pytest.importorskip("mujoco")
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(python_block(RL))
+    metrics = ns["trainer"].callback_metrics
+    assert float(metrics["eval/return"]) >= 900  # "1000": the test allows a near miss on other platforms
+    assert float(metrics["train/policy_entropy"]) == pytest.approx(0.5, abs=1e-4)
+    assert len(ns["returns"]) == 3 and min(ns["returns"]) >= 900

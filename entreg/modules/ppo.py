@@ -35,16 +35,14 @@ __all__ = ["PPOModule"]
 
 
 class _Rollouts(IterableDataset):
-    """``length`` dummy items per epoch: every training step collects its own rollout."""
+    """``length`` dummy items per epoch: every training step collects its own rollout. Iterable, so that under
+    DDP no sampler splits the items over the ranks; without ``__len__``, which Lightning warns about."""
 
     def __init__(self, length: int) -> None:
         self.length = length
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
 
 
 class PPOModule(L.LightningModule):
