@@ -108,16 +108,19 @@ def test_q_ensemble_members_are_independent_mlps():
     q = QEnsemble(4, 2, hidden=(8, 6), num_q=3)
     obs, actions = torch.randn(10, 4), torch.randn(10, 2, requires_grad=True)
     x = torch.cat([obs, actions], -1)
-    w0, b0 = q.weights[0], q.biases[0]
-    for i in range(3):  # member i: its own columns of the first layer, its own slices of the others
-        h = torch.relu(x @ w0[:, i * 8 : (i + 1) * 8] + b0[i * 8 : (i + 1) * 8])
-        h = torch.relu(h @ q.weights[1][i] + q.biases[1][i])
-        expected = (h @ q.weights[2][i] + q.biases[2][i]).squeeze(-1)
-        torch.testing.assert_close(q(obs, actions)[i], expected)
+    for i, layers in enumerate(q.members):  # member i: an MLP of its own layers
+        mlp = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
+        torch.testing.assert_close(q(obs, actions)[i], mlp(x).squeeze(-1))
+    q(obs, actions)[0].sum().backward()  # member 0's output reaches member 0's weights only
+    assert all(p.grad.abs().sum() > 0 for p in q.members[0].parameters())
+    assert all(p.grad is None or not p.grad.any() for member in q.members[1:] for p in member.parameters())
+    q.zero_grad(set_to_none=True)
     q(obs, actions, detach_params=True).sum().backward()
     assert all(p.grad is None for p in q.parameters()) and actions.grad.abs().sum() > 0
+    first = torch.stack([layers[0].weight for layers in q.members])
     bound = 1 / math.sqrt(6)  # nn.Linear's initialisation range for fan_in 6
-    assert q.weights[0].abs().max() <= bound and q.weights[0].abs().max() > 0.9 * bound
+    assert first.abs().max() <= bound and first.abs().max() > 0.9 * bound
+    assert not torch.equal(q.members[0][0].weight, q.members[1][0].weight)
 
 
 # ----------------------------------------------------------------------------------------------- parity with SB3
@@ -135,14 +138,11 @@ def _copy_into_sb3(sac: SAC, model) -> None:
         model.actor.log_std.weight.copy_(ours[-1].weight[d:])
         model.actor.log_std.bias.copy_(ours[-1].bias[d:])
         for ensemble, critic in ((sac.critic, model.critic), (sac.critic_target, model.critic_target)):
-            width = ensemble.width
-            for i, net in enumerate(critic.q_networks):
+            for member, net in zip(ensemble.members, critic.q_networks, strict=True):
                 layers = [m for m in net if isinstance(m, nn.Linear)]
-                layers[0].weight.copy_(ensemble.weights[0][:, i * width : (i + 1) * width].T)
-                layers[0].bias.copy_(ensemble.biases[0][i * width : (i + 1) * width])
-                for layer, w, b in zip(layers[1:], ensemble.weights[1:], ensemble.biases[1:], strict=True):
-                    layer.weight.copy_(w[i].T)
-                    layer.bias.copy_(b[i, 0])
+                for layer, ours_layer in zip(layers, member, strict=True):
+                    layer.weight.copy_(ours_layer.weight)
+                    layer.bias.copy_(ours_layer.bias)
         model.log_ent_coef.copy_(sac.log_alpha.detach().reshape(1))
 
 

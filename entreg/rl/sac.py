@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from entreg.entropy import gaussian_entropy
 from entreg.nn.era import GaussianERA
@@ -64,11 +65,12 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 
 class QEnsemble(nn.Module):
-    """``num_q`` independent MLP critics Q_i(s, a) evaluated together: the first layer of all members is one
-    matmul, the others one batched matmul each, so two critics cost about one.
+    """``num_q`` independent MLP critics Q_i(s, a), each a stack of ``nn.Linear`` layers with the widths and
+    initialisation of Stable-Baselines3's separate critics.
 
-    Each member has the widths and initialisation of ``nn.Linear`` layers (uniform in +-1/sqrt(fan_in)), as
-    Stable-Baselines3's separate critics.
+    Separate 2-D matmuls per member: on the CPU they are faster than one batched matmul over the members (whose
+    backward pass copies), measured 4.2 vs 5.7 ms for a forward and backward pass of two 256-256 critics on a
+    batch of 256 (one thread).
 
     Example:
         >>> q = QEnsemble(obs_dim=3, action_dim=2, hidden=(16, 16))
@@ -92,28 +94,24 @@ class QEnsemble(nn.Module):
         self.num_q = num_q
         self.activation = ACTIVATIONS[activation]()
         dims = (obs_dim + action_dim, *hidden, 1)
-        self.width = hidden[0]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in itertools.pairwise(dims):
-            bound = 1.0 / math.sqrt(fan_in)
-            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
-        # the first layer of all members as one (in, num_q * width) matrix: member i is columns i*width..
-        first = self.weights[0].detach().permute(1, 0, 2).reshape(dims[0], num_q * self.width)
-        self.weights[0] = nn.Parameter(first.contiguous())
-        self.biases[0] = nn.Parameter(self.biases[0].detach().reshape(num_q * self.width).clone())
+        self.members = nn.ModuleList(
+            nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(dims))
+            for _ in range(num_q)
+        )
 
     def forward(self, obs: Tensor, actions: Tensor, detach_params: bool = False) -> Tensor:
         """Q-values of every member, shape (num_q, B). ``detach_params``: no gradient reaches the weights (the
         gradient with respect to ``obs`` and ``actions`` still flows)."""
-        weights, biases = list(self.weights), list(self.biases)
-        if detach_params:
-            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
         x = torch.cat([obs, actions], dim=-1)
-        h = torch.addmm(biases[0], x, weights[0]).view(x.shape[0], self.num_q, self.width).transpose(0, 1)
-        for w, b in zip(weights[1:], biases[1:], strict=True):
-            h = torch.baddbmm(b, self.activation(h), w)
+        return torch.stack([self._member(layers, x, detach_params) for layers in self.members])
+
+    def _member(self, layers: nn.ModuleList, x: Tensor, detach_params: bool) -> Tensor:
+        h = x
+        for k, layer in enumerate(layers):
+            weight, bias = layer.weight, layer.bias
+            if detach_params:
+                weight, bias = weight.detach(), bias.detach()
+            h = F.linear(self.activation(h) if k else h, weight, bias)
         return h.squeeze(-1)
 
 
