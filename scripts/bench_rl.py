@@ -36,8 +36,10 @@ left out for both (Lightning's per-step loop is timed); ``--repeats`` times each
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
 whenever a neighbour is busy).
 
-Run:
-    python scripts/bench_rl.py --envs InvertedPendulum-v5 Hopper-v5 --budget 20000 --seeds 3
+Run (the README's table; two copies on different envs use both cores):
+    python scripts/bench_rl.py --envs Hopper-v5 HalfCheetah-v5 --budget 20000 --eval-every 5000 --seeds 3
+    python scripts/bench_rl.py --envs Hopper-v5 HalfCheetah-v5 --budget 204800 --eval-every 20480 --seeds 3 \
+        --arms sb3_ppo entreg_ppo entreg_ppo_era
     python scripts/bench_rl.py --part speed
     python scripts/bench_rl.py --quick          # tiny settings: checks that the script works (< ~2 minutes)
 
