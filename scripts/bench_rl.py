@@ -285,8 +285,15 @@ def append(path: Path, part: str, item: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def key(run: dict[str, Any]) -> tuple[str, str, int, int]:
-    return run["env"], run["arm"], run["seed"], run["budget"]
+def key(run: dict[str, Any]) -> tuple[str, str, int, int, int]:
+    """(env, arm, seed, budget, eval_every): runs evaluated on different grids are different runs (their AUCs
+    differ), so neither replaces nor is averaged with the other."""
+    return run["env"], run["arm"], run["seed"], run["budget"], eval_period(run)
+
+
+def eval_period(run: dict[str, Any]) -> int:
+    """A run's ``eval_every`` (older results lack the field: the step of their first evaluation)."""
+    return run.get("eval_every", run["curve"][0][0])
 
 
 def spread(values: list[float]) -> str:
@@ -304,10 +311,11 @@ def algorithm(arm: str) -> str:
 def summary(runs: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
-        groups.setdefault((run["env"], run["budget"]), {}).setdefault(run["arm"], []).append(run)
-    lines = ["| env | steps | arm | seeds | final return | AUC return | train s | speed | speed vs SB3 |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for (env, budget), arms in sorted(groups.items()):
+        group = (run["env"], run["budget"], eval_period(run))
+        groups.setdefault(group, {}).setdefault(run["arm"], []).append(run)
+    lines = ["| env | steps | eval every | arm | seeds | final return | AUC return | train s | speed | speed vs SB3 |"]
+    lines.append("|---" * 10 + "|")
+    for (env, budget, every), arms in sorted(groups.items()):
         for arm, rs in sorted(arms.items()):
             baseline = {r["seed"]: r["updates_per_s"] for r in arms.get(f"sb3_{algorithm(arm)}", [])}
             final = [r["curve"][-1][1] for r in rs]
@@ -315,7 +323,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
             ratios = [r["updates_per_s"] / baseline[r["seed"]] for r in rs if r["seed"] in baseline]
             ratio = f"{statistics.median(ratios):.2f}" if ratios and not arm.startswith("sb3") else "-"
             lines.append(
-                f"| {env} | {budget:g} | {arm} | {len(rs)} | {spread(final)} | {spread(auc)} | "
+                f"| {env} | {budget:g} | {every:g} | {arm} | {len(rs)} | {spread(final)} | {spread(auc)} | "
                 f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
                 f"{statistics.mean(r['updates_per_s'] for r in rs):.1f} | {ratio} |"
             )
@@ -430,11 +438,12 @@ def main() -> None:
         for seed in range(args.seeds):
             for env_id in args.envs:
                 for arm in args.arms:
-                    if (env_id, arm, seed, budget) in done:
+                    if (env_id, arm, seed, budget, args.eval_every) in done:
                         continue
                     print(f"{env_id} {arm} seed {seed} ({budget} steps)", flush=True)
                     run = ARMS[arm](env_id, seed, budget, args.eval_every, args.eval_episodes)
-                    run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, **meta}
+                    run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, "eval_every": args.eval_every}
+                    run |= meta
                     print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)
                     results = append(out, "runs", run)
         print(summary(results["runs"]))
