@@ -90,5 +90,9 @@ def test_every_lazy_top_level_name_is_the_object_of_its_module() -> None:
     for name, module in entreg._LAZY.items():
         assert getattr(entreg, name) is getattr(importlib.import_module(module), name), name
     assert {"SACModule", "PPOModule", "SAC", "GaussianActorCritic"} <= set(entreg.__all__)
+    import entreg.modules
+
+    for name, module in entreg.modules._LAZY.items():  # the RL modules load on first use (optional extra)
+        assert getattr(entreg.modules, name) is getattr(importlib.import_module(module), name), name
     with pytest.raises(AttributeError, match="no attribute 'PPO'"):
         entreg.PPO  # noqa: B018
