@@ -90,6 +90,52 @@ def mean_return(act: Callable[[torch.Tensor], torch.Tensor], env_id: str, episod
     return float(np.mean(evaluate(act, env_id, episodes, EVAL_SEED)))
 
 
+def learn_sb3(model: Any, act: Callable[[torch.Tensor], torch.Tensor], env_id: str, budget: int, eval_every: int,
+              eval_episodes: int) -> tuple[list[list[float]], float]:  # fmt: skip
+    """Train an SB3 model to ``budget`` steps, evaluating ``act`` at every evaluation point: (curve, train seconds,
+    evaluations excluded)."""
+    curve, train_s, done = [], 0.0, 0
+    for point in eval_points(budget, eval_every):
+        start = time.perf_counter()
+        model.learn(point - done, reset_num_timesteps=done == 0)
+        train_s += time.perf_counter() - start
+        done = point
+        curve.append([point, mean_return(act, env_id, eval_episodes)])
+    return curve, train_s
+
+
+def fit_entreg(module: Any, budget: int, eval_every: int) -> tuple[list[list[float]], float]:
+    """Train an entreg module on the CPU, collecting its own evaluations (logged at the same points and seeds as
+    the other arms'): (curve, train seconds, evaluations excluded)."""
+    import lightning as L
+
+    points = set(eval_points(budget, eval_every))
+    curve: list[list[float]] = []
+
+    class Curve(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
+            if module.env_steps in points:
+                curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
+
+    trainer = L.Trainer(
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Curve()],
+    )
+    start = time.perf_counter()
+    trainer.fit(module)
+    return curve, time.perf_counter() - start - module.eval_seconds
+
+
+def run_dict(curve: list[list[float]], train_s: float, updates: int, work: int) -> dict[str, Any]:
+    """A run's record; ``updates_per_s`` is ``work / train_s`` (SAC: updates, PPO: env steps)."""
+    return {"curve": curve, "train_s": train_s, "updates": updates, "updates_per_s": work / train_s}
+
+
 @register_arm("sb3_sac")
 def sb3_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
     from stable_baselines3 import SAC
@@ -101,34 +147,14 @@ def sb3_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes:
     def act(obs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(model.predict(obs.numpy(), deterministic=True)[0])
 
-    curve, train_s, done = [], 0.0, 0
-    for point in eval_points(budget, eval_every):
-        start = time.perf_counter()
-        model.learn(point - done, reset_num_timesteps=done == 0)
-        train_s += time.perf_counter() - start
-        done = point
-        curve.append([point, mean_return(act, env_id, eval_episodes)])
-    updates = model._n_updates
-    return {"curve": curve, "train_s": train_s, "updates": updates, "updates_per_s": updates / train_s}
+    curve, train_s = learn_sb3(model, act, env_id, budget, eval_every, eval_episodes)
+    return run_dict(curve, train_s, model._n_updates, model._n_updates)
 
 
 def _entreg_sac(
     env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
 ) -> dict[str, Any]:
-    import lightning as L
-
     from entreg.modules.sac import SACModule
-
-    class Curve(L.Callback):
-        """The module's own evaluations (at the same points and seeds as the other arms), as they are logged."""
-
-        def __init__(self) -> None:
-            self.curve: list[list[float]] = []
-            self.points = set(eval_points(budget, eval_every))
-
-        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
-            if module.env_steps in self.points:
-                self.curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
 
     module = SACModule(
         env_id,
@@ -140,33 +166,8 @@ def _entreg_sac(
         seed=seed,
         **kwargs,
     )
-    curve = Curve()
-    train_s = fit(module, curve)
-    return {
-        "curve": curve.curve,
-        "train_s": train_s,
-        "updates": module.updates,
-        "updates_per_s": module.updates / train_s,
-    }
-
-
-def fit(module: Any, curve: Any) -> float:
-    """Train ``module`` on the CPU with ``curve`` collecting its evaluations; seconds of training, evaluations
-    excluded."""
-    import lightning as L
-
-    trainer = L.Trainer(
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[curve],
-    )
-    start = time.perf_counter()
-    trainer.fit(module)
-    return time.perf_counter() - start - module.eval_seconds
+    curve, train_s = fit_entreg(module, budget, eval_every)
+    return run_dict(curve, train_s, module.updates, module.updates)
 
 
 @register_arm("entreg_sac")
@@ -204,36 +205,16 @@ def sb3_ppo(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes:
     def act(obs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(model.predict(venv.normalize_obs(obs.numpy()), deterministic=True)[0])
 
-    curve, train_s, done = [], 0.0, 0
-    for point in eval_points(budget, eval_every):
-        start = time.perf_counter()
-        model.learn(point - done, reset_num_timesteps=done == 0)
-        train_s += time.perf_counter() - start
-        done = point
-        curve.append([point, mean_return(act, env_id, eval_episodes)])
-    return {"curve": curve, "train_s": train_s, "updates": model._n_updates, "updates_per_s": budget / train_s}
+    curve, train_s = learn_sb3(model, act, env_id, budget, eval_every, eval_episodes)
+    return run_dict(curve, train_s, model._n_updates, budget)
 
 
 def _entreg_ppo(
     env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
 ) -> dict[str, Any]:
-    import lightning as L
-
     from entreg.modules.ppo import PPOModule
 
     check_ppo_budget(budget, eval_every)
-
-    class Curve(L.Callback):
-        """The module's own evaluations (at the same points and seeds as the other arms), as they are logged."""
-
-        def __init__(self) -> None:
-            self.curve: list[list[float]] = []
-            self.points = set(eval_points(budget, eval_every))
-
-        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
-            if module.env_steps in self.points:
-                self.curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
-
     module = PPOModule(
         env_id,
         total_timesteps=budget,
@@ -243,9 +224,8 @@ def _entreg_ppo(
         seed=seed,
         **kwargs,
     )
-    curve = Curve()
-    train_s = fit(module, curve)
-    return {"curve": curve.curve, "train_s": train_s, "updates": module.updates, "updates_per_s": budget / train_s}
+    curve, train_s = fit_entreg(module, budget, eval_every)
+    return run_dict(curve, train_s, module.updates, budget)
 
 
 @register_arm("entreg_ppo")
