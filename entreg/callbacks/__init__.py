@@ -2,6 +2,7 @@
 
 from entreg.callbacks.entropy_controller import EntropyController
 from entreg.callbacks.entropy_monitor import EntropyMonitor
+from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint, TrainingInterrupted
 from entreg.callbacks.test_time_adaptation import TestTimeAdaptation
 
-__all__ = ["EntropyController", "EntropyMonitor", "TestTimeAdaptation"]
+__all__ = ["EntropyController", "EntropyMonitor", "InterruptCheckpoint", "TestTimeAdaptation", "TrainingInterrupted"]
