@@ -82,9 +82,8 @@ def test_callback_equals_a_plain_loop_and_the_test_step_sees_the_adapted_model(t
 
 def test_predict_loop_adapts_too(tmp_path):
     model = PlainClassifier(cnn())
-    predictions = make_trainer(tmp_path, callbacks=[TestTimeAdaptation("tent", num_classes=5, lr=0.05)]).predict(
-        model, stream()
-    )
+    tta = TestTimeAdaptation("tent", num_classes=5, lr=0.05, keep_adapted=True)
+    predictions = make_trainer(tmp_path, callbacks=[tta]).predict(model, stream())
     assert len(predictions) == 4 and not torch.equal(model.net[1].weight, cnn()[1].weight)
 
 
@@ -103,7 +102,7 @@ def test_timm_model_with_sar_keeps_layer4_frozen(tmp_path):
         def test_step(self, batch, batch_idx):
             return self.net(batch[0])
 
-    tta = TestTimeAdaptation("sar", num_classes=5, module="net", margin=1.7, lr=0.05)
+    tta = TestTimeAdaptation("sar", num_classes=5, module="net", margin=1.7, lr=0.05, keep_adapted=True)
     make_trainer(tmp_path, callbacks=[tta]).test(Wrapped(), stream(2, 4), verbose=False)
     changed = {k.rsplit(".", 1)[0] for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     norms = {name for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
@@ -195,7 +194,8 @@ def test_tent_on_a_batchnorm1d_mlp_through_the_callback(tmp_path):
     model = PlainClassifier(mlp)
     tta = TestTimeAdaptation("tent", lr=0.05, norm_types=["batchnorm1d"])
     make_trainer(tmp_path, callbacks=[tta]).test(model, stream(), verbose=False)
-    assert [n for n, p in model.net.named_parameters() if p.requires_grad] == ["2.weight", "2.bias"]
+    adapted = {id(p) for p in tta.method.params}
+    assert [n for n, p in model.net.named_parameters() if id(p) in adapted] == ["2.weight", "2.bias"]
     assert tta.method.num_classes == 5 and tta.last_info.selected == 8
 
 
@@ -234,7 +234,7 @@ def test_batch_size_one_on_groupnorm_adapts_without_warning(tmp_path, recwarn):
     layers = [nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     model = PlainClassifier(nn.Sequential(*layers, nn.Linear(8, 5)))
     before = model.net[1].weight.detach().clone()
-    tta = TestTimeAdaptation("sar", num_classes=5, margin=10.0, lr=0.05)
+    tta = TestTimeAdaptation("sar", num_classes=5, margin=10.0, lr=0.05, keep_adapted=True)
     make_trainer(tmp_path, callbacks=[tta]).test(model, stream(3, 1), verbose=False)
     assert not any("BatchNorm" in str(w.message) for w in recwarn)
     assert tta.batches == 3 and not torch.equal(model.net[1].weight, before)

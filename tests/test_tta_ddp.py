@@ -95,7 +95,8 @@ class ExpectOneProcess(L.Callback):
 
 
 def one_process(method: str, kwargs: dict, dataset: TensorDataset) -> tuple[list, dict]:
-    model, tta = Classifier(), TestTimeAdaptation(method, num_classes=5, module="net", **kwargs)
+    tta = TestTimeAdaptation(method, num_classes=5, module="net", keep_adapted=True, **kwargs)
+    model = Classifier()
     record = Record(tta)
     make_trainer(None, callbacks=[tta, record]).test(model, DataLoader(dataset, batch_size=RANK_BATCH * WORLD))
     return record.logits, {k: v.clone() for k, v in model.net.state_dict().items()}

@@ -38,6 +38,13 @@ class TestTimeAdaptation(L.Callback):
     with BatchNorm layers gets a warning: the statistics of one sample are unreliable (use a
     GroupNorm/LayerNorm model, as SAR recommends).
 
+    When the test/predict run ends (also with an exception), the model is given back as it came
+    (:meth:`TTAMethod.restore <entreg.tta.TTAMethod.restore>`): BatchNorm running buffers and
+    ``track_running_stats``, every parameter's ``requires_grad``, the train/eval flags, and the source
+    weights unless ``keep_adapted=True``. Other callbacks' ``on_test_end``/``on_predict_end`` still see
+    the adapted model; the state dict afterwards has the keys it had before, so ``load_state_dict``
+    and a later ``fit`` work as without the callback.
+
     Args:
         method: name in :data:`entreg.tta.METHODS`.
         num_classes: number of classes; default ``pl_module.hparams.num_classes``, else the width of
@@ -52,6 +59,11 @@ class TestTimeAdaptation(L.Callback):
         source_batches: for methods that use clean source data (EATA's Fisher information): pass
             this many batches of the datamodule's clean validation data to the method's ``prepare``
             when the loop starts (0: none; EATA then has no Fisher penalty).
+        keep_adapted: keep the adapted weights when the run ends (default: back to the source
+            weights). BatchNorm layers get their source running statistics back either way (adaptation
+            normalised each batch with its own statistics and never updated them), so a BatchNorm model
+            in eval mode then uses source statistics with adapted affine parameters; a LayerNorm/GroupNorm
+            model predicts as after the last update.
         **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``norm_types``, ``optimizer``...).
 
     Example:
@@ -75,6 +87,7 @@ class TestTimeAdaptation(L.Callback):
         target_key: OutputKey = 1,
         reset: ResetMode = "continual",
         source_batches: int = 0,
+        keep_adapted: bool = False,
         **method_kwargs: Any,
     ) -> None:
         check_method_kwargs(method, method_kwargs)  # unknown names fail now, not when the test loop starts
@@ -87,9 +100,11 @@ class TestTimeAdaptation(L.Callback):
         if source_batches and not METHODS[method].uses_source_data:
             users = sorted(name for name, cls in METHODS.items() if cls.uses_source_data)
             raise ValueError(f"source_batches: {method!r} uses no source data (methods that do: {users})")
+        if not isinstance(keep_adapted, bool):
+            raise TypeError(f"keep_adapted must be True or False, got {keep_adapted!r}")
         self.method_name, self.num_classes, self.module = method, num_classes, module
         self.input_key, self.target_key, self.reset = input_key, target_key, reset
-        self.source_batches = source_batches
+        self.source_batches, self.keep_adapted = source_batches, keep_adapted
         self.method_kwargs = method_kwargs | ({"output_key": output_key} if output_key is not None else {})
         self.method: TTAMethod | None = None
         self.last_logits: Tensor | None = None
@@ -100,16 +115,34 @@ class TestTimeAdaptation(L.Callback):
         self._warned_single = False
         self._has_batchnorm = False
         self._stage = "test"
+        self._modes: list[tuple[nn.Module, bool]] = []  # train/eval flags before the run, put back at its end
 
     def __repr__(self) -> str:
         return (
-            f"TestTimeAdaptation(method={self.method_name!r}, reset={self.reset!r}, "
-            f"num_classes={self.num_classes}, kwargs={self.method_kwargs})"
+            f"TestTimeAdaptation(method={self.method_name!r}, reset={self.reset!r}, num_classes={self.num_classes}"
+            + (", keep_adapted=True" if self.keep_adapted else "")
+            + f", kwargs={self.method_kwargs})"
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         trainer.test_loop.inference_mode = False  # adaptation needs autograd in the test/predict loops
         trainer.predict_loop.inference_mode = False
+        self._modes = [(m, m.training) for m in pl_module.modules()]  # before the loop calls eval()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        """Give the model back as it came (the method's :meth:`restore`) with the train/eval flags of
+        before the run; once per run."""
+        if self.method is None or self.method.restored:
+            return
+        self.method.restore(keep_adapted=self.keep_adapted)
+        for module, training in self._modes:
+            module.training = training
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.method, self._stage = None, stage

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,6 +18,7 @@ from entreg.nn.select import OutputKey, select_output
 from entreg.tta.come import come_entropy
 from entreg.tta.norm import (
     BATCHNORM_ONLY,
+    BatchNormState,
     collect_norm_params,
     describe_norm_layers,
     force_batch_statistics,
@@ -26,11 +28,21 @@ from entreg.tta.norm import (
 if TYPE_CHECKING:  # the methods themselves need no Lightning
     from lightning.pytorch.strategies import Strategy
 
-__all__ = ["ENTROPIES", "METHODS", "OptimizerFactory", "StepInfo", "TTAMethod", "entropy_margin", "resolve_margin"]
+__all__ = [
+    "ENTROPIES",
+    "METHODS",
+    "NO_SELECTION_PATIENCE",
+    "OptimizerFactory",
+    "StepInfo",
+    "TTAMethod",
+    "entropy_margin",
+    "resolve_margin",
+]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 ENTROPIES = ("shannon", "come")
 METHODS: dict[str, type[TTAMethod]] = {}  # name -> class; every subclass with a ``name`` registers itself
+NO_SELECTION_PATIENCE = 5  # warn when a method selects no sample in this many consecutive batches
 
 
 def entropy_margin(num_classes: int, fraction: float = 0.4) -> float:
@@ -60,6 +72,32 @@ class StepInfo:
     mask: Tensor | None = None
 
 
+@dataclass
+class _Configuration:
+    """What configuring a model for adaptation changes, recorded before the change: every
+    parameter's ``requires_grad``, every module's train/eval flag and the BatchNorm layers' state."""
+
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    training: list[tuple[nn.Module, bool]]
+    batchnorms: list[BatchNormState]
+
+    @classmethod
+    def capture(cls, model: nn.Module, types: Sequence[type[nn.Module]]) -> _Configuration:
+        return cls(
+            [(p, p.requires_grad) for p in model.parameters()],
+            [(m, m.training) for m in model.modules()],
+            BatchNormState.capture(model, types),
+        )
+
+    def restore(self) -> None:
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+        for module, flag in self.training:
+            module.training = flag
+        for state in self.batchnorms:
+            state.restore()
+
+
 class TTAMethod:
     """Base class of the test-time adaptation methods in :mod:`entreg.tta`.
 
@@ -72,8 +110,12 @@ class TTAMethod:
 
     :meth:`adapt` runs one update on a batch and returns the logits computed *before* the update,
     as every reference does. :meth:`reset` restores the source parameters and the optimizer state
-    exactly. With ``recovery=True`` any method resets itself when the moving average of its loss
-    falls below ``recovery_threshold`` (SAR's model-recovery rule). Methods that use clean source
+    exactly. :meth:`restore` undoes the configuration when adaptation is over (BatchNorm running
+    buffers, ``requires_grad`` flags, train/eval flags; source or adapted weights), so the model can be
+    saved, loaded and trained as before. A method that selects no sample in ``NO_SELECTION_PATIENCE``
+    (5) consecutive batches warns, naming the thresholds to loosen (``threshold_args``). With
+    ``recovery=True`` any method resets itself when the moving average of its loss falls below
+    ``recovery_threshold`` (SAR's model-recovery rule). Methods that use clean source
     data (EATA's Fisher information) take it once, before adapting, through :meth:`prepare`.
 
     A subclass that sets its own ``name`` registers itself in :data:`METHODS` under it (``class
@@ -93,9 +135,12 @@ class TTAMethod:
             method's (Tent/EATA/OSTTA: BatchNorm2d as their references; SAR/DeYO: BatchNorm2d,
             LayerNorm, GroupNorm). E.g. ``norm_types=["batchnorm1d", "layernorm"]`` for an MLP.
         exclude: skip norm layers whose module name *contains* one of these strings (default the
-            method's: SAR/DeYO skip ``layer4``, ``blocks.9``-``blocks.11`` and ``norm.``).
+            method's: SAR/DeYO skip ``layer4``, ``blocks.9``-``blocks.11`` and ``norm.``). Names are
+            relative to the network inside wrappers (:func:`~entreg.tta.norm.network_root`: a
+            LightningModule's ``backbone`` or ``net``), as if the reference got the bare network.
         exclude_names: skip norm layers whose module name *equals* one of these (SAR/DeYO: ``norm``,
-            a timm ViT's final norm; ``stages.0.norm`` is not excluded, as in the references).
+            a timm ViT's final norm; ``stages.0.norm`` is not excluded, as in the references); relative
+            names as ``exclude``, or full names from ``model``.
         output_key: where the logits are when the model's forward returns a dict, tuple or output
             object (an index, a key or an attribute name; ``None``: the output is the logits).
     """
@@ -105,6 +150,7 @@ class TTAMethod:
     exclude: Sequence[str] = ()
     exclude_names: Sequence[str] = ()
     uses_source_data: ClassVar[bool] = False  # True: :meth:`prepare` takes clean source batches
+    threshold_args: ClassVar[tuple[str, ...]] = ()  # the arguments that set the sample selection, for warnings
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,9 +189,12 @@ class TTAMethod:
             self.exclude = tuple(exclude)
         if exclude_names is not None:
             self.exclude_names = tuple(exclude_names)
-        force_batch_statistics(model, (*BATCHNORM_ONLY, *self.norm_types))
+        batchnorm_types = (*BATCHNORM_ONLY, *self.norm_types)
+        self._configuration: _Configuration | None = _Configuration.capture(model, batchnorm_types)
+        force_batch_statistics(model, batchnorm_types)
         self.params = collect_norm_params(model, self.norm_types, self.exclude, self.exclude_names)
         if not self.params:
+            self._configuration.restore()  # leave the model as it came
             names = ", ".join(t.__name__ for t in self.norm_types)
             raise ValueError(
                 f"{type(self).__name__} adapts the affine parameters of {names} layers; none found (excluding names "
@@ -157,6 +206,7 @@ class TTAMethod:
         self.ema: float | None = None
         self.resets = 0
         self.strategy: Strategy | None = None  # set under DDP by the callback
+        self._empty_batches = 0  # consecutive batches without a selected sample
         self._source = self._snapshot()
 
     def logits(self, x: Tensor, model: nn.Module | None = None) -> Tensor:
@@ -174,11 +224,53 @@ class TTAMethod:
 
     def reset(self) -> None:
         """Restore the source model and a fresh optimizer state, exactly."""
+        self._check_configured("reset")
         model_state, optimizer_state = self._source
         self.model.load_state_dict(model_state, strict=True)
         self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         self.ema = None
         self.resets += 1
+
+    @property
+    def restored(self) -> bool:
+        """Whether :meth:`restore` has undone the configuration (the method cannot adapt any more)."""
+        return self._configuration is None
+
+    def _check_configured(self, action: str) -> None:
+        if self.restored:
+            raise RuntimeError(
+                f"{type(self).__name__}.{action}: restore() has undone the configuration; build a new method to adapt"
+            )
+
+    def restore(self, keep_adapted: bool = False) -> None:
+        """Undo what configuring the model changed, once adaptation is over: the BatchNorm layers get
+        back ``track_running_stats`` and their running buffers with the source values (adaptation
+        normalised every batch with its own statistics and never updated them), every parameter its
+        ``requires_grad``, every module its train/eval flag of construction time. The weights go
+        back to the source weights, or stay adapted with ``keep_adapted=True``: then a BatchNorm
+        model in eval mode normalises with the source running statistics and the adapted affine
+        parameters (LayerNorm/GroupNorm models predict exactly as after the last update). The state
+        dict then has the keys it had before, so checkpoints load and a later fit trains every
+        parameter. Calling it again does nothing; the method cannot adapt after it.
+
+        Example:
+            >>> from entreg.tta import Tent
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+            >>> keys = list(net.state_dict())
+            >>> tent = Tent(net, num_classes=4)
+            >>> "1.running_mean" in net.state_dict(), net[0].weight.requires_grad
+            (False, False)
+            >>> tent.restore()
+            >>> list(net.state_dict()) == keys, net[0].weight.requires_grad
+            (True, True)
+        """
+        if self.restored:
+            return
+        if not keep_adapted:  # the snapshot has the configured model's keys: load it before the buffers return
+            self.model.load_state_dict(self._source[0], strict=True)
+        self._configuration.restore()
+        self._configuration = None
+        self.optimizer.zero_grad(set_to_none=True)
 
     def entropy(self, logits: Tensor) -> Tensor:
         """Per-sample entropy of the predictions (N, C): Shannon, or COME's opinion entropy."""
@@ -249,8 +341,28 @@ class TTAMethod:
     def adapt(self, x: Tensor) -> tuple[Tensor, StepInfo]:
         """Adapt on ``x`` (with gradients on, whatever the caller's mode); returns the detached
         pre-update logits and the :class:`StepInfo`."""
+        self._check_configured("adapt")
         with torch.enable_grad():
             logits, info = self.step(x)
         if self.recovery:
             info.reset = self._track(info.loss)
+        self._watch_selection(info.selected)
         return logits.detach(), info
+
+    def _watch_selection(self, selected: int) -> None:
+        """Warn once per streak of ``NO_SELECTION_PATIENCE`` batches without a selected sample (on
+        rank 0 only under DDP: ``selected`` is the count over all ranks)."""
+        self._empty_batches = 0 if selected else self._empty_batches + 1
+        if self._empty_batches != NO_SELECTION_PATIENCE or (self.strategy and self.strategy.global_rank != 0):
+            return
+        if self.threshold_args:
+            values = ", ".join(f"{arg}={getattr(self, arg):.4g}" for arg in self.threshold_args)
+            advice = f"loosen the selection thresholds ({values})"
+        else:
+            advice = "its selection has no threshold to loosen; check the model and the data"
+        warnings.warn(
+            f"{type(self).__name__} selected no sample in {NO_SELECTION_PATIENCE} consecutive batches: its loss is "
+            f"empty, so it learns nothing from this stream (num_classes={self.num_classes}); {advice}",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -89,6 +89,7 @@ class DeYO(TTAMethod):
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
     exclude_names = SAR_EXCLUDE_NAMES
+    threshold_args = ("margin", "plpd_threshold")
 
     def __init__(
         self,

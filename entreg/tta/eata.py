@@ -16,9 +16,27 @@ from torch import Tensor, nn
 
 from entreg.tta.base import StepInfo, TTAMethod, resolve_margin
 
-__all__ = ["EATA", "ETA", "fisher_information"]
+__all__ = ["EATA", "ETA", "d_margin_for", "fisher_information"]
 
 Fishers = dict[str, tuple[Tensor, Tensor]]
+# (fewest classes, d_margin) as the benchmark configs of mariodoebler/test-time-adaptation@6775997 set EATA's
+# D_MARGIN: CIFAR-10-C 0.4 (C = 10), CIFAR-100-C and DomainNet-126 0.1, ImageNet-R/A (C = 200) and ImageNet-C
+# (C = 1000, EATA's main.py) 0.05
+D_MARGINS: tuple[tuple[int, float], ...] = ((200, 0.05), (100, 0.1), (2, 0.4))
+
+
+def d_margin_for(num_classes: int) -> float:
+    """EATA's redundancy threshold epsilon for ``num_classes`` classes, as the references' configs set
+    it: 0.4 below 100 classes (CIFAR-10), 0.1 from 100 to 199 (CIFAR-100, DomainNet-126), 0.05 from 200
+    on (ImageNet-R, ImageNet). A confident prediction has |cos| ~ 1/sqrt(C) with a uniform average
+    (0.32 for C = 10), so ImageNet's 0.05 rejects every sample of a 10-class stream after the first
+    batch; below 7 classes even 0.4 can (pass ``d_margin`` then).
+
+    Example:
+        >>> d_margin_for(10), d_margin_for(100), d_margin_for(1000)
+        (0.4, 0.1, 0.05)
+    """
+    return next(margin for fewest, margin in D_MARGINS if num_classes >= fewest)
 
 
 def fisher_information(
@@ -56,8 +74,10 @@ class EATA(TTAMethod):
         e_margin: entropy threshold E0; default 0.4 ln C, the value of the reference ``main.py``
             (the reference class's own default, ln(1000)/2 - 1, is what you get with
             ``e_margin=math.log(1000) / 2 - 1``).
-        d_margin: redundancy threshold epsilon on |cos(m, p)| (0.05 in ``main.py``; 0.4 in the
-            CIFAR-10-C benchmarks).
+        d_margin: redundancy threshold epsilon on |cos(m, p)|; ``None`` (default): by the number of
+            classes as the references' configs (:func:`d_margin_for`: 0.4 for C < 100, e.g. CIFAR-10;
+            0.1 for 100 <= C < 200, CIFAR-100; 0.05 for C >= 200, ImageNet's ``main.py`` value); a
+            number is used as given.
         fisher_alpha: beta, weight of the Fisher penalty (2000 in ``main.py``; 0 gives ETA).
         fishers: ``{name: (fisher, theta0)}`` from :func:`fisher_information` (or set later with
             :meth:`set_fishers`); without it the penalty is off.
@@ -66,7 +86,9 @@ class EATA(TTAMethod):
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
         ...                           torch.nn.LazyLinear(10))
         >>> _ = net(torch.randn(2, 3, 8, 8))
-        >>> eata = EATA(net, num_classes=10, e_margin=2.3, d_margin=0.4)
+        >>> eata = EATA(net, num_classes=10, e_margin=2.3)
+        >>> eata.d_margin  # by C: 0.4 for 10 classes
+        0.4
         >>> eata.set_fishers([torch.randn(8, 3, 8, 8)])
         >>> _, info = eata.adapt(torch.randn(16, 3, 8, 8))
         >>> 0 <= info.selected <= 16
@@ -75,21 +97,23 @@ class EATA(TTAMethod):
 
     name = "eata"
     uses_source_data = True
+    threshold_args = ("e_margin", "d_margin")
 
     def __init__(
         self,
         model: nn.Module,
         num_classes: int,
         e_margin: float | None = None,
-        d_margin: float = 0.05,
+        d_margin: float | None = None,
         fisher_alpha: float = 2000.0,
         fishers: Fishers | None = None,
         **kwargs,
     ) -> None:
         super().__init__(model, num_classes, **kwargs)
         self.e_margin = resolve_margin("e_margin", e_margin, num_classes)
+        d_margin = d_margin_for(num_classes) if d_margin is None else d_margin
         if not d_margin >= 0:
-            raise ValueError(f"d_margin must be >= 0, got {d_margin}")
+            raise ValueError(f"d_margin must be >= 0 (None: by the number of classes), got {d_margin}")
         if not fisher_alpha >= 0:
             raise ValueError(f"fisher_alpha must be >= 0, got {fisher_alpha}")
         self.d_margin, self.fisher_alpha = float(d_margin), float(fisher_alpha)

@@ -150,6 +150,7 @@ class ReCAP(TTAMethod, register=False):
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
     exclude_names = SAR_EXCLUDE_NAMES
+    threshold_args = ("margin",)
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ class SAR(TTAMethod):
     norm_types = ALL_NORMS
     exclude = SAR_EXCLUDE
     exclude_names = SAR_EXCLUDE_NAMES
+    threshold_args = ("margin",)
 
     def __init__(
         self,
