@@ -108,6 +108,15 @@ def test_a_bare_method_restores_the_model():
         sar.adapt(batches(1)[0])
 
 
+def test_a_model_without_the_method_s_norm_layers_is_left_as_it_came():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    net(torch.randn(2, 3, 4, 4))
+    before = snapshot(net)
+    with pytest.raises(ValueError, match="none found"):
+        Tent(net, num_classes=5, norm_types=["layernorm"])
+    assert_restored(net, before)
+
+
 def test_keep_adapted_keeps_the_adapted_affine_weights_and_the_source_statistics():
     net = cnn()
     before = snapshot(net)

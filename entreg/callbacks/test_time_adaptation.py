@@ -49,7 +49,9 @@ class TestTimeAdaptation(L.Callback):
         method: name in :data:`entreg.tta.METHODS`.
         num_classes: number of classes; default ``pl_module.hparams.num_classes``, else the width of
             the logits of the first batch (one extra forward pass, in eval mode, without gradients).
-        module: dotted name of the submodule that maps inputs to logits (default: the module itself).
+        module: dotted name of the submodule that maps inputs to logits (default: the module itself;
+            SAR's/DeYO's name-based exclusions are read inside wrappers either way, see
+            :func:`entreg.tta.norm.network_root`).
         output_key: where the logits are when that module's forward returns a dict, tuple or output
             object (an index, a key or an attribute such as ``"logits"``; ``None``: the output itself).
         input_key: index/key of the inputs in a batch (a plain tensor batch is the input).

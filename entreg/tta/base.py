@@ -353,7 +353,7 @@ class TTAMethod:
         """Warn once per streak of ``NO_SELECTION_PATIENCE`` batches without a selected sample (on
         rank 0 only under DDP: ``selected`` is the count over all ranks)."""
         self._empty_batches = 0 if selected else self._empty_batches + 1
-        if self._empty_batches != NO_SELECTION_PATIENCE or (self.strategy and self.strategy.global_rank != 0):
+        if self._empty_batches != NO_SELECTION_PATIENCE or getattr(self.strategy, "global_rank", 0) != 0:
             return
         if self.threshold_args:
             values = ", ".join(f"{arg}={getattr(self, arg):.4g}" for arg in self.threshold_args)
