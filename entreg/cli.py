@@ -11,6 +11,7 @@ Heavy imports (lightning, torch models) happen inside the functions so that ``--
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import statistics
@@ -61,25 +62,40 @@ def existing_file(value: Any, key: str) -> Path:
     return path
 
 
+def _last_activity(run: Path) -> float:
+    """When ``run`` last wrote anything (the newest modification time in it)."""
+    return max((path.stat().st_mtime for path in run.rglob("*") if path.is_file()), default=run.stat().st_mtime)
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``cfg.ckpt_path`` to resume from: None, an existing file, or ``last``: the ``checkpoints/last.ckpt`` most
-    recently written by a run of ``cfg.task_name`` under ``cfg.paths.log_dir`` (printed)."""
+    """``cfg.ckpt_path`` to resume from: None, an existing file, or ``last``: ``checkpoints/last.ckpt`` of the newest
+    run of ``cfg.task_name`` under ``cfg.paths.log_dir`` (the one that wrote last; this run excluded), printed. If
+    that run has no checkpoint (stopped before its first), FileNotFoundError says so and names the newest run that
+    has one, instead of silently resuming another run."""
     value = cfg.get("ckpt_path")
     if value is None:
         return None
     if str(value) != "last":
         return str(existing_file(value, "ckpt_path"))
-    runs = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
-    found = [path for path in runs.glob("*/checkpoints/last.ckpt") if path.is_file()]
+    runs_dir = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
+    this_run = Path(str(cfg.paths.output_dir)).resolve()
+    runs = [run for run in runs_dir.glob("*") if run.is_dir() and run.resolve() != this_run]
+    runs.sort(key=lambda run: (_last_activity(run), run.name), reverse=True)
+    last = [run / "checkpoints" / "last.ckpt" for run in runs]
+    found = [path for path in last if path.is_file()]
     if not found:
         raise FileNotFoundError(
             f"ckpt_path=last: no run of {cfg.task_name} has a last checkpoint (looked for "
-            f"{runs / '*' / 'checkpoints' / 'last.ckpt'}); "
-            "pass the checkpoint's path as ckpt_path=<path>"
+            f"{runs_dir / '*' / 'checkpoints' / 'last.ckpt'}); pass the checkpoint's path as ckpt_path=<path>"
         )
-    path = max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-    say(f"ckpt_path=last: resuming from {path}")
-    return str(path)
+    if found[0] != last[0]:
+        raise FileNotFoundError(
+            f"ckpt_path=last: the newest run of {cfg.task_name}, {runs[0]}, has no checkpoint (it stopped before "
+            f"writing one); the newest run that has one is {found[0].parents[1]}: to resume it, pass "
+            f"ckpt_path={found[0]}"
+        )
+    say(f"ckpt_path=last: resuming the newest run of {cfg.task_name} from {found[0]}")
+    return str(found[0])
 
 
 def require_positive_ints(cfg: DictConfig, *keys: str) -> None:
@@ -93,14 +109,24 @@ def require_positive_ints(cfg: DictConfig, *keys: str) -> None:
 # ---- trainer ---------------------------------------------------------------------------------------------------
 
 
-def make_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+def make_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any], fit: bool = False) -> L.Trainer:
     """The ``cfg.trainer`` Trainer. SyncBatchNorm runs on CUDA GPUs only: a config that asks for it
-    (``trainer=ddp``) where the accelerator is or resolves to the CPU runs on the CPU without it, with a warning."""
+    (``trainer=ddp``) where the accelerator is or resolves to the CPU runs on the CPU without it, with a warning.
+    ``trainer.enable_progress_bar=false`` drops the progress bar callbacks. A trainer that will ``fit``
+    gets an :class:`~entreg.callbacks.InterruptCheckpoint` (unless it has one): Ctrl-C, SIGTERM or a preemption
+    signal writes ``<run>/checkpoints/last.ckpt`` and stops."""
     import torch
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.utilities import rank_zero_warn
 
+    from entreg.callbacks import InterruptCheckpoint
+
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if options.get("enable_progress_bar") is False:
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    if fit and not any(isinstance(callback, InterruptCheckpoint) for callback in callbacks):
+        callbacks = [*callbacks, InterruptCheckpoint()]
     accelerator = options.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if options.get("sync_batchnorm") and on_cpu:
@@ -129,8 +155,27 @@ def run_paths(cfg: DictConfig, trainer: L.Trainer) -> dict[str, str]:
         return paths
     paths["best checkpoint"] = callback.best_model_path or "none written"
     if callback.save_last:
-        paths["last checkpoint"] = callback.last_model_path or "none written"
+        # a fit launched in worker processes (ddp_fork/spawn) tells this process the best path only: look on disk
+        on_disk = Path(str(callback.dirpath or "")) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        last = callback.last_model_path or (str(on_disk) if callback.dirpath and on_disk.is_file() else "")
+        paths["last checkpoint"] = last or "none written"
     return paths
+
+
+def run_fit(trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit``; Lightning's own stop on SIGTERM (``SIGTERMException``) becomes
+    :class:`~entreg.callbacks.TrainingInterrupted` with the checkpoint the InterruptCheckpoint wrote."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from entreg.callbacks import InterruptCheckpoint, TrainingInterrupted
+
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException as stop:
+        saved = [c.saved for c in trainer.callbacks if isinstance(c, InterruptCheckpoint) and c.saved is not None]
+        raise TrainingInterrupted(signal.SIGTERM, saved[0] if saved else None) from stop
 
 
 # ---- reporting -------------------------------------------------------------------------------------------------
@@ -214,8 +259,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    trainer = make_trainer(cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger")))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    trainer = make_trainer(cfg, callbacks, loggers, fit=True)
+    run_fit(trainer, model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     paths = run_paths(cfg, trainer)  # before test() restores the best checkpoint's callback states
     if cfg.get("test", True):
         checkpoint = trainer.checkpoint_callback
@@ -230,6 +276,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rows = [[label, *(d.get(key) for d in loaders)] for key, label in REPORTED_TEST_METRICS.items()]
     else:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        progress = getattr(model, "training_progress", None)  # RL agents log against env steps
+        metrics.setdefault("step", float(progress[0] if progress is not None else trainer.global_step))
         title, header = f"entreg {cfg.task_name}: final metrics", ["metric", "value"]
         rows = [[name, value] for name, value in sorted(metrics.items())]
     if trainer.is_global_zero:
@@ -399,8 +447,9 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
         base_checkpoint, reward, eval_metrics=eval_metrics, seed=cfg.seed, **options
     )
     before = model.evaluate()
-    trainer = make_trainer(cfg, instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger")))
-    trainer.fit(model, ckpt_path=ckpt_path, weights_only=True)
+    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    trainer = make_trainer(cfg, callbacks, loggers, fit=True)
+    run_fit(trainer, model, ckpt_path=ckpt_path, weights_only=True)
     after = model.to(trainer.strategy.root_device).evaluate()
     metrics = {f"eval/{k}": v for k, v in after.items()}
     if trainer.is_global_zero:
@@ -480,9 +529,85 @@ def torchrun_overrides(env: dict[str, str] | None = None) -> list[str]:
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
 
 
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+def _user_error(error: BaseException) -> str | None:
+    """The message of an error in what the user asked for (a value, a file, a config key), else None."""
+    from hydra.errors import HydraException, InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(error, InstantiationException) and isinstance(error.__cause__, USER_ERRORS):
+        return str(error)
+    if isinstance(error, (*USER_ERRORS, HydraException, MisconfigurationException, OmegaConfBaseException)):
+        return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return None
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's promotional tips (``💡 Tip: ... try installing litlogger``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_dependencies() -> None:
+    """Hide what entreg's commands should not print: Lightning's promotional tips and the deprecation
+    warnings of dependencies that a user can do nothing about."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+    for message in KNOWN_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+# deprecation warnings raised inside dependencies (not entreg's calls), matched by message
+KNOWN_DEPRECATIONS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # lightning's _pytree on torch >= 2.10
+)
+
+
+def run_command(command: str, task: Any, cfg: DictConfig) -> Any:
+    """Run ``task(cfg)`` as the command ``command``: a user error (bad value, missing file, unknown key) prints its
+    message alone and exits with status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback); a fit stopped by a signal
+    says where its checkpoint is and how to resume, and exits with 128 + the signal number; every exit other than
+    success prints the run directory."""
+    from entreg.callbacks import TrainingInterrupted
+
+    quiet_dependencies()
+    succeeded = False
+    try:
+        result = task(cfg)
+        succeeded = True
+        return result
+    except TrainingInterrupted as stop:
+        if stop.ckpt_path is not None:
+            say(
+                f"{command}: stopped by {stop.signal_name}; the exact state is in {stop.ckpt_path}",
+                f"resume: {command} <the same overrides> ckpt_path=last (or ckpt_path={stop.ckpt_path})",
+            )
+        else:
+            say(f"{command}: stopped by {stop.signal_name}; no checkpoint was written")
+        raise
+    except Exception as error:
+        message = _user_error(error)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{command}: error: {message}", file=sys.stderr)
+        print("(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if not succeeded and cfg.get("paths"):
+            say(f"run directory: {cfg.paths.output_dir}")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    metrics = run_command("entreg-train", train, cfg)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 
@@ -490,19 +615,19 @@ def _train_main(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="adapt")
 def adapt_main(cfg: DictConfig) -> None:
     """``entreg-adapt``: test-time adaptation of a checkpoint on a shifted stream."""
-    adapt(cfg)
+    run_command("entreg-adapt", adapt, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def sample_main(cfg: DictConfig) -> None:
     """``entreg-sample``: sample a diffusion checkpoint with a chosen scheduler and NFE."""
-    sample(cfg)
+    run_command("entreg-sample", sample, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="finetune")
 def finetune_main(cfg: DictConfig) -> None:
     """``entreg-finetune``: GRPO fine-tuning of a flow-matching checkpoint with a reward."""
-    finetune(cfg)
+    run_command("entreg-finetune", finetune, cfg)
 
 
 def train_main() -> float | None:

@@ -21,8 +21,7 @@ TINY = [
     "+trainer.limit_val_batches=1",
     "+trainer.limit_test_batches=1",
     "trainer.accelerator=cpu",
-    "callbacks.progress_bar=null",
-    "trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",  # with the default callbacks' progress bar: dropped, not an error
     "trainer.enable_model_summary=false",
     "data.size=8",
 ]
@@ -39,6 +38,7 @@ def test_python_m_entreg_train_prints_results_and_writes_logs(tmp_path):
     result = run([sys.executable, "-m", "entreg.train", *TINY], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
     for label in ("accuracy", "NLL", "ECE", "mean entropy"):
         assert label in result.stdout
+    assert "Tip:" not in result.stdout + result.stderr and "LeafSpec" not in result.stderr  # no tips, no noise
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -86,6 +86,8 @@ def test_ddp_sim_trains_with_two_processes(tmp_path):
         [str(ENTRY), "trainer=ddp_sim", *TINY, "logger=csv"], cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs")
     )
     assert "accuracy" in result.stdout
+    (last,) = (tmp_path / "logs").rglob("checkpoints/last.ckpt")
+    assert f"last checkpoint: {last}" in result.stdout  # the fit ran in forked workers: found on disk
     assert "ddp_fork" in (next((tmp_path / "logs").rglob("config.yaml"))).read_text()
     assert "GLOBAL_RANK: 1" in result.stdout + result.stderr  # the second process really ran
 
@@ -255,9 +257,83 @@ def test_ckpt_path_last_resumes_the_most_recent_run(tmp_path, capsys):
     os.utime(older, (first.stat().st_mtime - 60, first.stat().st_mtime - 60))
     resumed = ["trainer.max_epochs=2", "+trainer.limit_train_batches=3", "ckpt_path=last", "test=false"]
     train(compose("train", *train_overrides(logs, "second", *resumed)))
-    assert f"ckpt_path=last: resuming from {first}" in capsys.readouterr().out
+    assert f"ckpt_path=last: resuming the newest run of train from {first}" in capsys.readouterr().out
     second = torch.load(logs / "train" / "runs" / "second" / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 2 + 3  # 2 steps of the first run's epoch, then 3 of the second epoch
+
+
+def test_ckpt_path_last_names_a_newest_run_without_checkpoint_instead_of_resuming_an_older_one(tmp_path):
+    """The newest run stopped before writing a checkpoint (killed, crashed early): ckpt_path=last says so and
+    names the newest run that has one, instead of silently continuing that other run."""
+    from entreg.cli import train
+
+    runs = tmp_path / "logs" / "train" / "runs"
+    older = runs / "2026-01-01_10-00-00" / "checkpoints" / "last.ckpt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"a checkpoint")
+    os.utime(older, (older.stat().st_mtime - 120, older.stat().st_mtime - 120))
+    newest = runs / "2026-01-01_11-00-00"
+    (newest / "tensorboard").mkdir(parents=True)
+    (newest / "tensorboard" / "events.out.tfevents.1").write_bytes(b"")
+    cfg = compose("train", *train_overrides(tmp_path / "logs", "this_run", "ckpt_path=last"))
+    with pytest.raises(FileNotFoundError) as error:
+        train(cfg)
+    assert str(error.value) == (
+        f"ckpt_path=last: the newest run of train, {newest}, has no checkpoint (it stopped before writing one); "
+        f"the newest run that has one is {older.parents[1]}: to resume it, pass ckpt_path={older}"
+    )
+
+
+def test_a_ctrl_c_writes_the_state_prints_where_and_ckpt_path_last_resumes_it(tmp_path, capsys):
+    """entreg-train stopped by SIGINT in the middle of its fit: exit status 130, the checkpoint of the exact state
+    and the run directory printed; `ckpt_path=last` then continues that run, not an older one."""
+    import signal
+    import time
+
+    import torch
+
+    from entreg.cli import train
+
+    logs = tmp_path / "logs"
+    run([str(ENTRY), *TINY, "logger=none", "test=false"], cwd=tmp_path, ENTREG_LOG_DIR=str(logs))  # an older run
+    args = [str(ENTRY), *TINY, "trainer.max_epochs=10000", "logger=none", "callbacks.model_summary=null"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ENTREG_LOG_DIR": str(logs)}
+    process = subprocess.Popen(args, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs = logs / "train" / "runs"
+    deadline = time.monotonic() + 120
+    while len(list(runs.glob("*/checkpoints/epoch_*.ckpt"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the second run's first epoch is done: its fit is running
+    process.send_signal(signal.SIGINT)
+    out, err = (text.decode() for text in process.communicate(timeout=120))
+    assert process.returncode == 128 + signal.SIGINT, out[-2000:] + err[-2000:]
+    stopped = max(runs.iterdir(), key=lambda run: run.name)
+    last = stopped / "checkpoints" / "last.ckpt"
+    assert f"entreg-train: stopped by SIGINT; the exact state is in {last}" in out
+    assert f"run directory: {stopped}" in out and "Traceback" not in err
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step > 2  # written at the interruption, after the first epoch's checkpoint (step 2)
+
+    where = [f"paths.log_dir={logs}", f"paths.output_dir={runs / 'resumed'}", "logger=none", "test=false"]
+    resumed = ["trainer.max_epochs=1000000", f"+trainer.max_steps={step + 2}", "ckpt_path=last"]
+    metrics = train(compose("train", *TINY, *where, *resumed))
+    assert f"ckpt_path=last: resuming the newest run of train from {last}" in capsys.readouterr().out
+    assert metrics["step"] == step + 2  # two more steps than the interrupted run had done
+
+
+@pytest.mark.parametrize("full_error", [False, True])
+def test_a_user_error_prints_its_message_alone_and_the_run_directory(tmp_path, full_error):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ENTREG_LOG_DIR": str(tmp_path / "logs")}
+    if full_error:
+        environment["HYDRA_FULL_ERROR"] = "1"
+    args = [str(ENTRY.with_name("entreg-sample")), "ckpt_path=some.ckpt", "n=0"]
+    result = subprocess.run(args, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == (1 if full_error else 2)
+    assert ("Traceback" in result.stderr) == full_error
+    assert "n must be an integer >= 1, got 0" in result.stderr
+    if not full_error:
+        assert result.stderr.startswith("entreg-sample: error: n must be an integer >= 1, got 0\n")
+        (run_dir,) = (tmp_path / "logs" / "sample" / "runs").iterdir()
+        assert f"run directory: {run_dir}" in result.stdout
 
 
 def test_missing_checkpoints_fail_before_anything_is_built(tmp_path):

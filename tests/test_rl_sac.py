@@ -3,8 +3,10 @@ module (counters, exact resume, non-finite data), the configs and the CLI, and l
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -265,19 +267,39 @@ def test_counters_warmup_and_logged_metrics(tmp_path):
     assert warm.min() < -0.8 and warm.max() > 0.8 and -1 <= warm.min()
 
 
-@pytest.mark.parametrize("era", [None, 0.25], ids=["sac", "sac_era"])
-def test_resume_continues_exactly_as_the_uninterrupted_run(era, tmp_path):
-    """Hopper (a MuJoCo env whose state is restored) stopped after epoch 2 of 3 and resumed from the checkpoint
-    ends with the same weights, optimizer states, buffer and counters as the run that was not interrupted."""
+class SignalAtEnvStep(L.Callback):
+    """Sends SIGINT to this process during env step ``step`` (as Ctrl-C would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: SACModule, *args) -> None:
+        if pl_module.env_steps == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize(("era", "stop"), [(None, "epoch"), (0.25, "epoch"), (None, "ctrl_c")])
+def test_resume_continues_exactly_as_the_uninterrupted_run(era, stop, tmp_path):
+    """Hopper (a MuJoCo env whose state is restored) stopped after epoch 2 of 3, or by Ctrl-C in the middle of
+    epoch 2 (the checkpoint InterruptCheckpoint writes), and resumed from the checkpoint ends with the same
+    weights, optimizer states, buffer and counters as the run that was not interrupted."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from entreg.callbacks import InterruptCheckpoint, TrainingInterrupted
 
     kwargs = {"env_id": "Hopper-v5", "era_entropy_per_dim": era, "seed": 3}
     full = sac(**kwargs)
     full_trainer = make_trainer(tmp_path / "full", max_epochs=3)
     full_trainer.fit(full)
     first = sac(**kwargs)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path / "a", max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(first)
+    if stop == "epoch":
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        make_trainer(tmp_path / "a", max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(first)
+    else:
+        callbacks = [SignalAtEnvStep(57), InterruptCheckpoint(dirpath=tmp_path / "ckpt")]
+        with pytest.raises(TrainingInterrupted):
+            make_trainer(tmp_path / "a", max_epochs=3, callbacks=callbacks).fit(first)
+        assert first.env_steps == 58  # the step during which the signal came was completed
     resumed = sac(**{**kwargs, "seed": 99})  # the checkpoint decides everything, not the constructor's seed
     trainer = make_trainer(tmp_path / "b", max_epochs=3)
     trainer.fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # as entreg-train loads
@@ -392,7 +414,7 @@ def test_entreg_train_cli_writes_tensorboard_scalars_at_env_steps(tmp_path):
     args = [str(entry), "experiment=invertedpendulum_sac", "model.total_steps=60", "model.learning_starts=20"]
     args += ["model.batch_size=16", "model.hidden=[16,16]", "model.eval_episodes=1", "model.log_every=30"]
     args += ["model.steps_per_epoch=30", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"]
-    args += ["callbacks.progress_bar=null", f"paths.output_dir={tmp_path}"]
+    args += [f"paths.output_dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -405,3 +427,5 @@ def test_entreg_train_cli_writes_tensorboard_scalars_at_env_steps(tmp_path):
     assert [e.step for e in accumulator.Scalars("eval/return")] == [60]  # x-axis: env steps
     assert [e.step for e in accumulator.Scalars("train/alpha")] == [30, 60]
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 60  # env steps, also a row of the table
+    assert "│ step " in result.stdout

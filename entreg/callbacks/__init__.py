@@ -3,6 +3,14 @@
 from entreg.callbacks.entropy_controller import EntropyController
 from entreg.callbacks.entropy_monitor import EntropyMonitor
 from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint, TrainingInterrupted
+from entreg.callbacks.progress_bar import ProgressBar
 from entreg.callbacks.test_time_adaptation import TestTimeAdaptation
 
-__all__ = ["EntropyController", "EntropyMonitor", "InterruptCheckpoint", "TestTimeAdaptation", "TrainingInterrupted"]
+__all__ = [
+    "EntropyController",
+    "EntropyMonitor",
+    "InterruptCheckpoint",
+    "ProgressBar",
+    "TestTimeAdaptation",
+    "TrainingInterrupted",
+]

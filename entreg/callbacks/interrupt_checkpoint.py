@@ -122,7 +122,7 @@ class InterruptCheckpoint(L.Callback):
         path = self.ckpt_path(trainer)
         if trainer.is_global_zero and path.is_symlink():
             path.unlink()
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
         return path
 
@@ -139,8 +139,9 @@ class InterruptCheckpoint(L.Callback):
             return
         if trainer.is_global_zero:
             name = signal.Signals(self.stopping).name
-            print(f"{name}: stopped after step {trainer.global_step}; the exact state is in {self.saved}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            progress = getattr(trainer.lightning_module, "training_progress", None)  # e.g. an RL agent's env steps
+            where = f"{progress[2]} {progress[0]:,}" if progress is not None else f"step {trainer.global_step}"
+            print(f"{name}: stopped after {where}; the exact state is in {self.saved}", file=sys.stderr, flush=True)
         raise TrainingInterrupted(self.stopping, self.saved)
 
     # ---- hooks --------------------------------------------------------------------------------------------------

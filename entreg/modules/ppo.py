@@ -200,6 +200,11 @@ class PPOModule(L.LightningModule):
         self.generator = torch.Generator()
         self._resume: dict[str, Any] | None = None
 
+    @property
+    def training_progress(self) -> tuple[int, int | None, str]:
+        """(env steps done over all ranks, of ``total_timesteps``, "env steps"): what entreg's progress bar shows."""
+        return self.env_steps, self.hparams.total_timesteps, "env steps"
+
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.collector is not None:

@@ -190,6 +190,11 @@ class SACModule(L.LightningModule):
         self._resume: dict[str, Any] | None = None
         self._window: dict[str, Any] = {}
 
+    @property
+    def training_progress(self) -> tuple[int, int, str]:
+        """(env steps done, of the total, "env steps"): what entreg's progress bar shows."""
+        return self.env_steps, self.hparams.total_steps, "env steps"
+
     # ----------------------------------------------------------------------------------------------- setup
     def train_dataloader(self) -> DataLoader:
         return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)  # one item per env step
