@@ -159,18 +159,14 @@ class Budget(L.Callback):
         self.units, self.eval_every, self.curve = units, eval_every, []
 
     def _record(self, module: GRPOModule, seconds: float) -> None:
-        cost = dict(module.cost)
-        units = cost["sample_forwards"] + 3 * cost["train_forward_backwards"]
-        self.curve.append(
-            {"iteration": module.iteration, "units": units, **cost, "seconds": seconds, **module.evaluate()}
-        )
+        self.curve.append({"iteration": module.iteration, **module.cost, "seconds": seconds, **module.evaluate()})
 
     def on_train_start(self, trainer: L.Trainer, module: GRPOModule) -> None:
         self.started = time.perf_counter()
         self._record(module, 0.0)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: GRPOModule, *args: Any) -> None:
-        units = module.cost["sample_forwards"] + 3 * module.cost["train_forward_backwards"]
+        units = module.cost["units"]
         done = units >= self.units
         if done or module.iteration % self.eval_every == 0:
             self._record(module, time.perf_counter() - self.started)
@@ -199,7 +195,7 @@ def iteration_units(task: Task, arm: dict[str, Any]) -> float:
     """Compute units of one iteration of ``arm`` (one iteration of a throw-away module)."""
     module = make_module(task, arm, 1e-4, 0, **({"shift_every": 1} if arm["variant"] == "mixgrpo" else {}))
     run(module, units=1.0, eval_every=10**9)
-    return module.cost["sample_forwards"] + 3 * module.cost["train_forward_backwards"]
+    return module.cost["units"]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

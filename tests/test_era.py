@@ -167,8 +167,8 @@ def test_gaussian_noise_goes_where_the_scores_point():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"action_dim": 2, "target_entropy": 5.0}, r"valid range is \(-13.1621, 2.8379\]"),
-        ({"action_dim": 2, "target_entropy": -20.0}, "out of range for action_dim=2"),
+        ({"action_dim": 2, "target_entropy": 5.0}, r"totals are \(-13.1621, 2.8379\], i\.e\. \(-6.5811, 1.4189\]"),
+        ({"action_dim": 2, "target_entropy": -20.0}, r"-20.0 nats \(the total over action_dim=2: -10 per dimension\)"),
         ({"action_dim": 0}, "action_dim >= 1"),
         ({"action_dim": 2, "log_std_min": 1.0, "log_std_max": 0.0}, "must be < log_std_max"),
     ],
@@ -176,3 +176,11 @@ def test_gaussian_noise_goes_where_the_scores_point():
 def test_gaussian_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GaussianERA(**kwargs)
+
+
+def test_per_dimension_targets_are_checked_and_reported_per_dimension():
+    era = GaussianERA.per_dimension(3, 0.25)
+    assert era.target_entropy == pytest.approx(0.75)
+    with pytest.raises(ValueError, match=r"^era_entropy_per_dim=100 nats per action dimension is out of range .*"
+                       r"valid \(-6.5811, 1.4189\] \(a target of 300 nats over the 3 dimensions\)$"):  # fmt: skip
+        GaussianERA.per_dimension(3, 100)

@@ -101,7 +101,7 @@ def test_cost_counters_follow_each_plan():
     fit(flow)
     per_iteration = h["steps"] * h["prompts"] * h["group_size"]
     assert flow.cost == {"sample_forwards": 2 * per_iteration, "train_forward_backwards": 2 * per_iteration,
-                         "reward_calls": 2 * h["prompts"] * h["group_size"]}  # fmt: skip
+                         "reward_calls": 2 * h["prompts"] * h["group_size"], "units": 8 * per_iteration}  # fmt: skip
     egrpo, _ = make_module("egrpo", iterations_per_epoch=2)
     fit(egrpo)
     merges = egrpo_merges(egrpo.grid, 0.7, 2.2, 4)
@@ -109,7 +109,8 @@ def test_cost_counters_follow_each_plan():
     branches = sum(1 + (h["steps"] - start - length) for start, length in merges) * h["prompts"] * h["group_size"]
     assert egrpo.cost == {"sample_forwards": 2 * (anchor + branches),
                           "train_forward_backwards": 2 * len(merges) * h["prompts"],  # one per shared state
-                          "reward_calls": 2 * len(merges) * h["prompts"] * h["group_size"]}  # fmt: skip
+                          "reward_calls": 2 * len(merges) * h["prompts"] * h["group_size"],
+                          "units": 2 * (anchor + branches) + 3 * 2 * len(merges) * h["prompts"]}  # fmt: skip
 
 
 def test_kl_to_the_base_keeps_the_policy_closer():

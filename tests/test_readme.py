@@ -89,11 +89,14 @@ def test_evodiff_snippet_swaps_the_scheduler_into_a_diffusers_pipeline(recwarn):
     assert not any("EVODiff" in str(w.message) for w in recwarn)  # no final-step warning on this grid
 
 
-def test_grpo_snippet_trains_and_counts_its_cost(tmp_path, monkeypatch):
+def test_grpo_snippet_trains_and_counts_its_cost(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     ns = run_block(python_block("Flow models: flow matching and GRPO fine-tuning (E-GRPO)"))
     module = ns["module"]
+    printed = capsys.readouterr().out.strip().splitlines()[-1]  # what the comment says it prints
+    assert printed == str(module.cost)
+    assert list(module.cost) == ["sample_forwards", "train_forward_backwards", "reward_calls", "units"]
     assert module.iteration == 3 and module.cost["reward_calls"] > 0 and module.cost["train_forward_backwards"] > 0
     assert not torch.equal(
         torch.cat([p.flatten() for p in module.net.parameters()]),

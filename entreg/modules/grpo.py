@@ -212,7 +212,7 @@ class GRPOModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.grid = time_grid(steps, shift).tolist()
         self.iteration = 0
-        self.cost = dict.fromkeys(COST_KEYS, 0)
+        self.counts = dict.fromkeys(COST_KEYS, 0)
 
     @classmethod
     def from_flow_checkpoint(cls, path: str | Path, reward: Reward, **kwargs: Any) -> GRPOModule:
@@ -281,7 +281,7 @@ class GRPOModule(L.LightningModule):
                 units.append(_Unit(transitions, torch.empty(0), unit_cond, len(mine) if shared else 1, plan.branch))
         else:
             anchor = ode_states(policy, self._noise(h.prompts, 2), self.grid, max(p.branch for p in plans), prompts)
-            self.cost["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
+            self.counts["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
             for k, plan in enumerate(plans):
                 x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
                 out, mine_cond = self._rollout_group(policy, x, plan, cond, g_sde, mine, k * h.prompts, parts)
@@ -314,7 +314,7 @@ class GRPOModule(L.LightningModule):
         mine_cond = None if cond is None else cond[rows]
         out = rollout(policy, x[rows], self.grid, plan, h.noise_level, mine_cond, start=start, reduce=h.reduce,
                       noises=noises)  # fmt: skip
-        self.cost["sample_forwards"] += out.nfe * len(out.sample)
+        self.counts["sample_forwards"] += out.nfe * len(out.sample)
         parts["samples"].append(out.sample)
         parts["rewards"].append(self._score(out.sample, mine_cond))
         parts["groups"].append(first_group + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
@@ -328,7 +328,7 @@ class GRPOModule(L.LightningModule):
     def _score(self, samples: Tensor, cond: Tensor | None) -> Tensor:
         with torch.no_grad():
             rewards = self.reward(samples, cond).float().reshape(-1)
-        self.cost["reward_calls"] += len(samples)
+        self.counts["reward_calls"] += len(samples)
         return rewards
 
     # --- training --------------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ class GRPOModule(L.LightningModule):
         for tr in unit.transitions:
             shared = unit.shared if tr.segment.start == unit.branch else 1
             log_prob, mean = self._log_prob(self.net, tr, unit.cond, shared, grad=True)
-            self.cost["train_forward_backwards"] += len(tr.x) // shared
+            self.counts["train_forward_backwards"] += len(tr.x) // shared
             policy_loss = ppo_clip_loss(log_prob, tr.log_prob, unit.advantages, h.clip_range)
             step_loss = policy_loss.loss
             stats["clip_fraction"].append(policy_loss.clip_fraction)
@@ -410,7 +410,7 @@ class GRPOModule(L.LightningModule):
             if h.kl_coef > 0:
                 with torch.no_grad():
                     _, base_mean = self._log_prob(self.base, tr, unit.cond, shared, grad=False)
-                self.cost["sample_forwards"] += len(tr.x) // shared
+                self.counts["sample_forwards"] += len(tr.x) // shared
                 kl = gaussian_kl(mean, base_mean, tr.std, h.reduce).mean()
                 step_loss = step_loss + h.kl_coef * kl
                 stats["kl"].append(kl.detach())
@@ -444,8 +444,14 @@ class GRPOModule(L.LightningModule):
                 values[f"train/{key}"] = torch.stack(items).mean()
         self.log_dict(values, prog_bar=False, sync_dist=False)  # computed from all-gathered rewards already
         cost = {f"cost/{k}": float(v) for k, v in self.cost.items()}
-        cost["cost/units"] = cost["cost/sample_forwards"] + 3 * cost["cost/train_forward_backwards"]
         self.log_dict(cost, sync_dist=True, reduce_fx="sum")  # every rank counts its own work
+
+    @property
+    def cost(self) -> dict[str, int]:
+        """This rank's work so far: ``sample_forwards``, ``train_forward_backwards``, ``reward_calls`` and
+        ``units`` (compute units: forward 1, forward + backward 3)."""
+        units = self.counts["sample_forwards"] + 3 * self.counts["train_forward_backwards"]
+        return {**self.counts, "units": units}
 
     # --- evaluation ------------------------------------------------------------------------------------------
 
@@ -478,9 +484,9 @@ class GRPOModule(L.LightningModule):
         return metrics, samples
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.cost)}
+        checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.counts)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("grpo", {})
         self.iteration = state.get("iteration", 0)
-        self.cost = dict(state.get("cost", self.cost))
+        self.counts = dict(state.get("cost", self.counts))

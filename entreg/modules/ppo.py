@@ -183,7 +183,7 @@ class PPOModule(L.LightningModule):
         obs_dim, action_dim = int(np.prod(obs_space.shape)), int(np.prod(action_space.shape))
         era = None
         if era_entropy_per_dim is not None:
-            era = GaussianERA(action_dim, era_entropy_per_dim * action_dim, era_log_std_min, era_log_std_max)
+            era = GaussianERA.per_dimension(action_dim, era_entropy_per_dim, era_log_std_min, era_log_std_max)
         with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
             torch.manual_seed(seed)
             self.policy = GaussianActorCritic(

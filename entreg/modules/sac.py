@@ -157,7 +157,7 @@ class SACModule(L.LightningModule):
         self.action_high = action_space.high.reshape(-1).astype(np.float64)
         era = None
         if era_entropy_per_dim is not None:
-            era = GaussianERA(self.action_dim, era_entropy_per_dim * self.action_dim, era_log_std_min, era_log_std_max)
+            era = GaussianERA.per_dimension(self.action_dim, era_entropy_per_dim, era_log_std_min, era_log_std_max)
         with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
             torch.manual_seed(seed)
             self.sac = SAC(

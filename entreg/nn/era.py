@@ -236,10 +236,34 @@ class GaussianERA(_TargetEntropyModule):
     def check_target(self, value: float) -> None:
         low, high = self.target_range()
         if not low < value <= high:
+            d = self.action_dim
             raise ValueError(
-                f"GaussianERA target entropy {value} is out of range for action_dim={self.action_dim} and "
-                f"log-std clamps [{self.log_std_min}, {self.log_std_max}]: valid range is ({low:.4f}, {high:.4f}]"
+                f"GaussianERA target entropy {value} nats (the total over action_dim={d}: {value / d:.4g} per "
+                f"dimension) is out of range for log-std clamps [{self.log_std_min}, {self.log_std_max}]: valid "
+                f"totals are ({low:.4f}, {high:.4f}], i.e. ({low / d:.4f}, {high / d:.4f}] nats per dimension"
             )
+
+    @classmethod
+    def per_dimension(
+        cls, action_dim: int, entropy_per_dim: float, log_std_min: float = -8.0, log_std_max: float = 0.0
+    ) -> GaussianERA:
+        """A GaussianERA whose target is ``entropy_per_dim`` nats per action dimension (the RL agents'
+        ``era_entropy_per_dim``); an out-of-range value is reported per dimension.
+
+        Example:
+            >>> GaussianERA.per_dimension(3, 100.0)
+            Traceback (most recent call last):
+            ...
+            ValueError: era_entropy_per_dim=100.0 nats per action dimension ... valid (-6.5811, 1.4189] ...
+        """
+        low, high = (bound + HALF_LOG_2PI_E for bound in (log_std_min, log_std_max))
+        if not low < entropy_per_dim <= high:
+            raise ValueError(
+                f"era_entropy_per_dim={entropy_per_dim} nats per action dimension is out of range for log-std clamps "
+                f"[{log_std_min}, {log_std_max}]: valid ({low:.4f}, {high:.4f}] (a target of "
+                f"{entropy_per_dim * action_dim} nats over the {action_dim} dimensions)"
+            )
+        return cls(action_dim, entropy_per_dim * action_dim, log_std_min, log_std_max)
 
     def forward(self, mean: Tensor, log_std_scores: Tensor) -> tuple[Tensor, Tensor]:
         if log_std_scores.shape[-1] != self.action_dim:
