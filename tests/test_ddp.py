@@ -5,6 +5,8 @@ The assertions run inside hooks on the workers (DESIGN.md)."""
 from __future__ import annotations
 
 import copy
+import os
+import signal
 
 import lightning as L
 import pytest
@@ -147,3 +149,38 @@ def test_entreg_train_ddp_sim_with_the_default_callbacks_and_progress_bar(tmp_pa
     assert "GLOBAL_RANK: 1" in result.stdout + result.stderr and "mean entropy" in result.stdout
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+class SignalOnOneRank(L.Callback):
+    """Sends SIGUSR1 to rank 1's own process during training step ``step``: rank 0 never receives it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class ExpectStoppedTogether(L.Callback):
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from entreg.callbacks import TrainingInterrupted
+
+        if isinstance(exception, TrainingInterrupted):  # on each worker (the main process sees them exit)
+            assert exception.code == 128 + signal.SIGUSR1
+            assert trainer.global_step == 3  # both ranks finished step 2 and stopped before step 3
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch_with_one_checkpoint(tmp_path):
+    """The stop decision is reduced over the ranks, so a preemption signal that reaches one process (as SLURM may
+    deliver it) stops both at the same batch, and the checkpoint holds that step; no rank waits in a collective."""
+    from torch.multiprocessing import ProcessExitedException
+
+    from entreg.callbacks import InterruptCheckpoint
+
+    train, _ = loaders(WORLD)
+    callbacks = [SignalOnOneRank(2), InterruptCheckpoint(dirpath=tmp_path / "ckpt"), ExpectStoppedTogether()]
+    trainer = make_trainer(tmp_path, devices=WORLD, strategy="ddp_fork", max_epochs=5, callbacks=callbacks)
+    with pytest.raises(ProcessExitedException, match="terminated with exit code 138"):  # SystemExit(128 + SIGUSR1)
+        trainer.fit(model(), train)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
