@@ -182,5 +182,5 @@ def test_per_dimension_targets_are_checked_and_reported_per_dimension():
     era = GaussianERA.per_dimension(3, 0.25)
     assert era.target_entropy == pytest.approx(0.75)
     with pytest.raises(ValueError, match=r"^era_entropy_per_dim=100 nats per action dimension is out of range .*"
-                       r"valid \(-6.5811, 1.4189\] \(a target of 300 nats over the 3 dimensions\)$"):  # fmt: skip
+                       r"valid \(-6.5811, 1.4189\] \(a target of 300 nats over 3 dimensions\)$"):  # fmt: skip
         GaussianERA.per_dimension(3, 100)

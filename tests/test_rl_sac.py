@@ -365,7 +365,8 @@ def test_module_rejects_invalid_settings():
         sac("InvertedPendulum-v99")
     with pytest.raises(ValueError, match="bounded Box action space"):
         sac("CartPole-v1")
-    with pytest.raises(ValueError, match="GaussianERA target entropy"):
+    with pytest.raises(ValueError, match=r"^era_entropy_per_dim=5.0 nats per action dimension is out of range .*"
+                       r"\(a target of 5.0 nats over 1 dimension\)$"):  # fmt: skip
         sac(era_entropy_per_dim=5.0)
 
 

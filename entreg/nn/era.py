@@ -261,7 +261,7 @@ class GaussianERA(_TargetEntropyModule):
             raise ValueError(
                 f"era_entropy_per_dim={entropy_per_dim} nats per action dimension is out of range for log-std clamps "
                 f"[{log_std_min}, {log_std_max}]: valid ({low:.4f}, {high:.4f}] (a target of "
-                f"{entropy_per_dim * action_dim} nats over the {action_dim} dimensions)"
+                f"{entropy_per_dim * action_dim} nats over {action_dim} dimension{'s' if action_dim != 1 else ''})"
             )
         return cls(action_dim, entropy_per_dim * action_dim, log_std_min, log_std_max)
 
