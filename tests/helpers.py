@@ -3,6 +3,8 @@ by hand, and a sampler that splits a global batch across DDP ranks."""
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import lightning as L
@@ -35,6 +37,18 @@ class RecordingLogger(Logger):
     def values(self, key: str) -> list[float]:
         """Every logged value of ``key``, in order."""
         return [metrics[key] for _, metrics in self.records if key in metrics]
+
+
+class SignalDuringBatch(L.Callback):
+    """Sends ``signum`` to this process as a training batch starts when ``when(trainer, module)`` holds, as Ctrl-C
+    or ``kill`` would during that batch."""
+
+    def __init__(self, when: Any, signum: int = signal.SIGINT) -> None:
+        self.when, self.signum = when, signum
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.when(trainer, pl_module):
+            os.kill(os.getpid(), self.signum)
 
 
 def make_trainer(tmp_path, **kwargs: Any) -> L.Trainer:

@@ -16,7 +16,7 @@ from torchmetrics import Metric
 
 from entreg.callbacks import EntropyController, EntropyMonitor
 from entreg.modules import ClassificationModule
-from tests.helpers import RankInterleaved, RecordingLogger, make_trainer
+from tests.helpers import RankInterleaved, RecordingLogger, SignalDuringBatch, make_trainer
 
 RANK_BATCH, WORLD = 8, 2
 
@@ -133,7 +133,6 @@ def test_entreg_train_ddp_sim_with_the_default_callbacks_and_progress_bar(tmp_pa
     """The CLI as a user first runs it on 2 processes: default callbacks (RichProgressBar), the
     EntropyMonitor, TensorBoard. Every epoch end of ClassificationModule and EntropyMonitor holds
     collectives; they must meet the same collectives on both ranks."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -149,17 +148,6 @@ def test_entreg_train_ddp_sim_with_the_default_callbacks_and_progress_bar(tmp_pa
     assert "GLOBAL_RANK: 1" in result.stdout + result.stderr and "mean entropy" in result.stdout
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-
-
-class SignalOnOneRank(L.Callback):
-    """Sends SIGUSR1 to rank 1's own process during training step ``step``: rank 0 never receives it."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 class ExpectStoppedTogether(L.Callback):
@@ -179,7 +167,8 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_batch_with_one_che
     from entreg.callbacks import InterruptCheckpoint
 
     train, _ = loaders(WORLD)
-    callbacks = [SignalOnOneRank(2), InterruptCheckpoint(dirpath=tmp_path / "ckpt"), ExpectStoppedTogether()]
+    rank_1_at_step_2 = SignalDuringBatch(lambda t, _: t.global_step == 2 and t.global_rank == 1, signal.SIGUSR1)
+    callbacks = [rank_1_at_step_2, InterruptCheckpoint(dirpath=tmp_path / "ckpt"), ExpectStoppedTogether()]
     trainer = make_trainer(tmp_path, devices=WORLD, strategy="ddp_fork", max_epochs=5, callbacks=callbacks)
     with pytest.raises(ProcessExitedException, match="terminated with exit code 138"):  # SystemExit(128 + SIGUSR1)
         trainer.fit(model(), train)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 from functools import partial
 
 import lightning as L
@@ -136,25 +134,21 @@ def test_runs_are_reproducible_and_resume_exactly(tmp_path):
     torch.testing.assert_close(net_b.logits, net_a.logits, rtol=0, atol=0)
 
 
-class SigintAtIteration(L.Callback):
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def on_train_batch_start(self, trainer: L.Trainer, module: GRPOModule, *args) -> None:
-        if module.iteration == self.iteration:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_a_ctrl_c_mid_epoch_checkpoints_the_exact_state(tmp_path):
     """As entreg-finetune runs it: Ctrl-C during iteration 4 (of an epoch of 3) writes the state after it, and the
     resumed run ends where the uninterrupted one does."""
     from entreg.callbacks import InterruptCheckpoint, TrainingInterrupted
+    from tests.helpers import SignalDuringBatch
 
     straight, net_a = make_module("egrpo", iterations_per_epoch=3)
     fit(straight, epochs=3)
     first, _ = make_module("egrpo", iterations_per_epoch=3)
     with pytest.raises(TrainingInterrupted):
-        fit(first, epochs=3, callbacks=(SigintAtIteration(4), InterruptCheckpoint(dirpath=tmp_path)))
+        fit(
+            first,
+            epochs=3,
+            callbacks=(SignalDuringBatch(lambda _, m: m.iteration == 4), InterruptCheckpoint(dirpath=tmp_path)),
+        )
     assert first.iteration == 5
     resumed, net_b = make_module("egrpo", iterations_per_epoch=3)
     fit(resumed, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))

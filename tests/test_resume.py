@@ -4,7 +4,6 @@ ends: weights, optimizer state, callback states and every logged value."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from entreg.callbacks import EntropyController, EntropyMonitor, InterruptCheckpoint, TrainingInterrupted
 from entreg.data import DigitsDataModule
 from entreg.modules import ClassificationModule
-from tests.helpers import RecordingLogger, make_trainer
+from tests.helpers import RecordingLogger, SignalDuringBatch, make_trainer
 
 STEPS_PER_EPOCH, EPOCHS = 8, 3
 
@@ -33,17 +32,6 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             raise Interrupted(f"simulated crash at step {self.step}")
-
-
-class SignalAtStep(L.Callback):
-    """Sends ``signum`` to this process during training step ``step`` (as Ctrl-C or ``kill`` would)."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 def run(
@@ -64,7 +52,8 @@ def run(
     logger = RecordingLogger()
     extra = [CrashAtStep(crash_at)] if crash_at is not None else []
     if signal_at is not None:
-        extra = [SignalAtStep(*signal_at), InterruptCheckpoint()]
+        step, signum = signal_at
+        extra = [SignalDuringBatch(lambda trainer, _: trainer.global_step == step, signum), InterruptCheckpoint()]
     trainer = make_trainer(
         tmp_path,
         max_epochs=EPOCHS,

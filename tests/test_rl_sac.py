@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -267,17 +266,6 @@ def test_counters_warmup_and_logged_metrics(tmp_path):
     assert warm.min() < -0.8 and warm.max() > 0.8 and -1 <= warm.min()
 
 
-class SignalAtEnvStep(L.Callback):
-    """Sends SIGINT to this process during env step ``step`` (as Ctrl-C would)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: SACModule, *args) -> None:
-        if pl_module.env_steps == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 @pytest.mark.parametrize(("era", "stop"), [(None, "epoch"), (0.25, "epoch"), (None, "ctrl_c")])
 def test_resume_continues_exactly_as_the_uninterrupted_run(era, stop, tmp_path):
     """Hopper (a MuJoCo env whose state is restored) stopped after epoch 2 of 3, or by Ctrl-C in the middle of
@@ -286,6 +274,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(era, stop, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from entreg.callbacks import InterruptCheckpoint, TrainingInterrupted
+    from tests.helpers import SignalDuringBatch
 
     kwargs = {"env_id": "Hopper-v5", "era_entropy_per_dim": era, "seed": 3}
     full = sac(**kwargs)
@@ -296,7 +285,8 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(era, stop, tmp_path):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
         make_trainer(tmp_path / "a", max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(first)
     else:
-        callbacks = [SignalAtEnvStep(57), InterruptCheckpoint(dirpath=tmp_path / "ckpt")]
+        ctrl_c = SignalDuringBatch(lambda _, module: module.env_steps == 57)
+        callbacks = [ctrl_c, InterruptCheckpoint(dirpath=tmp_path / "ckpt")]
         with pytest.raises(TrainingInterrupted):
             make_trainer(tmp_path / "a", max_epochs=3, callbacks=callbacks).fit(first)
         assert first.env_steps == 58  # the step during which the signal came was completed
