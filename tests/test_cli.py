@@ -99,26 +99,14 @@ def test_non_editable_install_finds_its_configs(tmp_path):
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path)]
+    built = subprocess.run([*build, str(source)], check=True, capture_output=True, text=True, timeout=300)
+    assert "BuildBackendWarning" not in built.stdout + built.stderr  # e.g. a config group absent from `packages`
     (wheel,) = tmp_path.glob("entreg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "entreg/configs/train.yaml" in names and "entreg/configs/experiment/digits_era.yaml" in names
+    configs = {f"entreg/configs/{path.relative_to(source / 'configs')}" for path in source.glob("configs/**/*.yaml")}
+    assert "entreg/configs/experiment/digits_era.yaml" in configs and configs <= set(names)
+    assert {"entreg/rl/sac.py", "entreg/tta/tent.py"} <= set(names)  # every sub-package is discovered
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
