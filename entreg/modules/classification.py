@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from entreg.distributed import all_gather_uneven, settle_logged_metrics
 from entreg.entropy import categorical_entropy
@@ -17,14 +16,13 @@ from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
 from entreg.modules.skipping import SkipNonFiniteSteps
 from entreg.nn.backbones import build_backbone
+from entreg.nn.optim import OptimizerFactory, SchedulerFactory, optimizer_or_default
 from entreg.nn.output import build_output_activation
 from entreg.nn.penalties import ConfidencePenalty
 from entreg.nn.snapshot import BufferSnapshot
 
 __all__ = ["ClassificationModule"]
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 STAGES = ("train", "val", "test")
 
 
@@ -202,7 +200,7 @@ class ClassificationModule(SkipNonFiniteSteps):
         self._more_test_metrics.clear()
 
     def configure_optimizers(self) -> Any:
-        make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        make_optimizer = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-3)
         optimizer = make_optimizer(self.parameters())
         if self.scheduler_factory is None:
             return optimizer

@@ -3,7 +3,7 @@ skipped, an EMA copy updated after every finite batch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,12 +12,11 @@ from torch.optim.swa_utils import AveragedModel
 
 from entreg.loggers import has_tensorboard
 from entreg.modules.skipping import SkipNonFiniteSteps
+from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 
 __all__ = ["FEATURE_EXTRACTOR_PREFIX", "EMATrainedNetwork", "OptimizerFactory", "log_samples", "warmed_up_ema"]
 
 FEATURE_EXTRACTOR_PREFIX = "feature_extractor."
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tensor], tag: str = "val/samples") -> None:
@@ -99,7 +98,7 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
             self.ema.update_parameters(self.trained_network())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        make_optimizer = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        make_optimizer = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-3)
         return make_optimizer(self.trained_network().parameters())
 
     @property

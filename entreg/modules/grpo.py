@@ -20,7 +20,8 @@ from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states,
 from entreg.flow.sampling import time_grid
 from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
 from entreg.flow.variants import get_variant
-from entreg.modules.ema import OptimizerFactory, log_samples
+from entreg.modules.ema import log_samples
+from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 
 __all__ = ["GRPOModule"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
@@ -337,7 +338,7 @@ class GRPOModule(L.LightningModule):
         return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        factory = self.optimizer_factory or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        factory = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-4)
         return factory(self.net.parameters())
 
     def _gather(self, x: Tensor) -> Tensor:

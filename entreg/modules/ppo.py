@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from entreg.modules.ema import OptimizerFactory
 from entreg.nn.era import GaussianERA
+from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.envs import env_spaces, make_vector_env
 from entreg.rl.envs import evaluate as run_episodes
 from entreg.rl.gae import gae
@@ -244,7 +244,7 @@ class PPOModule(L.LightningModule):
         return DataLoader(_Rollouts(self.hparams.rollouts_per_epoch), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=3e-4, eps=1e-5, foreach=True))
+        factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, eps=1e-5, foreach=True)
         return factory(self.policy.parameters())
 
     # ----------------------------------------------------------------------------------------------- training

@@ -14,8 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from entreg.loggers import log_metrics
-from entreg.modules.ema import OptimizerFactory
 from entreg.nn.era import GaussianERA
+from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.buffer import ReplayBuffer
 from entreg.rl.envs import evaluate, get_env_state, make_env, set_env_state
 from entreg.rl.policies import Squash
@@ -200,7 +200,7 @@ class SACModule(L.LightningModule):
         return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)  # one item per env step
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        factory = self.optimizer_factory or (lambda params: torch.optim.Adam(params, lr=3e-4, foreach=True))
+        factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, foreach=True)
         return list(self.sac.optimizers(factory))
 
     def on_train_start(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from entreg.entropy import categorical_entropy
+from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.nn.select import OutputKey, select_output
 from entreg.tta.come import come_entropy
 from entreg.tta.norm import (
@@ -39,7 +40,6 @@ __all__ = [
     "resolve_margin",
 ]
 
-OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 ENTROPIES = ("shannon", "come")
 METHODS: dict[str, type[TTAMethod]] = {}  # name -> class; every subclass with a ``name`` registers itself
 NO_SELECTION_PATIENCE = 5  # warn when a method selects no sample in this many consecutive batches
@@ -201,8 +201,7 @@ class TTAMethod:
                 f"containing {list(self.exclude)} or equal to {list(self.exclude_names)}). The model has: "
                 f"{describe_norm_layers(model)}; choose them with norm_types=[...] (e.g. 'batchnorm1d', 'layernorm')"
             )
-        make = optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9))
-        self.optimizer = make(self.params)
+        self.optimizer = optimizer_or_default(optimizer, torch.optim.SGD, lr=lr, momentum=0.9)(self.params)
         self.ema: float | None = None
         self.resets = 0
         self.strategy: Strategy | None = None  # set under DDP by the callback
