@@ -33,6 +33,8 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 import torch
 
+from entreg.data.torch_shifts import SHIFTS, apply_shift
+
 __all__ = ["BACKENDS", "DigitsCCache", "corrupt_digits", "corruption_names", "default_cache_dir"]
 
 INSTALL_HINT = "pip install entreg[corruptions]"
@@ -113,16 +115,12 @@ def corrupt_digits(images: np.ndarray | torch.Tensor, corruption: str, severity:
 
 
 def _torch_shift(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """:func:`entreg.data.shifts.apply_shift` with a generator seeded by ``seed``, as float32 (N, H, W)."""
-    from entreg.data.shifts import apply_shift
-
+    """:func:`entreg.data.torch_shifts.apply_shift` with a generator seeded by ``seed``, as float32 (N, H, W)."""
     generator = torch.Generator().manual_seed(seed)
     return apply_shift(torch.from_numpy(images).unsqueeze(1), corruption, severity, generator)[:, 0].numpy()
 
 
 def _torch_names() -> list[str]:
-    from entreg.data.shifts import SHIFTS
-
     return list(SHIFTS)
 
 
@@ -205,7 +203,7 @@ class DigitsCCache:
     Args:
         cache_dir: folder of the files (default :func:`default_cache_dir`).
         backend: ``"imagecorruptions"`` (:func:`corrupt_digits`, uint8 results) or ``"torch"``
-            (:func:`~entreg.data.shifts.apply_shift` with a generator seeded by ``seed``, float32 results).
+            (:func:`~entreg.data.torch_shifts.apply_shift` with a generator seeded by ``seed``, float32 results).
 
     Attributes:
         generated: how many sets this instance generated rather than read.
