@@ -359,6 +359,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torchvision.utils import save_image
 
+    from entreg.images import sample_grid
     from entreg.modules.diffusion import DiffusionModule
 
     L.seed_everything(cfg.seed)
@@ -383,7 +384,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         real = torch.stack([datamodule.val_set[i][0] for i in range(min(cfg.n, len(datamodule.val_set)))])
         metrics |= model.sample_metrics(samples, real)
     output_dir = Path(str(cfg.paths.output_dir))
-    grid = _sample_grid(model.to_image(samples) if samples.ndim == 4 else samples, cfg.nrow)
+    grid = sample_grid(model.to_image(samples) if samples.ndim == 4 else samples, cfg.nrow)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_image(grid, output_dir / "samples.png")
     paths = {"samples": str(output_dir / "samples.png")}
@@ -400,24 +401,6 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     title = f"entreg-sample {cfg.sampler.scheduler} on {ckpt_path}"
     print_table(title, ["metric", "value"], list(metrics.items()), paths)
     return metrics
-
-
-def _sample_grid(samples: Any, nrow: int) -> Any:
-    """A (3, H, W) image: a grid of images in [0, 1], or a 256x256 histogram of the first two coordinates of
-    vectors."""
-    import torch
-    from torchvision.utils import make_grid
-
-    if samples.ndim == 2:
-        points = samples[torch.isfinite(samples).all(1)][:, :2].double()
-        points = torch.cat([points, torch.zeros(len(points), 2 - points.shape[1], dtype=points.dtype)], 1)
-        low, high = (points.amin(0), points.amax(0)) if len(points) else (torch.zeros(2), torch.ones(2))
-        edges = [
-            torch.linspace(float(a), float(b) + 1e-9, 257, dtype=torch.float64) for a, b in zip(low, high, strict=True)
-        ]
-        counts = torch.histogramdd(points, bins=edges).hist.T.flip(0)  # y up
-        samples = (counts / counts.max().clamp(min=1)).sqrt()[None, None].float()
-    return make_grid(samples, nrow=nrow)
 
 
 # ---- entreg-finetune -------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ LAYERS = {
     "math": {"entropy"},
     "nn": {"nn"},
     "methods": {"tta", "diffusion", "flow", "rl"},
-    "lightning": {"callbacks", "modules", "data", "distributed", "loggers", "metrics"},
+    "lightning": {"callbacks", "modules", "data", "distributed", "loggers", "metrics", "images"},
     "entry": {"cli", "train", "adapt", "sample", "finetune", "checkpoint_kind"},
 }
 ORDER = list(LAYERS)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from entreg.images import sample_grid
 from entreg.loggers import has_tensorboard
 from entreg.modules.skipping import SkipNonFiniteSteps
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
@@ -20,26 +21,14 @@ FEATURE_EXTRACTOR_PREFIX = "feature_extractor."
 
 
 def log_samples(trainer: Any, samples: Tensor, to_image: Callable[[Tensor], Tensor], tag: str = "val/samples") -> None:
-    """On rank zero, add ``samples`` to every TensorBoard logger of ``trainer`` as one image: a grid of the first
-    64 images (``to_image`` maps them to [0, 1]) or, for 2-D points, their 2-D histogram (64 x 64 bins over the
-    points' range padded by 10%, brightness = count / max count)."""
-    if not (samples.ndim == 4 or (samples.ndim == 2 and samples.shape[1] == 2)):
-        return
-    if not has_tensorboard(trainer) or not trainer.is_global_zero:
+    """On rank zero, add ``samples`` to every TensorBoard logger of ``trainer`` as one image
+    (:func:`entreg.images.sample_grid`): a grid of the first 64 images (``to_image`` maps them to [0, 1]) or the
+    2-D histogram of vectors (their first two coordinates)."""
+    if samples.ndim not in (2, 4) or not has_tensorboard(trainer) or not trainer.is_global_zero:
         return
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    if samples.ndim == 4:
-        from torchvision.utils import make_grid
-
-        image = make_grid(to_image(samples[:64]).float().cpu(), nrow=8)
-    else:
-        points = samples.detach().float().cpu()
-        low, high = points.min(0).values, points.max(0).values
-        pad = 0.1 * (high - low).clamp(min=1e-3)
-        ranges = torch.stack([low - pad, high + pad], dim=1).flatten().tolist()  # (x_min, x_max, y_min, y_max)
-        counts = torch.histogramdd(points, bins=64, range=ranges).hist
-        image = (counts / counts.max().clamp(min=1.0)).T.flip(0)[None]  # y up, x to the right
+    image = sample_grid(to_image(samples[:64]) if samples.ndim == 4 else samples)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, image, trainer.global_step)
