@@ -1,14 +1,16 @@
-"""Entropy of the distributions that models produce, as plain tensor functions (torch only).
+"""Entropy of what models produce, as plain tensor functions (torch only): of one distribution per sample
+(categorical, Gaussian: defined in :mod:`entreg.distributions` and re-exported here), of a batch's mean prediction,
+of representations (von Neumann, spectral) and of attention weights.
 
 All entropies are in nats. Half-precision inputs (fp16/bf16) are computed in float32 and the
 result is returned in float32; gradients flow back to the input in its own dtype.
 
 Example:
     >>> import torch
-    >>> from entreg.entropy import categorical_entropy
-    >>> h = categorical_entropy(torch.zeros(2, 4))  # uniform over 4 classes
-    >>> torch.allclose(h, torch.full((2,), 4.0).log())
-    True
+    >>> from entreg.entropy import categorical_entropy, marginal_entropy
+    >>> z = torch.tensor([[9.0, -9.0], [-9.0, 9.0]])  # two confident predictions of different classes
+    >>> round(float(categorical_entropy(z).mean()), 4), round(float(marginal_entropy(z)), 4)
+    (0.0, 0.6931)
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from entreg.distributions import _as_float, categorical_entropy, entropy_from_probs, gaussian_entropy
 
 __all__ = [
     "attention_entropy",
@@ -27,76 +31,6 @@ __all__ = [
     "spectral_entropy",
     "von_neumann_entropy",
 ]
-
-HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)  # entropy of N(0, 1) in nats
-
-
-def _as_float(x: Tensor) -> Tensor:
-    """Upcast half precision (and integers) to float32; keep float32/float64 as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-class _CategoricalEntropy(torch.autograd.Function):
-    """Entropy of softmax(z) along the last dimension with a hand-written backward.
-
-    dH/dz = -p * (log p + H): one pass over the saved tensors instead of autograd's chain through
-    exp, mul and log_softmax. ``log p`` is clamped to the dtype's lowest finite value so that
-    masked (-inf) logits give 0 * finite = 0 instead of NaN, while a NaN logit still gives NaN.
-    The backward is not itself differentiable: second derivatives raise instead of being wrong.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
-        log_p = torch.log_softmax(logits, dim=-1).clamp_(min=torch.finfo(logits.dtype).min)
-        p = log_p.exp()
-        h = 0.0 - torch.linalg.vecdot(p, log_p)  # 0 - x, not -x: a one-hot row gives +0, not -0
-        ctx.save_for_backward(p, log_p, h)
-        return h
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor) -> Tensor:  # type: ignore[override]
-        p, log_p, h = ctx.saved_tensors
-        grad = log_p + h.unsqueeze(-1)
-        return grad.mul_(p).mul_(grad_h.neg().unsqueeze(-1))
-
-
-def categorical_entropy(logits: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy of ``softmax(logits)`` along ``dim``.
-
-    Stable for any finite logits (e.g. +-1e4) and for masked ``-inf`` entries; a row of all
-    ``-inf`` or containing NaN yields NaN. The gradient is exact (``-p * (log p + H)``).
-
-    Args:
-        logits: unnormalised log-probabilities, any shape.
-        dim: the class dimension.
-
-    Returns:
-        Entropy with ``dim`` removed, float32 for half inputs.
-
-    Example:
-        >>> categorical_entropy(torch.tensor([[1e4, 0.0, -1e4]]))
-        tensor([0.])
-    """
-    z = _as_float(logits)
-    if z.ndim == 0 or z.shape[dim] == 0:
-        raise ValueError(f"categorical_entropy needs a non-empty class dimension, got shape {tuple(z.shape)}")
-    z = z.movedim(dim, -1) if dim not in (-1, z.ndim - 1) else z
-    return _CategoricalEntropy.apply(z)
-
-
-def gaussian_entropy(log_std: Tensor, dim: int | tuple[int, ...] | None = -1) -> Tensor:
-    """Differential entropy of a diagonal Gaussian with the given log standard deviations.
-
-    H = sum_i (log sigma_i + 0.5 * log(2 pi e)) over ``dim``; ``dim=None`` returns the
-    per-dimension entropies unreduced.
-
-    Example:
-        >>> gaussian_entropy(torch.zeros(3))  # three unit-variance dimensions
-        tensor(4.2568)
-    """
-    per_dim = _as_float(log_std) + HALF_LOG_2PI_E
-    return per_dim if dim is None else per_dim.sum(dim)
 
 
 def marginal_entropy(logits: Tensor, dim: int = -1, batch_dim: int = 0) -> Tensor:
@@ -162,21 +96,6 @@ def spectral_entropy(matrix: Tensor) -> Tensor:
     m = _as_float(matrix)
     eig = torch.linalg.eigvalsh(m / m.diagonal().sum()).clamp(min=0.0)
     return entropy_from_probs(eig / eig.sum())
-
-
-def entropy_from_probs(probs: Tensor, dim: int = -1) -> Tensor:
-    """Shannon entropy -sum p log p of probabilities along ``dim``.
-
-    Zero entries contribute 0 to the value and get a zero gradient (not NaN), so the result can
-    be used as a penalty on sparse distributions.
-
-    Example:
-        >>> entropy_from_probs(torch.tensor([[0.5, 0.5, 0.0]]))
-        tensor([0.6931])
-    """
-    p = _as_float(probs)
-    tiny = torch.finfo(p.dtype).tiny
-    return -torch.where(p > 0, p * p.clamp(min=tiny).log(), 0.0).sum(dim)
 
 
 def attention_entropy(attn: Tensor, dim: int = -1) -> Tensor:

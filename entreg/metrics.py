@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from entreg.entropy import categorical_entropy, entropy_from_probs
+from entreg.distributions import CategoricalFormat, categorical_entropy, categorical_entropy_of
 
 __all__ = ["ClassificationMetrics", "PredictiveEntropy"]
 
-InputFormat = Literal["logits", "probs", "entropy"]
+InputFormat = Literal[CategoricalFormat, "entropy"]
 
 
 class PredictiveEntropy(Metric):
@@ -48,11 +48,9 @@ class PredictiveEntropy(Metric):
         self.add_state("high", torch.tensor(float("-inf")), dist_reduce_fx="max")
 
     def _entropy(self, preds: Tensor) -> Tensor:
-        if self.input_format == "logits":
-            return categorical_entropy(preds.detach())
-        if self.input_format == "probs":
-            return entropy_from_probs(preds.detach())
-        return preds.detach().float().reshape(-1)
+        if self.input_format == "entropy":
+            return preds.detach().float().reshape(-1)
+        return categorical_entropy_of(preds.detach(), self.input_format)
 
     def update(self, preds: Tensor) -> None:
         h = self._entropy(preds).reshape(-1)

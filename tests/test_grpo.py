@@ -1,4 +1,4 @@
-"""GRPO for flow models: advantages, the PPO-clipped loss and GRPOModule on an exact Gaussian-mixture policy."""
+"""GRPO for flow models: advantages, the entropy bonus and GRPOModule on an exact Gaussian-mixture policy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from entreg.flow.grpo import group_advantages, kde_entropy_bonus, ppo_clip_loss
+from entreg.flow.grpo import group_advantages, kde_entropy_bonus
 from entreg.flow.plans import egrpo_merges
 from entreg.modules.grpo import GRPOModule
 from tests.flow_toy import MixtureVelocity, ring_means
@@ -65,22 +65,6 @@ def test_group_advantages_normalise_within_groups_and_clip():
     assert float(big.max()) == 2.0  # (1 - 0.1) / 0.3 = 3 clipped to 2
     with pytest.raises(ValueError, match="equal length"):
         group_advantages(rewards, groups[:3])
-
-
-def test_ppo_clip_loss_matches_its_definition_and_clips():
-    old = torch.zeros(4)
-    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    new = torch.tensor([0.0, 0.0, 0.5, -0.5], requires_grad=True)
-    out = ppo_clip_loss(new, old, adv, clip_range=0.1)
-    ratio = new.detach().exp()
-    expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.9, 1.1)).mean()
-    torch.testing.assert_close(out.loss.detach(), expected)
-    assert float(out.clip_fraction) == 0.5
-    out.loss.backward()
-    # the two clipped samples moved in the favoured direction already: no gradient through them
-    assert new.grad[2] == 0 and new.grad[3] == 0 and new.grad[0] < 0 and new.grad[1] > 0
-    with pytest.raises(ValueError, match="clip_range"):
-        ppo_clip_loss(new, old, adv, 0.0)
 
 
 @pytest.mark.parametrize("variant", ["flow_grpo", "mixgrpo", "g2rpo", "egrpo"])

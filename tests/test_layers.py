@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "entreg"
 LAYERS = {
-    "math": {"entropy"},
+    "math": {"entropy", "distributions", "policy_gradient"},
     "nn": {"nn"},
     "methods": {"tta", "diffusion", "flow", "rl"},
     "lightning": {"callbacks", "modules", "data", "distributed", "loggers", "metrics", "images"},

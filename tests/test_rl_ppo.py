@@ -1,5 +1,6 @@
-"""PPO and PPO+ERA: GAE and the losses against hand-computed values, the rollout collector against gymnasium's
-autoreset semantics and SB3's VecNormalize, NaN masking, DDP, exact resume, every config, and learning."""
+"""PPO and PPO+ERA: GAE and advantage normalisation against hand-computed values, the rollout collector against
+gymnasium's autoreset semantics and SB3's VecNormalize, NaN masking, DDP, exact resume, every config, and learning
+(the loss terms: test_policy_gradient.py)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from entreg.cli import train
-from entreg.entropy import HALF_LOG_2PI_E
+from entreg.distributions import HALF_LOG_2PI_E
 from entreg.modules.ppo import PPOModule
 from entreg.nn import GaussianERA
 from entreg.rl.envs import env_spaces
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
-from entreg.rl.ppo import (
-    GaussianActorCritic,
-    RolloutCollector,
-    clipped_surrogate_loss,
-    normalize_advantages,
-    value_loss,
-)
+from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, normalize_advantages
 from tests.helpers import RecordingLogger, make_trainer
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
@@ -73,30 +68,6 @@ def test_gae_equals_sb3_rollout_buffer_without_truncation():
         starts = dones[t].numpy()
     buffer.compute_returns_and_advantage(last_values, starts)
     np.testing.assert_allclose(buffer.advantages, adv.numpy(), rtol=1e-5, atol=1e-5)
-
-
-def test_clipped_surrogate_loss_values_gradients_and_mask():
-    ratio = torch.tensor([1.5, 0.5, 1.1, 0.7])
-    advantages = torch.tensor([1.0, 1.0, -2.0, -1.0])
-    log_prob = ratio.log().requires_grad_()
-    out = clipped_surrogate_loss(log_prob, torch.zeros(4), advantages, clip_range=0.2)
-    # min(rho A, clip(rho) A): 1.2 (clipped), 0.5, -2.2, -0.8 (clipped)
-    assert float(out.loss.detach()) == pytest.approx(-(1.2 + 0.5 - 2.2 - 0.8) / 4)
-    assert float(out.clip_fraction) == pytest.approx(0.75)
-    kl = sum(float(r) - 1 - math.log(float(r)) for r in ratio) / 4
-    assert float(out.approx_kl) == pytest.approx(kl, rel=1e-5)
-    out.loss.backward()  # clipped terms have no gradient; the others -rho A / 4
-    torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, -0.125, 0.55, 0.0]))
-    mask = torch.tensor([True, True, False, True])
-    masked = clipped_surrogate_loss(ratio.log(), torch.zeros(4), advantages, 0.2, mask)
-    assert float(masked.loss) == pytest.approx(-(1.2 + 0.5 - 0.8) / 3)
-
-
-def test_value_loss_plain_and_clipped():
-    values, old, returns = torch.tensor([1.0, 2.0]), torch.zeros(2), torch.tensor([0.5, 3.0])
-    assert float(value_loss(values, old, returns)) == pytest.approx((0.25 + 1.0) / 2)
-    # clipped values 0.5 and 0.5: errors 0 and 6.25; the pessimistic max keeps 0.25 and 6.25
-    assert float(value_loss(values, old, returns, clip_range=0.5)) == pytest.approx((0.25 + 6.25) / 2)
 
 
 def test_normalize_advantages_uses_only_masked_entries():

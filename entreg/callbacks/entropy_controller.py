@@ -10,10 +10,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from entreg.callbacks.entropy_monitor import InputFormat
 from entreg.callbacks.entropy_stats import EntropyStats
 from entreg.callbacks.output_capture import OutputCapture, OutputKey
-from entreg.entropy import categorical_entropy, entropy_from_probs
+from entreg.distributions import CategoricalFormat, categorical_entropy_of
 from entreg.loggers import log_metrics, logging_step
 
 __all__ = ["EntropyController"]
@@ -93,7 +92,7 @@ class EntropyController(L.Callback):
         every_n_steps: int = 1,
         module: str | None = None,
         output_key: OutputKey = None,
-        input_format: InputFormat = "logits",
+        input_format: CategoricalFormat = "logits",
         class_dim: int = -1,
         name: str | None = None,
     ) -> None:
@@ -203,13 +202,8 @@ class EntropyController(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(pl_module, self.coef)  # a resumed fit continues with the controller's coefficient
 
-    def _entropy(self, output: Tensor) -> Tensor:
-        if self.input_format == "logits":
-            return categorical_entropy(output, dim=self.class_dim)
-        return entropy_from_probs(output, dim=self.class_dim)
-
     def _on_output(self, output: Tensor) -> None:
-        self._window.update(self._entropy(output))
+        self._window.update(categorical_entropy_of(output, self.input_format, self.class_dim))
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,13 +13,13 @@ from torch import Tensor
 from entreg.callbacks.entropy_stats import EntropyStats
 from entreg.callbacks.output_capture import OutputCapture, OutputKey
 from entreg.distributed import all_gather_uneven, settle_logged_metrics
-from entreg.entropy import categorical_entropy, entropy_from_probs, spectral_entropy
+from entreg.distributions import CategoricalFormat, categorical_entropy_of
+from entreg.entropy import spectral_entropy
 from entreg.loggers import has_tensorboard, log_histogram, log_metrics, logging_step, should_log_step
 
 __all__ = ["EntropyMonitor"]
 
 STAGES = ("train", "val", "test", "predict")
-InputFormat = Literal["logits", "probs"]
 MAX_FEATURE_DIM = 4096  # the representation entropy accumulates a d x d matrix
 
 
@@ -68,7 +68,7 @@ class EntropyMonitor(L.Callback):
         self,
         module: str | None = None,
         output_key: OutputKey = None,
-        input_format: InputFormat = "logits",
+        input_format: CategoricalFormat = "logits",
         class_dim: int = -1,
         stages: Sequence[str] = ("train", "val", "test"),
         histogram_every_n_steps: int = 50,
@@ -140,13 +140,8 @@ class EntropyMonitor(L.Callback):
 
     # --- capture ---------------------------------------------------------------------------
 
-    def _entropy(self, output: Tensor) -> Tensor:
-        if self.input_format == "logits":
-            return categorical_entropy(output, dim=self.class_dim).reshape(-1)
-        return entropy_from_probs(output, dim=self.class_dim).reshape(-1)
-
     def _on_output(self, output: Tensor) -> None:
-        h = self._entropy(output)
+        h = categorical_entropy_of(output, self.input_format, self.class_dim).reshape(-1)
         self._batch_entropy = h
         self._stats[self._stage].update(h)
 

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from entreg.distributions import entropy_from_probs
+
 __all__ = [
     "ModeMetrics",
     "in_target_fraction",
@@ -97,8 +99,7 @@ def mode_entropy(
     total = counts.sum()
     if total == 0:
         return math.nan
-    shares = counts[counts > 0] / total
-    entropy = max(0.0, -(shares * shares.log()).sum().item())  # a single mode gives -(1 log 1) = -0.0
+    entropy = max(0.0, entropy_from_probs(counts[counts > 0] / total).item())  # one mode: -(1 log 1) = -0.0
     return entropy / math.log(modes) if normalize else entropy
 
 

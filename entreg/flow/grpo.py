@@ -4,7 +4,8 @@ GRPO (Shao et al. 2024, DeepSeekMath) scores every sample against the other samp
 that share a prompt (Flow-GRPO, arXiv 2505.05470; code yifan123/flow_grpo @ ac4c86e, ``stat_tracking.py``) or,
 in G2RPO and E-GRPO, a branch point (arXiv 2601.00423): ``A = (r - mean_group) / (std_group + eps)``, clipped
 to ``[-clip, clip]`` (5 in the references). The policy loss per stochastic transition is PPO's
-``max(-A rho, -A clip(rho, 1 - c, 1 + c))`` with ``rho = exp(log pi - log pi_old)``.
+``max(-A rho, -A clip(rho, 1 - c, 1 + c))`` with ``rho = exp(log pi - log pi_old)``
+(:func:`entreg.policy_gradient.clipped_surrogate_loss`, with :data:`KL_ESTIMATOR` for its ``approx_kl``).
 
 Our addition (not in the papers): :func:`kde_entropy_bonus`, a per-sample kernel estimate of ``-log p(x)``
 from the samples of the same prompt; adding ``lambda`` times it to the reward makes GRPO maximise
@@ -21,12 +22,15 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["PolicyLoss", "group_advantages", "kde_entropy_bonus", "ppo_clip_loss"]
+from entreg.policy_gradient import KLEstimator
+
+__all__ = ["KL_ESTIMATOR", "group_advantages", "kde_entropy_bonus"]
+
+KL_ESTIMATOR: KLEstimator = "k1"  # GRPO's approx_kl: mean(log pi_old - log pi)
 
 
 def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float = 5.0) -> Tensor:
@@ -48,32 +52,6 @@ def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: f
     std = (torch.zeros_like(count).index_add_(0, index, centred**2) / count).sqrt()
     scale = std[index] + eps
     return torch.where(scale > 0, centred / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0).clamp(-clip, clip)
-
-
-@dataclass
-class PolicyLoss:
-    """The loss (mean over samples) and, detached: the fraction of samples whose ratio was clipped and the
-    approximate KL from the old policy, mean(log pi_old - log pi)."""
-
-    loss: Tensor
-    clip_fraction: Tensor
-    approx_kl: Tensor
-
-
-def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float) -> PolicyLoss:
-    """PPO's clipped surrogate, ``mean(max(-A rho, -A clip(rho, 1 - c, 1 + c)))``, ``rho = exp(log_prob -
-    old_log_prob)``; ``clip_range`` c > 0 (1e-4 in Flow-GRPO and E-GRPO, whose log-probabilities are means over
-    dimensions)."""
-    if clip_range <= 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
-        approx_kl = (old_log_prob - log_prob).mean()
-    return PolicyLoss(loss, clip_fraction, approx_kl)
 
 
 def kde_entropy_bonus(samples: Tensor, populations: Tensor, bandwidth: float | None = None) -> Tensor:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from entreg.distributions import gaussian_entropy, gaussian_log_prob
+
 __all__ = [
     "SDEStep",
     "gaussian_kl",
@@ -48,7 +50,6 @@ __all__ = [
 ]
 
 REDUCTIONS = ("mean", "sum")
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _check_times(t: float, t_next: float) -> None:
@@ -58,9 +59,12 @@ def _check_times(t: float, t_next: float) -> None:
         )
 
 
-def _check_reduce(reduce: str) -> None:
+def _reduce(per_dim: Tensor, reduce: str) -> Tensor:
+    """Per sample: the mean or the sum over the dimensions after the first."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    dims = tuple(range(1, per_dim.ndim))
+    return per_dim.mean(dim=dims) if reduce == "mean" else per_dim.sum(dim=dims)
 
 
 def sde_sigma(t: float, noise_level: float, t_max: float | None = None) -> float:
@@ -85,11 +89,7 @@ def sde_mean(x: Tensor, v: Tensor, t: float, t_next: float, sigma: float) -> Ten
 
 def transition_log_prob(x_next: Tensor, mean: Tensor, std: float | Tensor, reduce: str = "mean") -> Tensor:
     """log N(x_next; mean, std^2 I) per sample (dims >= 1 reduced by ``reduce``: ``"mean"`` or ``"sum"``)."""
-    _check_reduce(reduce)
-    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
-    per_dim = -((x_next - mean) ** 2) / (2 * std**2) - std.log() - LOG_SQRT_2PI
-    dims = tuple(range(1, per_dim.ndim))
-    return per_dim.mean(dim=dims) if reduce == "mean" else per_dim.sum(dim=dims)
+    return _reduce(gaussian_log_prob(x_next, mean, std=std, dim=None), reduce)
 
 
 def step_entropy(sigma: float, delta: float) -> float:
@@ -97,17 +97,16 @@ def step_entropy(sigma: float, delta: float) -> float:
     ``log(2 pi e sigma^2 delta) / 2``."""
     if sigma <= 0 or delta <= 0:
         raise ValueError(f"the entropy needs sigma > 0 and delta > 0, got {sigma=}, {delta=}")
-    return 0.5 * math.log(2 * math.pi * math.e * sigma * sigma * delta)
+    log_std = torch.tensor(math.log(sigma) + 0.5 * math.log(delta), dtype=torch.float64)
+    return float(gaussian_entropy(log_std, dim=None))
 
 
 def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: float | Tensor, reduce: str = "mean") -> Tensor:
     """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per sample: ``|mean - mean_ref|^2 / (2 std^2)`` per
     dimension, reduced by ``reduce``. ``std`` includes the step length (``sigma_t sqrt(delta)``); Flow-GRPO's
     code divides by ``2 sigma_t^2`` only, which is this KL times ``delta``."""
-    _check_reduce(reduce)
     per_dim = (mean - mean_ref) ** 2 / (2 * torch.as_tensor(std, dtype=mean.dtype, device=mean.device) ** 2)
-    dims = tuple(range(1, per_dim.ndim))
-    return per_dim.mean(dim=dims) if reduce == "mean" else per_dim.sum(dim=dims)
+    return _reduce(per_dim, reduce)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from entreg.flow.grpo import group_advantages, kde_entropy_bonus, ppo_clip_loss
+from entreg.flow.grpo import KL_ESTIMATOR, group_advantages, kde_entropy_bonus
 from entreg.flow.plans import RolloutPlan, flow_grpo_plan, ode_plan
 from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states, rollout
 from entreg.flow.sampling import time_grid
@@ -22,6 +22,7 @@ from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_pro
 from entreg.flow.variants import get_variant
 from entreg.modules.ema import log_samples
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
+from entreg.policy_gradient import clipped_surrogate_loss
 
 __all__ = ["GRPOModule"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
@@ -404,7 +405,9 @@ class GRPOModule(L.LightningModule):
             shared = unit.shared if tr.segment.start == unit.branch else 1
             log_prob, mean = self._log_prob(self.net, tr, unit.cond, shared, grad=True)
             self.counts["train_forward_backwards"] += len(tr.x) // shared
-            policy_loss = ppo_clip_loss(log_prob, tr.log_prob, unit.advantages, h.clip_range)
+            policy_loss = clipped_surrogate_loss(
+                log_prob, tr.log_prob, unit.advantages, h.clip_range, kl_estimator=KL_ESTIMATOR
+            )
             step_loss = policy_loss.loss
             stats["clip_fraction"].append(policy_loss.clip_fraction)
             stats["approx_kl"].append(policy_loss.approx_kl)

@@ -14,22 +14,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from entreg.distributions import gaussian_log_prob
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
+from entreg.policy_gradient import clipped_surrogate_loss, masked_mean, value_loss
 from entreg.rl.envs import env_spaces, make_vector_env
 from entreg.rl.envs import evaluate as run_episodes
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
-from entreg.rl.ppo import (
-    GaussianActorCritic,
-    Rollout,
-    RolloutCollector,
-    clipped_surrogate_loss,
-    gaussian_log_prob,
-    masked_mean,
-    normalize_advantages,
-    value_loss,
-)
+from entreg.rl.ppo import GaussianActorCritic, Rollout, RolloutCollector, normalize_advantages
 
 __all__ = ["PPOModule"]
 
@@ -344,7 +337,7 @@ class PPOModule(L.LightningModule):
                 mb = {k: v[order[begin : begin + h.batch_size]] for k, v in data.items()}
                 mask = mb["valid"]
                 mean, log_std = self.policy.policy(mb["obs"])
-                log_prob = gaussian_log_prob(mean, log_std, mb["actions"])
+                log_prob = gaussian_log_prob(mb["actions"], mean, log_std)
                 advantages = normalize_advantages(mb["advantages"], mask) if h.normalize_advantage else mb["advantages"]
                 policy = clipped_surrogate_loss(log_prob, mb["log_probs"], advantages, h.clip_range, mask)
                 if h.target_kl is not None and self._mean(policy.approx_kl) > 1.5 * h.target_kl:

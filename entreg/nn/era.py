@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from entreg.entropy import HALF_LOG_2PI_E, _as_float
+from entreg.distributions import HALF_LOG_2PI_E, _as_float
 
 __all__ = ["ERA", "GaussianERA", "era_logits", "era_target_range", "lambert_wm1_neg"]
 

@@ -5,6 +5,7 @@ parity benchmark). The Lightning modules are :class:`entreg.modules.sac.SACModul
 :class:`entreg.modules.ppo.PPOModule`.
 """
 
+from entreg.policy_gradient import clipped_surrogate_loss, value_loss
 from entreg.rl.buffer import ReplayBatch, ReplayBuffer
 from entreg.rl.envs import (
     env_spaces,
@@ -18,7 +19,7 @@ from entreg.rl.envs import (
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.policies import GaussianActor
-from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, clipped_surrogate_loss, value_loss
+from entreg.rl.ppo import GaussianActorCritic, RolloutCollector
 from entreg.rl.sac import SAC, QEnsemble
 
 __all__ = [

@@ -4,11 +4,11 @@
 samples with the reparameterisation trick, so losses differentiate through the action:
 
 * ``squash="tanh"`` (Haarnoja et al. 2018, arXiv 1812.05905, and Stable-Baselines3): a = tanh(u),
-  u ~ N(mean, std); log pi(a) = log N(u) - sum_i log(1 - tanh(u_i)^2), the last term written as
-  2 (log 2 - u - softplus(-2u)) so it stays finite where tanh saturates (SB3 adds 1e-6 inside the log instead).
+  u ~ N(mean, std); log pi(a) = log N(u) - sum_i log(1 - tanh(u_i)^2), finite where tanh saturates
+  (:func:`entreg.distributions.tanh_gaussian_log_prob`).
 * ``squash="truncated"`` (ERA's released SAC code, Kang et al. 2025, arXiv 2510.08549): a ~ N(tanh(mean), std)
-  truncated to [-1, 1], sampled by the inverse CDF; the mode tanh(mean) lies
-  inside the interval, so the deterministic action is the same for both.
+  truncated to [-1, 1], sampled by the inverse CDF (:func:`entreg.distributions.truncated_gaussian_sample`); the
+  mode tanh(mean) lies inside the interval, so the deterministic action is the same for both.
 
 Without ``era`` the log-std comes from the head and is clamped to [log_std_min, log_std_max] (SB3: [-20, 2]).
 With ``era`` (:class:`entreg.nn.GaussianERA`) the head's second half are raw scores and ERA sets the log-stds so
@@ -24,62 +24,18 @@ Example:
 
 from __future__ import annotations
 
-import itertools
-import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from entreg.distributions import tanh_gaussian_log_prob, truncated_gaussian_sample
 from entreg.nn.era import GaussianERA
+from entreg.nn.mlp import mlp
 
-__all__ = ["ACTIVATIONS", "GaussianActor", "Squash", "mlp", "tanh_gaussian_log_prob", "truncated_gaussian_sample"]
+__all__ = ["GaussianActor", "Squash"]
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 Squash = Literal["tanh", "truncated"]
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-LOG_2 = math.log(2.0)
-
-
-def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str = "relu") -> nn.Sequential:
-    """Linear layers of widths ``in_dim, *hidden, out_dim`` with ``activation`` between them (PyTorch's default
-    initialisation, as Stable-Baselines3's SAC)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    dims = (in_dim, *hidden)
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(dims):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-    layers.append(nn.Linear(dims[-1], out_dim))
-    return nn.Sequential(*layers)
-
-
-def tanh_gaussian_log_prob(u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log-density of a = tanh(u) for u ~ N(mean, exp(log_std)^2), summed over the last dim."""
-    z = (u - mean) * torch.exp(-log_std)
-    log_normal = -0.5 * z.square() - log_std - LOG_SQRT_2PI
-    log_jacobian = 2.0 * (LOG_2 - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2)
-    return (log_normal - log_jacobian).sum(-1)
-
-
-def truncated_gaussian_sample(centre: Tensor, log_std: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
-    """Reparameterised sample of N(centre, exp(log_std)^2) truncated to [-1, 1] and its log-density (summed over
-    the last dim), from ``uniform`` noise in (0, 1) by the inverse CDF. ``centre`` must lie in [-1, 1].
-
-    Computed in the inputs' dtype. The CDF value is kept inside (0, 1) (in float32 at most 1 - 2^-24, which cuts
-    the Gaussian's tail beyond about 5.3 std above the centre: a probability below 1e-7), so the inverse CDF and
-    its gradient stay finite; the sample is clamped to [-1, 1] against rounding.
-    """
-    finfo = torch.finfo(centre.dtype)
-    s = torch.exp(log_std)
-    cdf_low = torch.special.ndtr((-1.0 - centre) / s)
-    mass = torch.special.ndtr((1.0 - centre) / s) - cdf_low
-    p = (cdf_low + uniform * mass).clamp(finfo.tiny, 1.0 - finfo.eps / 2)
-    x = (centre + s * torch.special.ndtri(p)).clamp(-1.0, 1.0)
-    z = (x - centre) / s
-    log_prob = (-0.5 * z.square() - log_std - LOG_SQRT_2PI - torch.log(mass)).sum(-1)
-    return x, log_prob
 
 
 class GaussianActor(nn.Module):
@@ -87,7 +43,7 @@ class GaussianActor(nn.Module):
 
     Args:
         obs_dim, action_dim: sizes of the flat observation and action.
-        hidden, activation: the MLP body (SB3's SAC: 256-256 ReLU).
+        hidden, activation: the MLP body (SB3's SAC: 256-256 ReLU; any name of timm's ``get_act_layer``).
         log_std_min, log_std_max: clamp of the head's log-std without ``era`` (SB3: -20 and 2).
         era: a :class:`entreg.nn.GaussianERA` for ``action_dim`` dims: the head's log-std outputs become ERA scores.
         squash: ``"tanh"`` or ``"truncated"``.

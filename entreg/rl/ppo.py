@@ -5,8 +5,8 @@ actions: a Gaussian actor-critic, the clipped objective, and rollouts from a gym
   Stable-Baselines3's PPO). The std is a state-independent parameter (SB3's default), or, with ``era``, state
   dependent through :class:`entreg.nn.GaussianERA`, whose entropy equals its target in every state unless a
   log-std reaches its floor (PPO+ERA, Kang et al. 2025; the entropy bonus is then pointless and off).
-* :func:`clipped_surrogate_loss`, :func:`value_loss`, :func:`normalize_advantages`: the loss terms, with a mask
-  for steps that must not train (non-finite rewards or observations, autoreset steps).
+* :func:`normalize_advantages` and the loss terms of :mod:`entreg.policy_gradient` (``clipped_surrogate_loss``,
+  ``value_loss``), with a mask for steps that must not train (non-finite rewards or observations, autoreset steps).
 * :class:`RolloutCollector`: steps a vector env (both gymnasium 1.x autoreset modes), normalises observations and
   scales rewards as RL-Zoo's ``VecNormalize`` (running statistics updated every step; final observations are not
   counted, as there), clips actions to the bounds when stepping (the unclipped sample is what is trained on),
@@ -18,60 +18,22 @@ The Lightning glue (update epochs, DDP, checkpoints, logging) is :class:`entreg.
 from __future__ import annotations
 
 import copy
-import itertools
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from entreg.entropy import gaussian_entropy
+from entreg.distributions import gaussian_entropy, gaussian_log_prob
 from entreg.nn.era import GaussianERA
+from entreg.nn.mlp import mlp
+from entreg.policy_gradient import masked_mean
 from entreg.rl.envs import get_env_state, set_env_state
 from entreg.rl.normalization import RunningMeanStd
 
-__all__ = [
-    "ACTIVATIONS",
-    "GaussianActorCritic",
-    "PolicyLoss",
-    "Rollout",
-    "RolloutCollector",
-    "clipped_surrogate_loss",
-    "gaussian_log_prob",
-    "masked_mean",
-    "normalize_advantages",
-    "value_loss",
-]
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
-LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def _mlp(
-    in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: str, out_gain: float, ortho: bool
-) -> nn.Module:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    dims = (in_dim, *hidden)
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(dims):
-        layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-    layers.append(nn.Linear(dims[-1], out_dim))
-    if ortho:
-        linears = [m for m in layers if isinstance(m, nn.Linear)]
-        for i, linear in enumerate(linears):
-            nn.init.orthogonal_(linear.weight, gain=out_gain if i == len(linears) - 1 else math.sqrt(2))
-            nn.init.zeros_(linear.bias)
-    return nn.Sequential(*layers)
-
-
-def gaussian_log_prob(mean: Tensor, log_std: Tensor, actions: Tensor) -> Tensor:
-    """Log-density of ``actions`` under the diagonal Gaussian N(mean, exp(log_std)^2), summed over the last dim."""
-    z = (actions - mean) * torch.exp(-log_std)
-    return (-0.5 * z.square() - log_std - LOG_SQRT_2PI).sum(-1)
+__all__ = ["GaussianActorCritic", "Rollout", "RolloutCollector", "normalize_advantages"]
 
 
 class GaussianActorCritic(nn.Module):
@@ -80,7 +42,7 @@ class GaussianActorCritic(nn.Module):
     Args:
         obs_dim, action_dim: sizes of the (flat) observation and action.
         hidden: hidden widths of both MLPs (SB3's PPO: 64, 64).
-        activation: ``"tanh"`` (SB3's PPO), ``"relu"`` or ``"elu"``.
+        activation: ``"tanh"`` (SB3's PPO) or another name of timm's ``get_act_layer`` (``"relu"``, ``"elu"``...).
         log_std_init: initial value of the state-independent log-std (without ``era``).
         ortho_init: orthogonal init with gains sqrt(2) (hidden), 0.01 (actor output), 1 (critic output), zero biases.
         era: a :class:`entreg.nn.GaussianERA`; the actor then outputs a mean and log-std scores per state, and the
@@ -112,8 +74,8 @@ class GaussianActorCritic(nn.Module):
         self.action_dim = action_dim
         self.era = era
         outputs = 2 * action_dim if era is not None else action_dim
-        self.actor = _mlp(obs_dim, hidden, outputs, activation, 0.01, ortho_init)
-        self.critic = _mlp(obs_dim, hidden, 1, activation, 1.0, ortho_init)
+        self.actor = mlp(obs_dim, hidden, outputs, activation, 0.01 if ortho_init else None)
+        self.critic = mlp(obs_dim, hidden, 1, activation, 1.0 if ortho_init else None)
         self.log_std = None if era is not None else nn.Parameter(torch.full((action_dim,), float(log_std_init)))
 
     def policy(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,13 +96,6 @@ class GaussianActorCritic(nn.Module):
         return gaussian_entropy(log_std)
 
 
-def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean of ``x`` over the entries where ``mask`` is True (0 when there are none); all entries without a mask."""
-    if mask is None:
-        return x.mean()
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
-
-
 def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """(A - mean) / (std + eps) over the masked entries (std with Bessel's correction, as SB3 per minibatch)."""
     mean = masked_mean(advantages, mask)
@@ -149,50 +104,6 @@ def normalize_advantages(advantages: Tensor, mask: Tensor | None = None, eps: fl
         return advantages - mean
     var = masked_mean((advantages - mean).square(), mask) * n / (n - 1)
     return (advantages - mean) / (var.sqrt() + eps)
-
-
-class PolicyLoss(NamedTuple):
-    """The clipped surrogate loss and its diagnostics (no gradient): approximate KL(old || new) and the
-    fraction of samples whose ratio was clipped."""
-
-    loss: Tensor
-    approx_kl: Tensor
-    clip_fraction: Tensor
-
-
-def clipped_surrogate_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, mask: Tensor | None = None
-) -> PolicyLoss:
-    """PPO's clipped objective, as a loss to minimise: -mean(min(rho A, clip(rho, 1 - eps, 1 + eps) A)),
-    rho = exp(log_prob - old_log_prob). ``approx_kl`` is the estimator mean((rho - 1) - log rho) >= 0.
-
-    Example:
-        >>> ratio = torch.tensor([1.5, 0.5])
-        >>> out = clipped_surrogate_loss(ratio.log(), torch.zeros(2), torch.tensor([1.0, 1.0]), clip_range=0.2)
-        >>> round(float(out.loss), 4), float(out.clip_fraction)
-        (-0.85, 1.0)
-    """
-    log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
-    with torch.no_grad():
-        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype), mask)
-    return PolicyLoss(loss, approx_kl, clip_fraction)
-
-
-def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, clip_range: float | None = None, mask: Tensor | None = None
-) -> Tensor:
-    """Mean squared error to the returns (SB3's value loss). With ``clip_range``, the pessimistic clipped form of
-    OpenAI Baselines' PPO2: max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
-    error = (values - returns).square()
-    if clip_range is not None:
-        clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
-        error = torch.maximum(error, (clipped - returns).square())
-    return masked_mean(error, mask)
 
 
 @dataclass
@@ -315,7 +226,7 @@ class RolloutCollector:
             noise = torch.randn(n, d, generator=generator).to(device)
             action = mean + torch.exp(log_std) * noise
             actions[t] = action.cpu()
-            log_probs[t] = gaussian_log_prob(mean, log_std, action).cpu()
+            log_probs[t] = gaussian_log_prob(action, mean, log_std).cpu()
             obs, reward, terminated, truncated, info = self.envs.step(np.clip(actions[t].numpy(), self.low, self.high))
             done = terminated | truncated
             real = ~self.reset_step

@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -56,17 +55,17 @@ from torch.nn import functional as F
 
 from entreg.entropy import gaussian_entropy
 from entreg.nn.era import GaussianERA
+from entreg.nn.mlp import mlp, resolve_act_layer
+from entreg.nn.optim import OptimizerFactory
 from entreg.rl.buffer import ReplayBatch
-from entreg.rl.policies import ACTIVATIONS, GaussianActor, Squash
+from entreg.rl.policies import GaussianActor, Squash
 
 __all__ = ["SAC", "QEnsemble", "ReplayBatch"]
 
-OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
-
 
 class QEnsemble(nn.Module):
-    """``num_q`` independent MLP critics Q_i(s, a), each a stack of ``nn.Linear`` layers with the widths and
-    initialisation of Stable-Baselines3's separate critics.
+    """``num_q`` independent MLP critics Q_i(s, a), each the ``nn.Linear`` layers of an :func:`entreg.nn.mlp.mlp`
+    with the widths and initialisation of Stable-Baselines3's separate critics.
 
     Separate 2-D matmuls per member: on the CPU they are faster than one batched matmul over the members (whose
     backward pass copies), measured 4.2 vs 5.7 ms for a forward and backward pass of two 256-256 critics on a
@@ -87,15 +86,12 @@ class QEnsemble(nn.Module):
         num_q: int = 2,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if num_q < 1 or not hidden:
             raise ValueError(f"QEnsemble needs num_q >= 1 and at least one hidden layer, got {num_q}, {hidden}")
         self.num_q = num_q
-        self.activation = ACTIVATIONS[activation]()
-        dims = (obs_dim + action_dim, *hidden, 1)
+        self.activation = resolve_act_layer(activation)()
         self.members = nn.ModuleList(
-            nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in itertools.pairwise(dims))
+            nn.ModuleList(m for m in mlp(obs_dim + action_dim, hidden, 1, activation) if isinstance(m, nn.Linear))
             for _ in range(num_q)
         )
 
