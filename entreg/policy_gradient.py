@@ -73,6 +73,7 @@ def clipped_surrogate_loss(
     advantages: Tensor,
     clip_range: float,
     mask: Tensor | None = None,
+    *,
     kl_estimator: KLEstimator = "k3",
 ) -> PolicyLoss:
     """PPO's clipped objective, as a loss to minimise: -mean(min(rho A, clip(rho, 1 - c, 1 + c) A)),
