@@ -199,6 +199,8 @@ def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
         assert label in result.stdout
     (run_dir,) = (logs / "finetune" / "runs").iterdir()
     assert checkpoint_kind(run_dir / "checkpoints" / "last.ckpt").name == "grpo"
+    (best,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")  # ranked by eval/reward, evaluated at the epoch's end
+    assert f"best checkpoint: {best}" in result.stdout
     for line in (f"TensorBoard logs: {run_dir / 'tensorboard'}", f"last checkpoint: {run_dir / 'checkpoints'}"):
         assert line in result.stdout
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")

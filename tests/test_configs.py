@@ -1,13 +1,16 @@
-"""Every config file composes and instantiates; every experiment runs; the default fit learns."""
+"""Every config file composes and instantiates; every experiment runs and ranks its checkpoints by a metric its
+module logs; the default fit learns."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import entreg.configs
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from entreg.callbacks import TestTimeAdaptation
 from entreg.cli import adapt, instantiate_group, train
@@ -25,8 +28,17 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def takes_backbone(target: str) -> bool:
+    """Whether the LightningModule ``target`` is built around a backbone (the backbone/ group)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    return "backbone" in inspect.signature(get_class(target)).parameters
+
+
 def test_every_config_file_is_covered_here():
-    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward")
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward", "monitor")
     covered = {f"{group}/{name}" for group in groups for name in options(group)}
     covered |= {
         "train",
@@ -55,20 +67,15 @@ def data_on_disk(tmp_path, monkeypatch):
     }
 
 
-def is_rl(group: str, option: str) -> bool:
-    """The reinforcement-learning models and experiments (MuJoCo, extra entreg[rl]): tested in tests/test_rl_*.py."""
-    return group in ("model", "experiment") and any(tag in option for tag in ("ppo", "sac"))
-
-
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g) if not is_rl(g, o)])
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_config_composes_and_instantiates(group, option, compose_train, data_on_disk):
     overrides = [f"{group}={option}"]
     if group == "data":
         overrides += data_on_disk.get(option, [])
     if group == "trainer" and "gpu" in option and not torch.cuda.is_available():
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    if option in DIFFUSION_DATA:  # diffusion models take no backbone
-        overrides += ["~backbone", *DIFFUSION_DATA[option]]
+    if group == "model" and not takes_backbone(compose_train(*overrides).model._target_):  # generative, RL
+        overrides += ["~backbone", *DIFFUSION_DATA.get(option, [])]
     cfg = compose_train(*overrides, fast=group not in ("callbacks", "logger"))
     if group == "data":
         datamodule = instantiate(cfg.data, _convert_="all")
@@ -88,6 +95,13 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
         x = model.sample(2, steps=2) if flow else model.sample(2, num_inference_steps=2)
         t = torch.tensor([0.0, 1.0]) if flow else torch.tensor([1, 999])
         assert x.shape[1:] == model.sample_shape and model(x, t).shape == x.shape
+    elif "env_id" in cfg.model:  # an RL agent: it steps its own MuJoCo env (extra entreg[rl])
+        pytest.importorskip("mujoco")
+        from entreg.rl.envs import env_spaces
+
+        observations, actions = env_spaces(cfg.model.env_id)
+        model = instantiate(cfg.model, _convert_="all")
+        assert tuple(model.act(torch.zeros(observations.shape)).shape) == actions.shape
     elif group in ("model", "backbone"):
         model = instantiate(cfg.model, _convert_="all")
         size = 32
@@ -102,23 +116,61 @@ def test_config_composes_and_instantiates(group, option, compose_train, data_on_
         assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
-RL_EXPERIMENTS = {name for name in options("experiment") if is_rl("experiment", name)}
+def choices(*overrides: str) -> dict[str, str | None]:
+    """The option of each config group that ``train`` with ``overrides`` composes (``{"data": "cifar10", ...}``)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    return dict(cfg.hydra.runtime.choices)
 
 
-@pytest.mark.parametrize("experiment", sorted(set(options("experiment")) - RL_EXPERIMENTS))
-def test_every_experiment_runs(experiment, compose_train, data_on_disk):
-    overrides = data_on_disk.get("cifar10" if experiment.startswith("cifar10") else "", [])
-    generative = "diffusion" in experiment or "flow" in experiment
-    if generative:  # 8 samples in 2 steps at the one validation epoch; digits at 8x8
-        overrides = ["model.sample_every_n_epochs=1", "model.sample_steps=2", "model.num_val_samples=8"]
-        overrides += ["data.batch_size=8", *(["data.size=8"] if "digits" in experiment else [])]
-    cfg = compose_train(f"experiment={experiment}", "trainer.fast_dev_run=true", *overrides)
+QUIET = ["trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+QUIET += ["callbacks.progress_bar=null", "callbacks.model_summary=null", "logger=none"]  # model_checkpoint stays
+EPOCH = ["trainer.max_epochs=1", *(f"+trainer.limit_{stage}_batches=1" for stage in ("train", "val", "test"))]
+SAMPLES = ["model.sample_every_n_epochs=1", "model.sample_steps=2", "model.num_val_samples=8", "data.batch_size=8"]
+TINY = {  # per module: one batch of each stage, or a few env steps whose last epoch ends with an evaluation
+    "ClassificationModule": EPOCH,
+    "DiffusionModule": [*EPOCH, *SAMPLES],
+    "FlowMatchingModule": [*EPOCH, *SAMPLES],
+    "SACModule": ["model.total_steps=24", "model.steps_per_epoch=12", "model.eval_every=12", "model.learning_starts=8",
+                  "model.batch_size=8", "model.hidden=[8,8]", "model.eval_episodes=1",
+                  "+model.env_kwargs.max_episode_steps=20"],
+    "PPOModule": ["model.n_steps=16", "model.total_timesteps=32", "model.rollouts_per_epoch=2", "model.eval_every=2",
+                  "model.batch_size=16", "model.n_epochs=1", "model.hidden=[8,8]", "model.eval_episodes=1",
+                  "+model.env_kwargs.max_episode_steps=50"],
+}  # fmt: skip
+TINY_DATA = {"digits_diffusion": ["data.size=8"]}
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_runs_and_ranks_its_checkpoints(experiment, compose_train, data_on_disk, tmp_path):
+    """A few steps of each experiment with its real checkpoint callback: the best checkpoint is ranked by the
+    model's `monitor` metric, which the module really logs (a missing one would leave the ranking empty)."""
+    plan = compose_train(f"experiment={experiment}")
+    if "env_id" in plan.model:  # RL agents step MuJoCo envs (extra entreg[rl])
+        pytest.importorskip("mujoco")
+    data = choices(f"experiment={experiment}")["data"]
+    overrides = [*TINY[plan.model._target_.rsplit(".", 1)[-1]], *data_on_disk.get(data, []), *TINY_DATA.get(data, [])]
+    cfg = compose_train(f"experiment={experiment}", *QUIET, *overrides, fast=False)
     metrics = train(cfg)
-    if generative:
-        sample_metric = "val/fd" if "digits" in experiment else "val/log_likelihood"
-        assert metrics["val/loss"] > 0 and sample_metric in metrics
-    else:
+    if cfg.test:
         assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/nll"] > 0
+    else:  # every logged metric, the monitored one among them
+        assert math.isfinite(metrics[cfg.monitor.metric])
+    if "sample_steps" in cfg.model:  # a generative model evaluates its samples
+        assert ("val/fd" if cfg.model.feature_extractor else "val/log_likelihood") in metrics
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    (ranking,) = [state for name, state in last["callbacks"].items() if name.startswith("ModelCheckpoint")]
+    assert cfg.monitor.metric is not None and cfg.callbacks.model_checkpoint.monitor == cfg.monitor.metric
+    assert math.isfinite(ranking["best_model_score"]) and Path(ranking["best_model_path"]).is_file()
+
+
+def test_every_monitor_config_is_the_choice_of_a_model_or_command(compose_train):
+    """Each file of configs/monitor/ is what some model config (or entreg-finetune) ranks its checkpoints by."""
+    chosen = {compose_train(f"model={model}").monitor.metric for model in options("model")}
+    chosen.add(compose_finetune().monitor.metric)
+    assert chosen == {OmegaConf.load(CONFIG_DIR / "monitor" / f"{o}.yaml").monitor.metric for o in options("monitor")}
 
 
 def test_default_experiment_reaches_90_percent(compose_train, tmp_path):
