@@ -1,8 +1,10 @@
 """Which entreg LightningModule wrote a checkpoint, read on CPU without building the model, so that every command
 can reject a checkpoint of the wrong kind before loading anything heavy and name the command that takes it.
 
-A kind is recognised by the top-level submodules in the checkpoint's ``state_dict`` together with a constructor
-argument that only its module saves in ``hyper_parameters``. For example, on an ``entreg-train`` classifier::
+Every LightningModule entreg ships is a kind: classifier, diffusion, flow, grpo, and the RL agents sac and ppo (which
+``entreg-train`` resumes; no command evaluates them, their ``evaluate()`` does). A kind is recognised by the
+top-level submodules in the checkpoint's ``state_dict`` together with a constructor argument that only its module
+saves in ``hyper_parameters``. For example, on an ``entreg-train`` classifier::
 
     checkpoint_kind("logs/train/runs/<run>/checkpoints/last.ckpt").name  # 'classifier'
     require_kind("logs/train/runs/<run>/checkpoints/last.ckpt", ["diffusion"], "entreg-sample ckpt_path")
@@ -59,6 +61,22 @@ KINDS = (
         frozenset({"net", "base"}),
         "variant",
         "entreg-finetune ckpt_path=<checkpoint> (to resume the fine-tuning run)",
+    ),
+    CheckpointKind(
+        "sac",
+        "SACModule",
+        frozenset({"sac"}),
+        "buffer_size",
+        "entreg-train experiment=<its experiment> ckpt_path=<checkpoint> (to resume training); its evaluation "
+        "episodes: SACModule.load_from_checkpoint(<checkpoint>).evaluate() in Python",
+    ),
+    CheckpointKind(
+        "ppo",
+        "PPOModule",
+        frozenset({"policy"}),
+        "gae_lambda",
+        "entreg-train experiment=<its experiment> ckpt_path=<checkpoint> (to resume training); its evaluation "
+        "episodes: PPOModule.load_from_checkpoint(<checkpoint>).evaluate() in Python",
     ),
 )
 

@@ -3,14 +3,17 @@ and a non-editable install that still finds its configs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,26 +352,43 @@ def test_entreg_sample_rejects_counts_below_one_before_loading(key, value, tmp_p
         sample(cfg)
 
 
+HAS_MUJOCO = importlib.util.find_spec("mujoco") is not None  # the RL agents' envs (extra entreg[rl])
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """One-step checkpoints of each kind, from the real model configs: classifier, diffusion, flow, and a
-    LightningModule of none of entreg's kinds."""
+    """One-step checkpoints of each kind, from the real configs: classifier, diffusion, flow, grpo (fine-tuned from
+    the flow), the RL agents sac and ppo (where MuJoCo is installed), and a LightningModule of none of entreg's
+    kinds."""
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.demos.boring_classes import BoringModel
 
+    from entreg.modules.grpo import GRPOModule
+
     folder = tmp_path_factory.mktemp("checkpoints")
+    rl = {
+        "sac": ["experiment=invertedpendulum_sac", "model.hidden=[8,8]", "model.learning_starts=0"],
+        "ppo": ["experiment=invertedpendulum_ppo", "model.hidden=[8,8]", "model.n_steps=8", "model.batch_size=8"],
+    }
     models = {
         "classifier": SMALL_CNN,
         "diffusion": ["experiment=gmm2d_diffusion", "model.denoiser.hidden=8"],
-        "flow": ["experiment=ring2d_flow", "model.net.hidden=8"],
+        "flow": ["experiment=ring2d_flow", "model.net.hidden=8", "model.num_classes=null"],
+        "grpo": ["grpo.steps=4", "grpo.active_steps=2", "grpo.group_size=4", "grpo.prompts=2", "grpo.eval_every=0"],
+        **(rl if HAS_MUJOCO else {}),
         "other": [],
-    }
+    }  # fmt: skip
     paths = {}
     for kind, overrides in models.items():
-        cfg = compose("train", "callbacks=none", "logger=none", f"paths.output_dir={folder}", *overrides)
-        model = BoringModel() if kind == "other" else instantiate(cfg.model, _convert_="all")
-        data = None if kind == "other" else instantiate(cfg.data, _convert_="all")
+        config = "finetune" if kind == "grpo" else "train"
+        cfg = compose(config, "callbacks=none", "logger=none", f"paths.output_dir={folder}", *overrides)
+        if kind == "grpo":
+            options = instantiate(cfg.grpo, _convert_="all")
+            model, data = GRPOModule.from_flow_checkpoint(paths["flow"], instantiate(cfg.reward), **options), None
+        else:
+            model = BoringModel() if kind == "other" else instantiate(cfg.model, _convert_="all")
+            data = instantiate(cfg.data, _convert_="all") if cfg.get("data") and kind != "other" else None
         trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
         trainer.fit(model, datamodule=data)
@@ -380,20 +400,34 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_checkpoint_kind_names_each_module(checkpoints, tmp_path):
     import torch
 
-    from entreg.checkpoint_kind import checkpoint_kind, require_kind
+    from entreg.checkpoint_kind import KINDS, checkpoint_kind, require_kind
 
     assert {kind: getattr(checkpoint_kind(path), "name", None) for kind, path in checkpoints.items()} == {
-        "classifier": "classifier",
-        "diffusion": "diffusion",
-        "flow": "flow",
+        **{kind.name: kind.name for kind in KINDS if kind.name in checkpoints},
         "other": None,
     }
+    assert set(checkpoints) >= {"classifier", "diffusion", "flow", "grpo", *(["sac", "ppo"] if HAS_MUJOCO else [])}
+    assert {kind.name for kind in KINDS} == {"classifier", "diffusion", "flow", "grpo", "sac", "ppo"}
     require_kind(checkpoints["other"], ["classifier"], "entreg-adapt ckpt_path", allow_other=True)  # a user's module
     with pytest.raises(ValueError, match="was written by none of ClassificationModule, DiffusionModule"):
         require_kind(checkpoints["other"], ["diffusion"], "entreg-sample ckpt_path")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="is not a Lightning checkpoint"):
         checkpoint_kind(tmp_path / "weights.pt")
+
+
+@pytest.mark.skipif(not HAS_MUJOCO, reason="the RL agents need MuJoCo (pip install 'entreg[rl]')")
+def test_the_rl_kinds_evaluate_as_their_message_says(checkpoints):
+    """No command evaluates an RL agent: the wrong-kind message names the Python call that does, and it runs."""
+    import math
+
+    import entreg.modules
+    from entreg.checkpoint_kind import KINDS
+
+    for kind in [kind for kind in KINDS if kind.name in ("sac", "ppo")]:
+        assert f"{kind.module}.load_from_checkpoint(<checkpoint>).evaluate() in Python" in kind.command
+        agent = getattr(entreg.modules, kind.module).load_from_checkpoint(checkpoints[kind.name], map_location="cpu")
+        assert all(math.isfinite(value) for value in np.atleast_1d(agent.evaluate()))
 
 
 WRONG_KIND = [
@@ -404,17 +438,47 @@ WRONG_KIND = [
     ("finetune", "diffusion", r"is a diffusion checkpoint \(DiffusionModule\): use it with entreg-sample ckpt_path="),
     ("adapt", "diffusion", "entreg-adapt ckpt_path takes a classifier .* is a diffusion checkpoint"),
     ("adapt", "flow", "entreg-adapt ckpt_path takes a classifier .* is a flow checkpoint"),
+    ("adapt", "grpo", r"is a grpo checkpoint \(GRPOModule\): use it with entreg-finetune ckpt_path=<checkpoint> "
+     r"\(to resume the fine-tuning run\)"),
+    ("sample", "sac", r"is a sac checkpoint \(SACModule\): use it with entreg-train experiment=<its experiment> "
+     r"ckpt_path=<checkpoint> \(to resume training\); its evaluation episodes: "
+     r"SACModule.load_from_checkpoint\(<checkpoint>\).evaluate\(\) in Python"),
+    ("adapt", "ppo", r"is a ppo checkpoint \(PPOModule\): use it with entreg-train experiment=<its experiment> "
+     r"ckpt_path=<checkpoint> .* PPOModule.load_from_checkpoint"),
 ]  # fmt: skip
+# what each command takes: (command, key, the kind it takes)
+TAKES = [("sample", "ckpt_path", "diffusion"), ("adapt", "ckpt_path", "classifier"),
+         ("finetune", "base_checkpoint", "flow"), ("finetune", "ckpt_path", "grpo")]  # fmt: skip
+
+
+def refuse(command: str, key: str, path: Path, checkpoints: dict[str, Path]) -> ValueError:
+    """The ValueError of ``entreg-<command> <key>=<path>`` (a GRPO ``ckpt_path`` next to a good base checkpoint)."""
+    import entreg.cli
+
+    base = [f"base_checkpoint={checkpoints['flow']}"] if key == "ckpt_path" and command == "finetune" else []
+    cfg = compose(command, *base, f"{key}={path}", "paths.output_dir=unused")
+    with pytest.raises(ValueError) as error:
+        getattr(entreg.cli, command)(cfg)
+    return error.value
 
 
 @pytest.mark.parametrize(("command", "kind", "message"), WRONG_KIND)
 def test_a_wrong_kind_of_checkpoint_is_named_with_the_command_that_takes_it(command, kind, message, checkpoints):
-    import entreg.cli
-
+    if kind not in checkpoints:
+        pytest.skip(f"a {kind} checkpoint needs MuJoCo (pip install 'entreg[rl]')")
     key = "base_checkpoint" if command == "finetune" else "ckpt_path"
-    cfg = compose(command, f"{key}={checkpoints[kind]}", "paths.output_dir=unused")
-    with pytest.raises(ValueError, match=message):
-        getattr(entreg.cli, command)(cfg)
+    assert re.search(message, str(refuse(command, key, checkpoints[kind], checkpoints)))
+
+
+@pytest.mark.parametrize(("command", "key", "takes"), TAKES)
+def test_every_command_names_the_command_of_every_other_kind(command, key, takes, checkpoints):
+    """entreg-sample, -adapt and -finetune refuse each checkpoint kind they do not take, naming its command."""
+    from entreg.checkpoint_kind import KINDS
+
+    for kind in [kind for kind in KINDS if kind.name != takes and kind.name in checkpoints]:
+        message = str(refuse(command, key, checkpoints[kind.name], checkpoints))
+        assert message.startswith(f"entreg-{command} {key} takes a {takes} (")
+        assert message.endswith(f"is a {kind.name} checkpoint ({kind.module}): use it with {kind.command}")
 
 
 # ---- what each command reports ---------------------------------------------------------------------------------
