@@ -11,27 +11,28 @@ How:
 1. Model: an epsilon-prediction DDPM (:class:`entreg.modules.diffusion.DiffusionModule`, diffusers' default
    VP schedule: 1000 steps, linear betas 1e-4 to 0.02) of a diffusers ``UNet2DModel``
    (:func:`entreg.nn.denoisers.unet2d`, ``--channels`` per level, default 32-64, ``--layers`` resnet blocks
-   per level, default 2, self-attention at the 4x4 level and in the middle block) on the 1,000-image
-   training split of :class:`entreg.data.DigitsDataModule` (8x8, [-1, 1]); plain loop, AdamW (lr 1e-3,
-   cosine to 1e-5 over ``--train-iters``), batch ``--batch-size``, EMA 0.999 of the weights (what every
-   sampler uses). Training stops at ``--train-iters`` or after ``--train-minutes``, whichever comes first
-   (both reported with the final loss: the mean MSE of the last 4 batches logged, one every 50 iterations). Cached
-   in ``.cache/bench/samplers/`` (git-ignored; ``--cache-dir``) under a key of these settings (``--retrain``
-   ignores the cache).
-2. Reference: ``bench_samplers.reference``, DPM-Solver++(2M) (our scheduler with its EVODiff coefficients
-   neutral) on ``--ref-steps`` (200) uniform-logSNR levels from the largest to the smallest training noise
-   level, then the data prediction; the scheduler in float64 (the UNet in float32), from the same initial
-   noise as the samplers. Checked by halving its steps (RMSE 100 vs 200 steps, reported).
-3. Samplers and grids: exactly ``bench_samplers.SAMPLERS``, ``GRIDS`` and ``LOGSNR_OK`` (imported), each
-   run by ``bench_samplers.run_sampler`` at NFE 5, 6, 8, 10, 15, 20 (1 model call per timestep; the calls
-   are counted and checked), in float32, from noise of ``--seeds`` seeds (``--samples`` 500 each).
+   per level, default 2, self-attention at the 4x4 level and in the middle block; initialised from seed 0) on the
+   1,000-image training split of :class:`entreg.data.DigitsDataModule` (8x8, [-1, 1]), fitted by Lightning:
+   batches of ``--batch-size`` drawn with replacement (seed 0), AdamW (lr 1e-3, cosine to 1e-5 over
+   ``--train-iters``, stepped every batch), EMA 0.999 of the weights (what every sampler uses). Training stops at
+   ``--train-iters`` or after ``--train-minutes``, whichever comes first (both reported with the last batch's loss
+   and the mean loss of the run). Cached in ``.cache/bench/samplers/`` (git-ignored; ``--cache-dir``) under a key
+   of these settings (``--retrain`` ignores the cache).
+2. Reference: :func:`entreg.diffusion.evaluation.converged_solution`, DPM-Solver++(2M) (our scheduler with its
+   EVODiff coefficients neutral) on ``--ref-steps`` (200) uniform-logSNR levels from the largest to the smallest
+   training noise level, then the data prediction; the scheduler in float64 (the UNet in float32,
+   :func:`entreg.diffusion.evaluation.network_model`), from the same initial noise as the samplers. Checked by
+   halving its steps (RMSE 100 vs 200 steps, reported).
+3. Samplers and grids: those of ``bench_samplers.py`` (:data:`entreg.diffusion.evaluation.SOLVERS` on ``GRIDS``),
+   each run by :func:`entreg.diffusion.evaluation.solver_errors` at NFE 5, 6, 8, 10, 15, 20 (1 model call per
+   timestep, checked), in float32, from noise of ``--seeds`` seeds (``--samples`` 500 each).
 
 Metrics, mean over seeds (± the std over seeds at NFE 10):
 
 * RMSE per pixel (in [-1, 1] units) to the reference solution from the same noise (solver error alone);
-* Frechet distance (FD) of classifier features: the 32 ReLU units of
-  :func:`entreg.data.digits_nets.digits_feature_extractor` (an MLP trained once on the digits training
-  split, seed 0), between the (unclipped) samples and the 597 held-out test digits; next to it the FD of
+* Frechet distance (FD) of classifier features (:class:`entreg.diffusion.metrics.FeatureFrechetDistance`): the
+  32 ReLU units of :func:`entreg.data.digits_nets.digits_feature_extractor` (an MLP trained once on the digits
+  training split, seed 0), between the (unclipped) samples and the 597 held-out test digits; next to it the FD of
   the reference samples and the floor: 500 real training digits (a new draw per seed) against the test digits.
 
 Device: the UNet runs on ``--device`` (``auto``: CUDA when present); schedulers, noise, reference and
@@ -41,8 +42,9 @@ Cost: a full run makes ~3,600 UNet forwards of 500 samples (3 seeds x (15 sample
 forward of the 32-64 UNet took ~0.8 s and a training step of even the 8-16 UNet at batch 256 ~3.5 s, so the full
 default run does not fit on such CPUs (hours, and a 6-minute CPU training budget gives ~100 steps: an untrained
 model); it is meant for a GPU. The committed ``bench_samplers_learned.json`` is from one H100
-(``--train-minutes 4.5 --threads 8``: 5,651 iterations; the whole run took 6 minutes). ``--quick`` is a
-smoke test of the pipeline only.
+(``--train-minutes 4.5 --threads 8``: 5,651 iterations; the whole run took 6 minutes), made before the UNet's
+initialisation was seeded (torch seeds its default generator at random on start, so that run's initialisation
+is one unrecorded draw). ``--quick`` is a smoke test of the pipeline only.
 
 Run (from the repository root):
     PYTHONPATH=. python scripts/bench_samplers_learned.py                    # on a GPU (training capped at 6 minutes)
@@ -57,39 +59,54 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import platform
-import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from bench_samplers import GRIDS, LOGSNR_OK, NFES, SAMPLERS, mean_std, reference, run_sampler
-from benchkit import add_cache_argument, results_path, shown
-from torch import Tensor
+from benchkit import (
+    add_cache_argument,
+    environment,
+    mean_std,
+    print_nfe_table,
+    quiet_libraries,
+    results_path,
+    shown,
+    write_results,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from entreg.data import DigitsDataModule
 from entreg.data.digits_nets import digits_feature_extractor
-from entreg.diffusion.metrics import frechet_distance
+from entreg.diffusion.evaluation import (
+    GRIDS,
+    LOGSNR_SOLVERS,
+    SOLVERS,
+    converged_solution,
+    network_model,
+    rmse,
+    solver_errors,
+)
+from entreg.diffusion.metrics import FeatureFrechetDistance
 from entreg.modules.diffusion import DiffusionModule
 from entreg.nn.denoisers import unet2d
 
-
-class CountingModel:
-    """``model(x, t)``: the EMA UNet's epsilon on ``device`` in float32, returned on x's device and dtype;
-    counts its calls."""
-
-    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
-        self.net, self.device, self.calls = net.eval(), device, 0
-
-    @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.calls += 1
-        t = torch.as_tensor(t, dtype=torch.float32).to(self.device).reshape(-1).expand(len(x))
-        return self.net(x.to(self.device, torch.float32), t).to(x.device, x.dtype)
+NFES = (5, 6, 8, 10, 15, 20)
 
 
-def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def adamw_cosine(params: Any, lr: float, steps: int, eta_min: float) -> dict[str, Any]:
+    """AdamW whose learning rate falls from ``lr`` to ``eta_min`` over ``steps`` batches by a cosine, as Lightning's
+    optimizer configuration (``DiffusionModule`` hands its optimizer factory's result to Lightning)."""
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=eta_min)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device) -> tuple[nn.Module, dict]:
+    """The EMA network of the digits UNet (trained here, or loaded from the cache) and how it was trained."""
     settings = {
         "channels": args.channels,
         "layers": args.layers,
@@ -97,60 +114,45 @@ def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device)
         "train_minutes": args.train_minutes,
         "batch_size": args.batch_size,
         "seed": 0,
+        "trainer": "lightning, seeded initialisation",
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = args.cache_dir / f"unet_{key}_{device.type}.pt"
+    torch.manual_seed(0)
     denoiser = unet2d(8, 1, block_out_channels=args.channels, layers_per_block=args.layers, attention=True)
-    module = DiffusionModule(denoiser, prediction_type="epsilon", ema_decay=0.999)
+    optimizer = partial(adamw_cosine, lr=1e-3, steps=args.train_iters, eta_min=1e-5)
+    module = DiffusionModule(denoiser, "epsilon", ema_decay=0.999, optimizer=optimizer, sample_every_n_epochs=0)
     if path.exists() and not args.retrain:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         module.ema.load_state_dict(saved["ema"])
         print(f"  loaded the trained model from {path}", flush=True)
         return module.ema.module, {**saved["info"], "cached": shown(path)}
-    torch.manual_seed(0)
-    module.to(device)
-    data = x_train.to(device)
-    optimizer = torch.optim.AdamW(module.denoiser.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.train_iters, eta_min=1e-5)
-    g = torch.Generator().manual_seed(0)
-    losses: list[float] = []
+    batches = RandomSampler(
+        range(len(x_train)), replacement=True, num_samples=args.train_iters * args.batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(x_train), args.batch_size, sampler=batches, generator=torch.Generator())
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=args.train_iters,
+        max_time=dt.timedelta(minutes=args.train_minutes), limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
     started = time.perf_counter()
-    it = 0
-    while it < args.train_iters and time.perf_counter() - started < 60 * args.train_minutes:
-        idx = torch.randint(0, len(data), (args.batch_size,), generator=g).to(device)
-        loss = module.diffusion_loss(module.denoiser, data[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        module.ema.update_parameters(module.denoiser)
-        it += 1
-        if it % 50 == 0 or it == args.train_iters:
-            losses.append(float(loss))  # sync only every 50 steps
-        if it % 2000 == 0:
-            print(f"  iter {it}: loss {losses[-1]:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    seconds = time.perf_counter() - started
+    trainer.fit(module, loader)
     info = {
         **settings,
-        "iterations": it,
-        "train_seconds": seconds,
-        "final_loss": sum(losses[-4:]) / max(1, len(losses[-4:])),
-        "final_loss_note": "mean MSE of the last 4 logged batches (one logged every 50 iterations)",
-        "loss_curve_every_50": losses,
-        "parameters": sum(p.numel() for p in module.denoiser.parameters()),
+        "iterations": trainer.global_step,
+        "train_seconds": time.perf_counter() - started,
+        "final_loss": float(trainer.callback_metrics["train/loss_step"]),
+        "mean_loss": float(trainer.callback_metrics["train/loss_epoch"]),
+        "parameters": sum(p.numel() for p in denoiser.parameters()),
         "device": str(device),
     }
-    ema = module.ema.module.to("cpu")
-    module.ema.to("cpu")
+    module.cpu()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": module.ema.state_dict(), "info": info}, path)
-    print(f"  trained {it} iterations in {seconds:.0f} s, final loss {info['final_loss']:.4f}", flush=True)
-    return ema, info
-
-
-def features(extractor: torch.nn.Module, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return extractor(x.float()).flatten(1)
+    print(f"  trained {info['iterations']} iterations in {info['train_seconds']:.0f} s", flush=True)
+    return module.ema.module, info
 
 
 def learned_benchmark(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -159,49 +161,27 @@ def learned_benchmark(args: argparse.Namespace, device: torch.device) -> dict[st
     x_train, x_test = dm.train_set.tensors[0], dm.test_set.tensors[0]
     t0 = time.perf_counter()
     net, train_info = train_model(args, x_train, device)
-    model = CountingModel(net.to(device), device)
-    extractor = digits_feature_extractor(seed=0, size=8, scale="minus_one_one")
-    test_features = features(extractor, x_test)
-    fd = lambda x: frechet_distance(features(extractor, x), test_features)  # noqa: E731
+    model = network_model(net, device)
+    fd = FeatureFrechetDistance(digits_feature_extractor(seed=0, size=8, scale="minus_one_one"), x_test)
     per_seed: list[dict[str, Any]] = []
     for seed in range(args.seeds):
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(args.samples, 1, 8, 8, generator=g, dtype=torch.float64)
         real = x_train[torch.randperm(len(x_train), generator=g)[: args.samples]]
         t1 = time.perf_counter()
-        model.calls = 0
-        ref = reference(model, noise, args.ref_steps)
-        ref_calls = model.calls
-        entry: dict[str, Any] = {"seed": seed, "reference_calls": ref_calls}
+        reference = converged_solution(model, noise, args.ref_steps)
+        entry: dict[str, Any] = {"seed": seed}
         if seed == 0 or args.halving_all_seeds:
-            half = reference(model, noise, args.ref_steps // 2)
-            entry["reference_halving_rmse"] = float((ref - half).pow(2).mean().sqrt())
-        entry["reference_seconds"] = time.perf_counter() - t1
+            entry["reference_halving_rmse"] = rmse(reference, converged_solution(model, noise, args.ref_steps // 2))
         entry["fd_floor_train_vs_test"] = fd(real)
-        entry["fd_reference"] = fd(ref)
-        entry["reference_range"] = (float(ref.min()), float(ref.max()))
-        entry["runs"] = {}
-        for sampler, (cls, kwargs) in SAMPLERS.items():
-            for grid, grid_kwargs in GRIDS.items():
-                if grid == "logSNR" and sampler not in LOGSNR_OK:
-                    continue
-                for nfe in args.nfes:
-                    scheduler = cls(**kwargs, **grid_kwargs)
-                    model.calls = 0
-                    x, calls = run_sampler(scheduler, model, noise.float(), nfe)
-                    if calls != nfe or model.calls != nfe:
-                        raise RuntimeError(f"{sampler}|{grid}|{nfe}: {calls} timesteps, {model.calls} model calls")
-                    finite = bool(torch.isfinite(x).all())
-                    entry["runs"][f"{sampler}|{grid}|{nfe}"] = {
-                        "nfe": model.calls,
-                        "rmse": float((x.double() - ref).pow(2).mean().sqrt()) if finite else float("nan"),
-                        "fd": fd(x) if finite else float("nan"),
-                    }
+        entry["fd_reference"] = fd(reference)
+        entry["reference_range"] = (float(reference.min()), float(reference.max()))
+        entry["runs"] = solver_errors(model, noise, args.nfes, reference, {"fd": fd})
         entry["seconds"] = time.perf_counter() - t1
         per_seed.append(entry)
         print(
-            f"  seed {seed}: reference {entry['reference_seconds']:.1f} s, all samplers {entry['seconds']:.1f} s; "
-            f"FD reference {entry['fd_reference']:.3f}, floor {entry['fd_floor_train_vs_test']:.3f}",
+            f"  seed {seed}: {entry['seconds']:.1f} s; FD reference {entry['fd_reference']:.3f}, "
+            f"floor {entry['fd_floor_train_vs_test']:.3f}",
             flush=True,
         )
     return {
@@ -224,15 +204,9 @@ def print_learned(res: dict[str, Any], nfes: tuple[int, ...]) -> None:
         f"{res['samples']} samples x {len(seeds)} seeds. Reference halving RMSE {max(halving):.1e}; "
         f"FD reference {fd_ref[0]:.3f} ± {fd_ref[1]:.3f}; FD floor (real train vs test) {floor[0]:.3f} ± {floor[1]:.3f}"
     )
-    rows = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in seeds[0]["runs"]))
-    for metric, label in (("rmse", "RMSE per pixel to the reference"), ("fd", "Frechet distance to test digits")):
-        print(f"\n  {label} (mean over seeds; ± the std at NFE 10)")
-        print(f"  {'sampler':<9} {'grid':<8} | " + " ".join(f"{n:>7}" for n in nfes) + " | ±(10)")
-        for row in rows:
-            values = [mean_std([s["runs"][f"{row}|{n}"][metric] for s in seeds]) for n in nfes]
-            spread = dict(zip(nfes, values, strict=True)).get(10, (0.0, 0.0))[1]
-            sampler, grid = row.split("|")
-            print(f"  {sampler:<9} {grid:<8} | " + " ".join(f"{v[0]:7.4f}" for v in values) + f" | {spread:.4f}")
+    runs = [s["runs"] for s in seeds]
+    print_nfe_table("RMSE per pixel to the reference", runs, "rmse", nfes)
+    print_nfe_table("Frechet distance to test digits", runs, "fd", nfes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -246,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-iters", type=int, default=None, help="default 12000 (quick 200)")
     parser.add_argument("--train-minutes", type=float, default=None, help="cap on the training time (6; quick 0.5)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 (quick 64)")
+    parser.add_argument("--nfes", type=int, nargs="+", default=None, help=f"default {NFES} (quick 5 10)")
     parser.add_argument("--retrain", action="store_true", help="ignore the cached model")
     add_cache_argument(parser, "samplers")
     parser.add_argument("--halving-all-seeds", action="store_true", help="reference halving on every seed")
@@ -261,31 +236,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.train_iters = args.train_iters or (200 if args.quick else 12000)
     args.train_minutes = args.train_minutes or (0.5 if args.quick else 6.0)
     args.batch_size = args.batch_size or (64 if args.quick else 256)
-    args.nfes = (5, 10) if args.quick else NFES
+    args.nfes = tuple(args.nfes or ((5, 10) if args.quick else NFES))
     device_name = args.device
     if device_name == "auto":
         device_name = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     device = torch.device(device_name)
     torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {
-        "benchmark": "diffusion samplers on a UNet trained on 8x8 digits",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "command": " ".join(sys.argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
-        "samplers": {k: [cls.__name__, kw] for k, (cls, kw) in SAMPLERS.items()},
-        "grids": GRIDS,
-        "logsnr_ok": sorted(LOGSNR_OK),
-    }
+    quiet_libraries("`Trainer.fit` stopped", "no `val_dataloader`")
+    report = environment(
+        benchmark="diffusion samplers on a UNet trained on 8x8 digits",
+        diffusers=__import__("diffusers").__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        settings={k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
+        samplers={k: [cls.__name__, kw] for k, (cls, kw) in SOLVERS.items()},
+        grids=GRIDS,
+        logsnr_ok=sorted(LOGSNR_SOLVERS),
+    )
     started = time.perf_counter()
     print(f"digits UNet on {device} ...", flush=True)
     report["learned"] = learned_benchmark(args, device)
     report["seconds"] = time.perf_counter() - started
     print_learned(report["learned"], args.nfes)
-    args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    write_results(args.out, report)
     print(f"\nWrote {args.out} ({report['seconds']:.0f} s)")
     return report
 

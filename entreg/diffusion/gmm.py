@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -238,3 +239,19 @@ class GaussianMixture:
         """
         alpha, sigma = vp_alpha_sigma(alphas_cumprod, timesteps, interpolation)
         return self.epsilon(x, alpha, sigma)
+
+    def epsilon_model(self, alphas_cumprod: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        """``model(x, t)``: :meth:`epsilon_at` with log-sigma interpolation, computed in float64 and returned in
+        ``x``'s dtype, i.e. a noise-prediction network without error that any diffusers scheduler can run.
+
+        Example:
+            >>> from diffusers import DDIMScheduler
+            >>> model = GaussianMixture.preset("2d").epsilon_model(DDIMScheduler().alphas_cumprod)
+            >>> model(torch.zeros(3, 2), torch.tensor(500)).dtype
+            torch.float32
+        """
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            return self.epsilon_at(x, t, alphas_cumprod).to(x.dtype)
+
+        return model
