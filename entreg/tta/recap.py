@@ -1,4 +1,4 @@
-"""ReCAP: region confidence proxy for wild test-time adaptation (Hu, Hu, Li, Tang, Duan; ICML 2025,
+"""EXPERIMENTAL: ReCAP, region confidence proxy for wild test-time adaptation (Hu, Hu, Li, Tang, Duan; ICML 2025,
 PMLR 267:24371-24390; arXiv 2505.20704).
 
 Entropy minimisation treats each sample alone. ReCAP minimises the confidence of a whole local region
@@ -11,13 +11,17 @@ alpha(x) 1[L_RE < tau_RE] (L_RE + lambda L_RI).
 Reference code not available here (github.com/hzcar/ReCAP could not be fetched); implemented from the
 paper (arXiv 2505.20704v2). Only its abstract and secondary summaries of it could be read: the method
 section's equations were reconstructed, see :class:`ReCAP` for what was read and what was assumed.
-Until they are checked against the paper's text, ReCAP is not registered in ``entreg.tta.METHODS``
-(not reachable from the callback or the CLI): import it from this module to experiment.
+Until they are checked against the paper's text, ReCAP is experimental: it is not registered in
+``entreg.tta.METHODS`` (not reachable from the callback or the CLI), not exported by ``entreg.tta``, and building it
+warns (:data:`EXPERIMENTAL`). Import it from this module to experiment. What its tests check is the code against the
+reconstructed equations (hand-written formulas, Monte Carlo estimates of the bounded region quantities, a written-out
+step), not the equations against the paper.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -26,8 +30,12 @@ from torch import Tensor, nn
 from entreg.tta.base import StepInfo, TTAMethod, entropy_margin
 from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, SAR_EXCLUDE_NAMES
 
-__all__ = ["ReCAP", "pairwise_region_variance", "regional_entropy", "regional_instability"]
+__all__ = ["EXPERIMENTAL", "ReCAP", "pairwise_region_variance", "regional_entropy", "regional_instability"]
 
+EXPERIMENTAL = (
+    "ReCAP is experimental: its equations are reconstructed from summaries of the paper, not checked against the "
+    "paper or its code (see entreg.tta.recap); it is not registered as a method"
+)
 RUNNING_MOMENTUM = 0.1  # fallback Sigma: moments m <- 0.9 m + 0.1 (batch moments), as EATA's moving average
 
 
@@ -165,6 +173,7 @@ class ReCAP(TTAMethod, register=False):
         source_variance: Tensor | None = None,
         **kwargs,
     ) -> None:
+        warnings.warn(EXPERIMENTAL, UserWarning, stacklevel=2)
         super().__init__(model, num_classes, **kwargs)
         self.head_name, self.head = self._find_head(head)
         if not (math.isfinite(tau) and tau >= 0):
