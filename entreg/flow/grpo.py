@@ -28,15 +28,31 @@ from torch import Tensor
 
 from entreg.policy_gradient import KLEstimator
 
-__all__ = ["KL_ESTIMATOR", "group_advantages", "kde_entropy_bonus"]
+__all__ = ["ADVANTAGE_STDS", "KL_ESTIMATOR", "group_advantages", "kde_entropy_bonus"]
 
 KL_ESTIMATOR: KLEstimator = "k1"  # GRPO's approx_kl: mean(log pi_old - log pi)
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float = 5.0) -> Tensor:
-    """(r - mean of its group) / (population std of its group + eps), clipped to [-clip, clip] (0 for every
-    member of a constant group, also with ``eps = 0``); ``groups`` holds integer group ids (any values) aligned
-    with ``rewards`` (1-D)."""
+ADVANTAGE_STDS = ("population", "unbiased")
+
+
+def group_advantages(
+    rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: float = 5.0, std: str = "population"
+) -> Tensor:
+    """(r - mean of its group) / (std of its group + eps), clipped to [-clip, clip] (0 for every member of a
+    constant group, also with ``eps = 0``); ``groups`` holds integer group ids (any values) aligned with
+    ``rewards`` (1-D).
+
+    ``std="population"`` (entreg's default, divides by n) or ``"unbiased"`` (divides by n - 1: E-GRPO's released
+    code, ``torch.std`` with ``eps = 1e-8``; with G = 12 entreg's advantages are sqrt(12 / 11) = 4.4% larger).
+
+    Example:
+        >>> r, g = torch.tensor([0.0, 2.0]), torch.zeros(2, dtype=torch.long)
+        >>> group_advantages(r, g, eps=0.0).tolist(), group_advantages(r, g, eps=0.0, std="unbiased").tolist()
+        ([-1.0, 1.0], [-0.7071067690849304, 0.7071067690849304])
+    """
+    if std not in ADVANTAGE_STDS:
+        raise ValueError(f"std must be one of {ADVANTAGE_STDS}, got {std!r}")
     if rewards.ndim != 1 or groups.shape != rewards.shape:
         raise ValueError(
             f"rewards and groups must be 1-D of equal length, got {tuple(rewards.shape)}, {tuple(groups.shape)}"
@@ -49,8 +65,9 @@ def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4, clip: f
     )
     mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
     centred = rewards - mean[index]
-    std = (torch.zeros_like(count).index_add_(0, index, centred**2) / count).sqrt()
-    scale = std[index] + eps
+    dof = count if std == "population" else (count - 1).clamp_min(1)
+    spread = (torch.zeros_like(count).index_add_(0, index, centred**2) / dof).sqrt()
+    scale = spread[index] + eps
     return torch.where(scale > 0, centred / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0).clamp(-clip, clip)
 
 

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from entreg.flow.plans import RolloutPlan, Segment
 from entreg.flow.sampling import Velocity
-from entreg.flow.sde import sde_mean, sde_sigma, sde_step, transition_log_prob
+from entreg.flow.sde import get_step_type, sde_step
 
-__all__ = ["Rollout", "Transition", "log_prob_under", "ode_states", "rollout"]
+__all__ = ["Rollout", "Transition", "log_prob_under", "ode_states", "rollout", "transition_log_prob_of"]
 
 
 @dataclass
@@ -71,11 +71,13 @@ def rollout(
     start: int = 0,
     reduce: str = "mean",
     noises: Iterator[Tensor] | None = None,
+    step_type: str = "sde",
 ) -> Rollout:
     """Run ``plan`` from state ``x`` at grid index ``start`` (a segment boundary; 0: ``x`` is the noise) to
     t = 0. ODE segments take Euler steps, SDE segments Euler-Maruyama steps of :func:`entreg.flow.sde.sde_step`
     (a merged segment evaluates the velocity once, at its start), with standard normal noise from ``noises``
-    (one tensor of x's shape per SDE segment) or drawn from ``generator``. No gradients are recorded."""
+    (one tensor of x's shape per SDE segment) or drawn from ``generator``; ``step_type`` is a name in
+    :data:`entreg.flow.sde.STEP_TYPES`. No gradients are recorded."""
     t = _times(grid)
     if len(t) != plan.steps + 1:
         raise ValueError(f"the grid has {len(t) - 1} steps but the plan covers {plan.steps}")
@@ -91,7 +93,7 @@ def rollout(
                 x = x + (t_next - t_now) * v
                 continue
             noise = None if noises is None else next(noises)
-            step = sde_step(x, v, t_now, t_next, noise_level, t[1], generator, reduce, noise)
+            step = sde_step(x, v, t_now, t_next, noise_level, t[1], generator, reduce, noise, step_type)
             transitions.append(Transition(segment, t_now, t_next, x, step.sample, step.std, step.log_prob))
             x = step.sample
     return Rollout(x, transitions, len(segments))
@@ -119,10 +121,23 @@ def log_prob_under(
     t_max: float,
     cond: Tensor | None = None,
     reduce: str = "mean",
+    step_type: str = "sde",
 ) -> tuple[Tensor, Tensor]:
     """(log-probability of ``transition.sample``, the transition's mean) under ``velocity`` (differentiable:
     the GRPO ratio's numerator). ``t_max`` is the grid's second level (for the t = 1 clamp)."""
     x = transition.x
-    sigma = sde_sigma(transition.t, noise_level, t_max)
-    mean = sde_mean(x, velocity(x, _at(transition.t, x), cond), transition.t, transition.t_next, sigma)
-    return transition_log_prob(transition.sample, mean, transition.std, reduce), mean
+    return transition_log_prob_of(velocity(x, _at(transition.t, x), cond), transition, noise_level, t_max, reduce,
+                                  step_type)  # fmt: skip
+
+
+def transition_log_prob_of(
+    v: Tensor, transition: Transition, noise_level: float, t_max: float, reduce: str = "mean", step_type: str = "sde"
+) -> tuple[Tensor, Tensor]:
+    """(log-probability of ``transition.sample``, the mean) given the velocity ``v`` at ``transition.x`` (rows
+    of ``v`` may be fewer: ``len(x) // len(v)`` consecutive rows share one velocity)."""
+    kind = get_step_type(step_type)
+    x = transition.x
+    repeat = len(x) // len(v)
+    mean, _ = kind.mean_std(x[::repeat], v, transition.t, transition.t_next, noise_level, t_max)
+    mean = mean.repeat_interleave(repeat, 0) if repeat > 1 else mean
+    return kind.log_prob(transition.sample, mean, transition.std, reduce), mean

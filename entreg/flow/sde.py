@@ -19,6 +19,13 @@ choice: their PPO ratio is a per-dimension geometric mean, which is why their cl
 (``reduce="sum"``; the clip range must then be far wider). The transition's entropy does not depend on the
 model: per dimension ``h = log(2 pi e sigma_t^2 delta) / 2`` nats (E-GRPO, arXiv 2601.00423, eq. 11).
 
+Step types (:data:`STEP_TYPES`, Flow-GRPO's ``sde_type``): ``"sde"`` is the step above; ``"cps"`` is
+coefficients-preserving sampling (Wang and Yu, arXiv 2509.05952, as in Flow-GRPO's code): with
+``x0 = x - t v`` and ``x1 = x + (1 - t) v``, ``std = t_next sin(a pi / 2)`` and
+``mu = (1 - t_next) x0 + sqrt(t_next^2 - std^2) x1``; its "log-probability" is ``-(x_next - mu)^2`` reduced over
+the dimensions, without the Gaussian's constants or variance (the reference's choice; a ratio of two such values
+is still a ratio of Gaussian densities of equal variance, up to the scale of the exponent).
+
 Example:
     >>> import torch
     >>> x, v = torch.zeros(4, 2), torch.ones(4, 2)
@@ -32,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +48,14 @@ from torch import Tensor
 from entreg.distributions import gaussian_entropy, gaussian_log_prob
 
 __all__ = [
+    "STEP_TYPES",
     "SDEStep",
+    "StepType",
+    "cps_mean_std",
     "gaussian_kl",
+    "get_step_type",
     "sde_mean",
+    "sde_mean_std",
     "sde_sigma",
     "sde_step",
     "step_entropy",
@@ -109,6 +122,59 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, std: float | Tensor, reduce: str
     return _reduce(per_dim, reduce)
 
 
+def sde_mean_std(
+    x: Tensor, v: Tensor, t: float, t_next: float, noise_level: float, t_max: float | None = None
+) -> tuple[Tensor, float]:
+    """The ``"sde"`` step's mean :func:`sde_mean` and std ``sigma_t sqrt(t - t_next)``."""
+    sigma = sde_sigma(t, noise_level, t_max)
+    return sde_mean(x, v, t, t_next, sigma), sigma * math.sqrt(t - t_next)
+
+
+def cps_mean_std(
+    x: Tensor, v: Tensor, t: float, t_next: float, noise_level: float, t_max: float | None = None
+) -> tuple[Tensor, float]:
+    """The ``"cps"`` step's mean ``(1 - t_next) x0 + sqrt(t_next^2 - std^2) x1`` and std
+    ``t_next sin(a pi / 2)`` (``x0 = x - t v``, ``x1 = x + (1 - t) v``; ``t_max`` is unused).
+
+    Example:
+        >>> mean, std = cps_mean_std(torch.zeros(1, 2), torch.ones(1, 2), t=1.0, t_next=0.5, noise_level=1.0)
+        >>> mean.tolist(), std  # a = 1: all of t_next is fresh noise, the mean is (1 - t_next) x0
+        ([[-0.5, -0.5]], 0.5)
+    """
+    _check_times(t, t_next)
+    if not 0 <= noise_level <= 1:
+        raise ValueError(f"the cps step needs noise_level in [0, 1] (std = t_next sin(a pi / 2)), got {noise_level}")
+    std = t_next * math.sin(noise_level * math.pi / 2)
+    x0, x1 = x - t * v, x + (1.0 - t) * v
+    return x0 * (1.0 - t_next) + x1 * math.sqrt(max(t_next * t_next - std * std, 0.0)), std
+
+
+def _cps_log_prob(x_next: Tensor, mean: Tensor, std: float | Tensor, reduce: str = "mean") -> Tensor:
+    return _reduce(-((x_next - mean) ** 2), reduce)
+
+
+@dataclass(frozen=True)
+class StepType:
+    """A stochastic step: ``mean_std(x, v, t, t_next, noise_level, t_max) -> (mean, std)`` and
+    ``log_prob(x_next, mean, std, reduce) -> (B,)``."""
+
+    mean_std: Callable[..., tuple[Tensor, float]]
+    log_prob: Callable[..., Tensor]
+
+
+STEP_TYPES: dict[str, StepType] = {
+    "sde": StepType(sde_mean_std, transition_log_prob),
+    "cps": StepType(cps_mean_std, _cps_log_prob),
+}
+
+
+def get_step_type(name: str) -> StepType:
+    """The step type called ``name`` (``"sde"`` or ``"cps"``), or a ValueError naming them."""
+    if name not in STEP_TYPES:
+        raise ValueError(f"step_type must be one of {sorted(STEP_TYPES)}, got {name!r}")
+    return STEP_TYPES[name]
+
+
 @dataclass
 class SDEStep:
     """One stochastic transition: the new ``sample``, the Gaussian's ``mean`` and ``std`` (scalar), and
@@ -130,16 +196,17 @@ def sde_step(
     generator: torch.Generator | None = None,
     reduce: str = "mean",
     noise: Tensor | None = None,
+    step_type: str = "sde",
 ) -> SDEStep:
-    """One Euler-Maruyama step of the reverse SDE from ``t`` to ``t_next`` with velocity ``v`` at ``(x, t)``;
-    ``noise`` (standard normal, x's shape) overrides drawing it from ``generator``. ``noise_level`` must be
-    > 0 (with 0 the step is the ODE's, ``x - (t - t_next) v``, and has no density)."""
+    """One stochastic step from ``t`` to ``t_next`` with velocity ``v`` at ``(x, t)``: Euler-Maruyama of the
+    reverse SDE (``step_type="sde"``) or coefficients-preserving (``"cps"``); ``noise`` (standard normal, x's
+    shape) overrides drawing it from ``generator``. ``noise_level`` must be > 0 (with 0 the step is the ODE's,
+    ``x - (t - t_next) v``, and has no density)."""
     if noise_level <= 0:
         raise ValueError(f"an SDE step needs noise_level > 0 (0 is the deterministic ODE step), got {noise_level}")
-    sigma = sde_sigma(t, noise_level, t_max)
-    mean = sde_mean(x, v, t, t_next, sigma)
-    std = sigma * math.sqrt(t - t_next)
+    kind = get_step_type(step_type)
+    mean, std = kind.mean_std(x, v, t, t_next, noise_level, t_max)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     sample = mean + std * noise
-    return SDEStep(sample, mean, std, transition_log_prob(sample, mean, std, reduce))
+    return SDEStep(sample, mean, std, kind.log_prob(sample, mean, std, reduce))

@@ -1,4 +1,10 @@
-"""Group-relative policy optimisation of a flow model with a reward: Flow-GRPO, MixGRPO, G2RPO and E-GRPO."""
+"""Group-relative policy optimisation of a flow model with a reward: Flow-GRPO, MixGRPO, G2RPO and E-GRPO.
+
+:class:`GRPOIterations` is the iteration every GRPO module shares (rollouts of the variant's plans, rewards,
+group statistics over the ranks, PPO-clipped steps, cost counters, evaluation); :class:`GRPOModule` fine-tunes
+one of entreg's velocity networks with it, :class:`entreg.modules.grpo_pipeline.GRPOPipelineModule` the
+transformer of a diffusers text-to-image pipeline.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +20,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from entreg.flow.grpo import KL_ESTIMATOR, group_advantages, kde_entropy_bonus
+from entreg.flow.grpo import ADVANTAGE_STDS, KL_ESTIMATOR, group_advantages, kde_entropy_bonus
 from entreg.flow.plans import RolloutPlan, flow_grpo_plan, ode_plan
-from entreg.flow.rollout import Rollout, Transition, log_prob_under, ode_states, rollout
-from entreg.flow.sampling import time_grid
-from entreg.flow.sde import gaussian_kl, sde_mean, sde_sigma, transition_log_prob
-from entreg.flow.variants import get_variant
+from entreg.flow.rollout import Rollout, Transition, ode_states, rollout, transition_log_prob_of
+from entreg.flow.sampling import Velocity, time_grid
+from entreg.flow.sde import gaussian_kl, get_step_type
+from entreg.flow.variants import GRPOVariant, get_variant
 from entreg.modules.ema import log_samples
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss
 
-__all__ = ["GRPOModule"]
+__all__ = ["GRPOIterations", "GRPOModule", "check_grpo_settings"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
 
@@ -66,7 +72,374 @@ class _Unit:
     branch: int  # grid index of the plan's first SDE step: the only transition whose state may be shared
 
 
-class GRPOModule(L.LightningModule):
+def check_grpo_settings(h: Any) -> GRPOVariant:
+    """Validate the settings every GRPO module shares (attributes of ``h``) and return the variant's spec."""
+    spec = get_variant(h.variant)
+    get_step_type(h.step_type)
+    if h.steps < 2 or not 1 <= h.active_steps <= h.steps:
+        raise ValueError(f"need steps >= 2 and 1 <= active_steps <= steps, got {h.steps=}, {h.active_steps=}")
+    if h.group_size < 2 or h.prompts < 1 or h.minibatches < 1:
+        raise ValueError(
+            f"need group_size >= 2 (a group of one has no advantage), prompts >= 1, minibatches >= 1, got "
+            f"{h.group_size}, {h.prompts}, {h.minibatches}"
+        )
+    if h.entropy_coef < 0:
+        raise ValueError(f"entropy_coef must be >= 0, got {h.entropy_coef}")
+    if h.shift <= 0 or h.noise_level <= 0 or h.tau < 0 or h.kl_coef < 0:
+        raise ValueError(
+            f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {h.shift}, {h.noise_level}, {h.tau}, "
+            f"{h.kl_coef}"
+        )
+    if h.adv_std not in ADVANTAGE_STDS:
+        raise ValueError(f"adv_std must be one of {ADVANTAGE_STDS}, got {h.adv_std!r}")
+    if h.micro_batch is not None and h.micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1 or None, got {h.micro_batch}")
+    if not spec.branched and h.prompts % h.minibatches:
+        raise ValueError(f"prompts ({h.prompts}) must be divisible by minibatches ({h.minibatches})")
+    if spec.check is not None:
+        spec.check(h)
+    return spec
+
+
+class GRPOIterations(L.LightningModule):
+    """The GRPO iteration shared by :class:`GRPOModule` and
+    :class:`entreg.modules.grpo_pipeline.GRPOPipelineModule` (see :class:`GRPOModule` for what it does and logs).
+
+    A subclass calls ``save_hyperparameters`` with the shared settings (``variant``, ``steps``, ``noise_level``,
+    ``group_size``, ``prompts``, ...), then :meth:`init_grpo` with its time grid, and implements
+    :meth:`policy` (the velocity of the trained or the reference model), :attr:`sample_shape`,
+    :meth:`draw_prompts`, :meth:`reward_of`, :meth:`eval_cond` and :meth:`trainable_parameters`.
+    """
+
+    grid: list[float]
+
+    def init_grpo(self, grid: list[float], optimizer: OptimizerFactory | None) -> None:
+        """Validate the shared settings and set the grid, the variant, the optimizer factory and the counters."""
+        self.variant_spec = check_grpo_settings(self.hparams)
+        if len(grid) != self.hparams.steps + 1:
+            raise ValueError(f"the grid has {len(grid) - 1} steps, expected steps={self.hparams.steps}")
+        self.automatic_optimization = False
+        self.grid, self.optimizer_factory = [float(t) for t in grid], optimizer
+        self.iteration = 0
+        self.counts = dict.fromkeys(COST_KEYS, 0)
+
+    # --- what a subclass provides ----------------------------------------------------------------------------
+
+    def policy(self, reference: bool = False) -> Velocity:
+        """``velocity(x, t, cond)`` of the trained model, or of the frozen reference (``reference=True``)."""
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (one state of the flow)."""
+        raise NotImplementedError
+
+    def draw_prompts(self, generator: torch.Generator) -> Tensor | None:
+        """The ``prompts`` conditions of an iteration (None: unconditional), identical on every rank."""
+        raise NotImplementedError
+
+    def reward_of(self, samples: Tensor, cond: Tensor | None) -> Tensor:
+        """Rewards (B,) of final samples (no gradient needed)."""
+        raise NotImplementedError
+
+    def eval_cond(self, n: int) -> Tensor | None:
+        """The conditions of the ``n`` evaluation samples."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def train_metrics(self, collected: _Collected) -> dict[str, float]:
+        """Metrics of an iteration's rollouts, logged under ``train/`` (averaged over ranks)."""
+        return {}
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (e.g. an EMA update)."""
+
+    def images_of(self, samples: Tensor) -> Tensor | None:
+        """Evaluation samples as images in [0, 1] for TensorBoard (None: samples logged as they are)."""
+        return None
+
+    # --- rollouts --------------------------------------------------------------------------------------------
+
+    def plans(self) -> list[RolloutPlan]:
+        """The plans of this iteration: one for Flow-GRPO and MixGRPO, one per branch point otherwise."""
+        return self.variant_spec.plans(self.hparams, self.iteration, self.grid)
+
+    def _generator(self, purpose: int) -> torch.Generator:
+        """Identical on every rank: seeded by ``seed``, the iteration and ``purpose``."""
+        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.iteration * 1009 + purpose)
+
+    def _mine(self, n_members: int) -> Tensor:
+        """This rank's member indices within a group: rank, rank + W, ..."""
+        return torch.arange(self.global_rank, n_members, self.trainer.world_size if self._trainer else 1)
+
+    def _noise(self, n: int, purpose: int) -> Tensor:
+        return torch.randn(n, *self.sample_shape, generator=self._generator(purpose)).to(self.device)
+
+    def _collect(self) -> _Collected:
+        """Roll out this iteration's groups (this rank's members)."""
+        h = self.hparams
+        policy, prompts, mine = self.policy(), self.draw_prompts(self._generator(1)), self._mine(h.group_size)
+        cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
+        parts: dict[str, list] = {"samples": [], "rewards": [], "groups": [], "conds": []}
+        units: list[_Unit] = []
+        g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
+        plans = self.plans()
+        if not self.variant_spec.branched:
+            (plan,) = plans
+            shared = self.variant_spec.shared_noise  # MixGRPO: a group shares its states up to the window
+            noise = self._noise(h.prompts if shared else h.prompts * h.group_size, 2)
+            noise = noise.repeat_interleave(h.group_size, 0) if shared else noise
+            out, mine_cond = self._rollout_group(policy, noise, plan, cond, g_sde, mine, 0, parts)
+            rows_per_minibatch = h.prompts // h.minibatches * len(mine)
+            for b in range(h.minibatches):
+                rows = slice(b * rows_per_minibatch, (b + 1) * rows_per_minibatch)
+                transitions = [self._slice_transition(tr, rows) for tr in out.transitions]
+                unit_cond = None if mine_cond is None else mine_cond[rows]
+                units.append(_Unit(transitions, torch.empty(0), unit_cond, len(mine) if shared else 1, plan.branch))
+        else:
+            anchor = ode_states(policy, self._noise(h.prompts, 2), self.grid, max(p.branch for p in plans), prompts)
+            self.counts["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
+            for k, plan in enumerate(plans):
+                x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
+                out, mine_cond = self._rollout_group(policy, x, plan, cond, g_sde, mine, k * h.prompts, parts)
+                units.append(_Unit(out.transitions, torch.empty(0), mine_cond, len(mine), plan.branch))
+        x = torch.cat(parts["samples"])
+        no_cond = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        populations = no_cond if cond is None else torch.cat(parts["conds"])
+        return _Collected(units, x, torch.cat(parts["rewards"]), torch.cat(parts["groups"]), populations)
+
+    def _rollout_group(
+        self,
+        policy: Callable,
+        x: Tensor,
+        plan: RolloutPlan,
+        cond: Tensor | None,
+        g: torch.Generator,
+        mine: Tensor,
+        first_group: int,
+        parts: dict[str, list],
+    ) -> tuple[Rollout, Tensor | None]:
+        """Roll out this rank's members of every prompt's group from ``x`` (all members, prompt-major) at the
+        plan's branch, score them, count the cost and append samples, rewards, group ids (``first_group`` +
+        prompt) and labels to ``parts``. The SDE noise of all members is drawn in order on every rank, so a
+        member's noise does not depend on the number of ranks."""
+        h = self.hparams
+        rows = (torch.arange(h.prompts)[:, None] * h.group_size + mine[None, :]).flatten().to(self.device)
+        start = plan.branch if self.variant_spec.branched else 0
+        n_sde = len([s for s in plan.segments if s.kind == "sde" and s.start >= start])
+        shape = (len(x), *self.sample_shape)
+        noises = iter([torch.randn(shape, generator=g).to(self.device)[rows] for _ in range(n_sde)])
+        mine_cond = None if cond is None else cond[rows]
+        out = rollout(policy, x[rows], self.grid, plan, h.noise_level, mine_cond, start=start, reduce=h.reduce,
+                      noises=noises, step_type=h.step_type)  # fmt: skip
+        self.counts["sample_forwards"] += out.nfe * len(out.sample)
+        parts["samples"].append(out.sample)
+        parts["rewards"].append(self._score(out.sample, mine_cond))
+        parts["groups"].append(first_group + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
+        parts["conds"].append(mine_cond)
+        return out, mine_cond
+
+    @staticmethod
+    def _slice_transition(tr: Transition, rows: slice) -> Transition:
+        return Transition(tr.segment, tr.t, tr.t_next, tr.x[rows], tr.sample[rows], tr.std, tr.log_prob[rows])
+
+    def _score(self, samples: Tensor, cond: Tensor | None) -> Tensor:
+        """Rewards (B,) in float32; a reward of another shape raises a ValueError naming it."""
+        with torch.no_grad():
+            rewards = torch.as_tensor(self.reward_of(samples, cond))
+        if rewards.shape != (len(samples),):
+            raise ValueError(
+                f"the reward must return one value per sample, shape ({len(samples)},), got {tuple(rewards.shape)}"
+            )
+        self.counts["reward_calls"] += len(samples)
+        return rewards.float().to(self.device)
+
+    # --- training --------------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        factory = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-4)
+        return factory(self.trainable_parameters())
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """All ranks' ``x`` concatenated (rank order)."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).reshape(-1, *x.shape[1:])
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        h = self.hparams
+        self.eval()  # sampling and training use the same (deterministic) network
+        collected = self._collect()
+        units, n_mine = collected.units, len(collected.rewards)
+        all_rewards, all_groups = self._gather(collected.rewards), self._gather(collected.groups)
+        if not bool(torch.isfinite(all_rewards).all()):
+            warnings.warn(f"iteration {self.iteration}: non-finite rewards, iteration skipped", stacklevel=2)
+            self.iteration += 1
+            return
+        shaped = all_rewards
+        if h.entropy_coef > 0:
+            bonus = kde_entropy_bonus(
+                self._gather(collected.samples), self._gather(collected.populations), h.entropy_bandwidth
+            ).float()
+            shaped = all_rewards + h.entropy_coef * bonus
+            self.log("train/entropy_bonus", bonus.mean())
+        advantages = group_advantages(shaped, all_groups, h.adv_eps, h.adv_clip, h.adv_std)
+        start = self.global_rank * n_mine
+        mine = advantages[start : start + n_mine]
+        offset = 0
+        optimizer = self.optimizers()
+        stats = {"clip_fraction": [], "approx_kl": [], "kl": []}
+        for unit in units:
+            n = len(unit.transitions[0].x) if unit.transitions else 0
+            unit.advantages = mine[offset : offset + n]
+            offset += n
+            if unit.transitions and self._unit_step(unit, stats, optimizer):
+                self.after_optimizer_step()
+        self._log_iteration(all_rewards, advantages, stats)
+        train_metrics = self.train_metrics(collected)  # diversity etc. of this iteration's rollouts (this rank's)
+        self.log_dict({f"train/{k}": float(v) for k, v in train_metrics.items()}, sync_dist=True)
+        self.iteration += 1
+        if h.eval_every and self.iteration % h.eval_every == 0:
+            metrics, samples = self._evaluate()
+            self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=False)  # equal on every rank
+            images = self.images_of(samples)
+            if images is None:
+                log_samples(self.trainer, samples, lambda x: ((x + 1) / 2).clamp(0, 1), "eval/samples")
+            else:
+                log_samples(self.trainer, images, lambda x: x, "eval/samples")
+
+    def _chunks(self, unit: _Unit) -> list[slice]:
+        """Row slices of a unit trained one after the other (``micro_batch`` rows, whole shared groups)."""
+        n = len(unit.transitions[0].x)
+        size = n if self.hparams.micro_batch is None else self.hparams.micro_batch
+        size = max(1, size // unit.shared) * unit.shared
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _unit_step(self, unit: _Unit, stats: dict[str, list[Tensor]], optimizer: Any) -> bool:
+        """Backward of the unit's loss chunk by chunk (gradients accumulate), then one optimizer step; False when
+        a loss was not finite (step skipped, gradients dropped)."""
+        optimizer.zero_grad()
+        n = len(unit.transitions[0].x)
+        for rows in self._chunks(unit):
+            cond = None if unit.cond is None else unit.cond[rows]
+            part = _Unit([self._slice_transition(tr, rows) for tr in unit.transitions], unit.advantages[rows], cond,
+                         unit.shared, unit.branch)  # fmt: skip
+            loss = self._unit_loss(part, stats) * ((rows.stop - rows.start) / n)
+            if not bool(torch.isfinite(loss)):
+                warnings.warn(f"iteration {self.iteration}: non-finite loss, optimizer step skipped", stacklevel=2)
+                optimizer.zero_grad()
+                return False
+            self.manual_backward(loss)
+        if self.hparams.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        return True
+
+    def _unit_loss(self, unit: _Unit, stats: dict[str, list[Tensor]]) -> Tensor:
+        h = self.hparams
+        loss = torch.zeros((), device=self.device)
+        for tr in unit.transitions:
+            shared = unit.shared if tr.segment.start == unit.branch else 1
+            log_prob, mean = self._log_prob(False, tr, unit.cond, shared, grad=True)
+            self.counts["train_forward_backwards"] += len(tr.x) // shared
+            policy_loss = clipped_surrogate_loss(
+                log_prob, tr.log_prob, unit.advantages, h.clip_range, kl_estimator=KL_ESTIMATOR
+            )
+            step_loss = policy_loss.loss
+            stats["clip_fraction"].append(policy_loss.clip_fraction)
+            stats["approx_kl"].append(policy_loss.approx_kl)
+            if h.kl_coef > 0:
+                with torch.no_grad():
+                    _, base_mean = self._log_prob(True, tr, unit.cond, shared, grad=False)
+                self.counts["sample_forwards"] += len(tr.x) // shared
+                kl = gaussian_kl(mean, base_mean, tr.std, h.reduce).mean()
+                step_loss = step_loss + h.kl_coef * kl
+                stats["kl"].append(kl.detach())
+            loss = loss + step_loss / len(unit.transitions)
+        return loss
+
+    def _log_prob(
+        self, reference: bool, tr: Transition, cond: Tensor | None, shared: int, grad: bool
+    ) -> tuple[Tensor, Tensor]:
+        """log pi(sample | x) and the mean under the policy (or the reference); rows sharing their state
+        (``shared`` consecutive) are evaluated once."""
+        h = self.hparams
+        x = tr.x[::shared]
+        c = None if cond is None else cond[::shared]
+        with torch.set_grad_enabled(grad):
+            v = self.policy(reference)(x, torch.full((len(x),), tr.t, device=x.device, dtype=x.dtype), c)
+            return transition_log_prob_of(v, tr, h.noise_level, self.grid[1], h.reduce, h.step_type)
+
+    def _log_iteration(self, rewards: Tensor, advantages: Tensor, stats: dict[str, list[Tensor]]) -> None:
+        values = {
+            "train/reward": rewards.mean(),
+            "train/reward_std": rewards.std(),
+            "train/advantage_abs": advantages.abs().mean(),
+        }
+        for key, items in stats.items():
+            if items:
+                values[f"train/{key}"] = torch.stack(items).mean()
+        self.log_dict(values, prog_bar=False, sync_dist=False)  # computed from all-gathered rewards already
+        cost = {f"cost/{k}": float(v) for k, v in self.cost.items()}
+        self.log_dict(cost, sync_dist=True, reduce_fx="sum")  # every rank counts its own work
+
+    @property
+    def cost(self) -> dict[str, int]:
+        """This rank's work so far: ``sample_forwards``, ``train_forward_backwards``, ``reward_calls`` and
+        ``units`` (compute units: forward 1, forward + backward 3)."""
+        units = self.counts["sample_forwards"] + 3 * self.counts["train_forward_backwards"]
+        return {**self.counts, "units": units}
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Reward of ODE samples and path-KL to the reference along SDE trajectories, from fixed noise
+        (seed + 1), and the subclass's evaluation metrics of the ODE samples."""
+        return self._evaluate()[0]
+
+    def eval_metrics_of(self, samples: Tensor, cond: Tensor | None) -> dict[str, float]:
+        """Extra evaluation metrics of the ODE samples (none by default)."""
+        return {}
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[dict[str, float], Tensor]:
+        h = self.hparams
+        g = torch.Generator().manual_seed(h.seed + 1)
+        n = h.eval_samples
+        noise = torch.randn(n, *self.sample_shape, generator=g).to(self.device)
+        cond = self.eval_cond(n)
+        policy = self.policy()
+        samples = rollout(policy, noise, self.grid, ode_plan(h.steps), h.noise_level, cond).sample
+        metrics = {"reward": float(torch.as_tensor(self.reward_of(samples, cond)).float().mean())}
+        noises = (torch.randn(noise.shape, generator=g).to(self.device) for _ in range(h.steps))
+        sde = rollout(policy, noise, self.grid, flow_grpo_plan(h.steps), h.noise_level, cond, noises=noises,
+                      step_type=h.step_type)  # fmt: skip
+        path_kl = torch.zeros(n, device=self.device)
+        for tr in sde.transitions:
+            _, mean = self._log_prob(False, tr, cond, 1, grad=False)
+            _, base_mean = self._log_prob(True, tr, cond, 1, grad=False)
+            if tr.std > 0:  # a cps step to t = 0 is deterministic
+                path_kl += gaussian_kl(mean, base_mean, tr.std, "sum")
+        metrics["path_kl"] = float(path_kl.mean())
+        metrics.update(self.eval_metrics_of(samples, cond))
+        return metrics, samples
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.counts)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("grpo", {})
+        self.iteration = state.get("iteration", 0)
+        self.counts = dict(state.get("cost", self.counts))
+
+
+class GRPOModule(GRPOIterations):
     """Fine-tune a rectified-flow velocity network with a reward by group-relative policy optimisation.
 
     Every training iteration draws ``prompts`` prompts (class labels, or none for an unconditional model) and
@@ -119,6 +492,11 @@ class GRPOModule(L.LightningModule):
         window_size, shift_every: MixGRPO's window and how many iterations it stays at each position.
         group_size, prompts: rollouts per group and groups (prompts) per iteration (global, over all ranks).
         clip_range, adv_clip, adv_eps: PPO ratio clip, advantage clip, std epsilon.
+        adv_std: ``"population"`` (default) or ``"unbiased"`` group std (E-GRPO's code: unbiased, eps 1e-8).
+        step_type: ``"sde"`` (Euler-Maruyama) or ``"cps"`` (coefficients-preserving) stochastic steps
+            (:data:`entreg.flow.sde.STEP_TYPES`).
+        micro_batch: rows per forward/backward when training (gradients accumulated over a unit's chunks of
+            groups before its optimizer step; None: the whole unit at once). The result is the same.
         kl_coef: weight of the KL to the base model (0: no reference forwards).
         entropy_coef, entropy_bandwidth: our diversity option (not in the papers): the reward of every sample
             gets ``entropy_coef`` times :func:`entreg.flow.grpo.kde_entropy_bonus` among the iteration's samples
@@ -171,10 +549,13 @@ class GRPOModule(L.LightningModule):
         clip_range: float = 1e-4,
         adv_clip: float = 5.0,
         adv_eps: float = 1e-4,
+        adv_std: str = "population",
         kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
         entropy_bandwidth: float | None = None,
         reduce: str = "mean",
+        step_type: str = "sde",
+        micro_batch: int | None = None,
         minibatches: int = 2,
         iterations_per_epoch: int = 100,
         time_scale: float = 1000.0,
@@ -186,35 +567,13 @@ class GRPOModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        spec = get_variant(variant)
         active_steps = steps // 2 if active_steps is None else active_steps
-        if steps < 2 or not 1 <= active_steps <= steps:
-            raise ValueError(f"need steps >= 2 and 1 <= active_steps <= steps, got {steps=}, {active_steps=}")
-        if group_size < 2 or prompts < 1 or minibatches < 1:
-            raise ValueError(
-                f"need group_size >= 2, prompts >= 1, minibatches >= 1, got {group_size}, {prompts}, {minibatches}"
-            )
-        if entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
-        if shift <= 0 or noise_level <= 0 or tau < 0 or kl_coef < 0:
-            raise ValueError(
-                f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {shift}, {noise_level}, {tau}, {kl_coef}"
-            )
-        if not spec.branched and prompts % minibatches:
-            raise ValueError(f"prompts ({prompts}) must be divisible by minibatches ({minibatches})")
+        self.save_hyperparameters(ignore=["net", "reward", "optimizer", "eval_metrics"])
+        self.init_grpo(time_grid(steps, shift).tolist() if steps >= 1 else [], optimizer)
         if not any(p.requires_grad for p in net.parameters()):
             raise ValueError("net has no trainable parameters (an EMA copy? call net.requires_grad_(True))")
-        self.save_hyperparameters(ignore=["net", "reward", "optimizer", "eval_metrics"])
-        if spec.check is not None:
-            spec.check(self.hparams)
-        self.variant_spec = spec
-        self.automatic_optimization = False
         self.net, self.reward, self.eval_metrics = net, reward, eval_metrics
         self.base = copy.deepcopy(net).requires_grad_(False).eval()
-        self.optimizer_factory = optimizer
-        self.grid = time_grid(steps, shift).tolist()
-        self.iteration = 0
-        self.counts = dict.fromkeys(COST_KEYS, 0)
 
     @classmethod
     def from_flow_checkpoint(cls, path: str | Path, reward: Reward, **kwargs: Any) -> GRPOModule:
@@ -227,270 +586,40 @@ class GRPOModule(L.LightningModule):
         shape = tuple(base.sample_shape)
         return cls(net, reward, shape, num_classes=base.num_classes, time_scale=base.time_scale, **kwargs)
 
-    # --- the policy ------------------------------------------------------------------------------------------
-
     def velocity(self, net: nn.Module, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         """``net``'s velocity at ``(x, t)`` (t in [0, 1])."""
         scaled = t * self.hparams.time_scale
         return net(x, scaled) if cond is None else net(x, scaled, class_labels=cond)
 
-    def _policy(self, net: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    def policy(self, reference: bool = False) -> Velocity:
+        net = self.base if reference else self.net
         return lambda x, t, cond: self.velocity(net, x, t, cond)
 
-    def plans(self) -> list[RolloutPlan]:
-        """The plans of this iteration: one for Flow-GRPO and MixGRPO, one per branch point otherwise."""
-        return self.variant_spec.plans(self.hparams, self.iteration, self.grid)
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.hparams.sample_shape)
 
-    # --- rollouts --------------------------------------------------------------------------------------------
-
-    def _generator(self, purpose: int) -> torch.Generator:
-        """Identical on every rank: seeded by ``seed``, the iteration and ``purpose``."""
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.iteration * 1009 + purpose)
-
-    def _mine(self, n_members: int) -> Tensor:
-        """This rank's member indices within a group: rank, rank + W, ..."""
-        return torch.arange(self.global_rank, n_members, self.trainer.world_size if self._trainer else 1)
-
-    def _prompts(self) -> Tensor | None:
+    def draw_prompts(self, generator: torch.Generator) -> Tensor | None:
         h = self.hparams
         if h.num_classes is None:
             return None
-        return torch.randint(0, h.num_classes, (h.prompts,), generator=self._generator(1)).to(self.device)
+        return torch.randint(0, h.num_classes, (h.prompts,), generator=generator).to(self.device)
 
-    def _noise(self, n: int, purpose: int) -> Tensor:
-        return torch.randn(n, *self.hparams.sample_shape, generator=self._generator(purpose)).to(self.device)
+    def reward_of(self, samples: Tensor, cond: Tensor | None) -> Tensor:
+        return self.reward(samples, cond)
 
-    def _collect(self) -> _Collected:
-        """Roll out this iteration's groups (this rank's members)."""
+    def eval_cond(self, n: int) -> Tensor | None:
         h = self.hparams
-        policy, prompts, mine = self._policy(self.net), self._prompts(), self._mine(h.group_size)
-        cond = None if prompts is None else prompts.repeat_interleave(h.group_size)
-        parts: dict[str, list] = {"samples": [], "rewards": [], "groups": [], "conds": []}
-        units: list[_Unit] = []
-        g_sde = self._generator(3)  # SDE noise: drawn for every member on every rank, then sliced
-        plans = self.plans()
-        if not self.variant_spec.branched:
-            (plan,) = plans
-            shared = self.variant_spec.shared_noise  # MixGRPO: a group shares its states up to the window
-            noise = self._noise(h.prompts if shared else h.prompts * h.group_size, 2)
-            noise = noise.repeat_interleave(h.group_size, 0) if shared else noise
-            out, mine_cond = self._rollout_group(policy, noise, plan, cond, g_sde, mine, 0, parts)
-            rows_per_minibatch = h.prompts // h.minibatches * len(mine)
-            for b in range(h.minibatches):
-                rows = slice(b * rows_per_minibatch, (b + 1) * rows_per_minibatch)
-                transitions = [self._slice_transition(tr, rows) for tr in out.transitions]
-                unit_cond = None if mine_cond is None else mine_cond[rows]
-                units.append(_Unit(transitions, torch.empty(0), unit_cond, len(mine) if shared else 1, plan.branch))
-        else:
-            anchor = ode_states(policy, self._noise(h.prompts, 2), self.grid, max(p.branch for p in plans), prompts)
-            self.counts["sample_forwards"] += (len(anchor) - 1) * h.prompts  # every rank computes the whole anchor
-            for k, plan in enumerate(plans):
-                x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
-                out, mine_cond = self._rollout_group(policy, x, plan, cond, g_sde, mine, k * h.prompts, parts)
-                units.append(_Unit(out.transitions, torch.empty(0), mine_cond, len(mine), plan.branch))
-        x = torch.cat(parts["samples"])
-        no_cond = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        populations = no_cond if cond is None else torch.cat(parts["conds"])
-        return _Collected(units, x, torch.cat(parts["rewards"]), torch.cat(parts["groups"]), populations)
+        return None if h.num_classes is None else (torch.arange(n) % h.num_classes).to(self.device)
 
-    def _rollout_group(
-        self,
-        policy: Callable,
-        x: Tensor,
-        plan: RolloutPlan,
-        cond: Tensor | None,
-        g: torch.Generator,
-        mine: Tensor,
-        first_group: int,
-        parts: dict[str, list],
-    ) -> tuple[Rollout, Tensor | None]:
-        """Roll out this rank's members of every prompt's group from ``x`` (all members, prompt-major) at the
-        plan's branch, score them, count the cost and append samples, rewards, group ids (``first_group`` +
-        prompt) and labels to ``parts``. The SDE noise of all members is drawn in order on every rank, so a
-        member's noise does not depend on the number of ranks."""
-        h = self.hparams
-        rows = (torch.arange(h.prompts)[:, None] * h.group_size + mine[None, :]).flatten().to(self.device)
-        start = plan.branch if self.variant_spec.branched else 0
-        n_sde = len([s for s in plan.segments if s.kind == "sde" and s.start >= start])
-        noises = iter([torch.randn(len(x), *h.sample_shape, generator=g).to(self.device)[rows] for _ in range(n_sde)])
-        mine_cond = None if cond is None else cond[rows]
-        out = rollout(policy, x[rows], self.grid, plan, h.noise_level, mine_cond, start=start, reduce=h.reduce,
-                      noises=noises)  # fmt: skip
-        self.counts["sample_forwards"] += out.nfe * len(out.sample)
-        parts["samples"].append(out.sample)
-        parts["rewards"].append(self._score(out.sample, mine_cond))
-        parts["groups"].append(first_group + torch.arange(h.prompts, device=self.device).repeat_interleave(len(mine)))
-        parts["conds"].append(mine_cond)
-        return out, mine_cond
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
 
-    @staticmethod
-    def _slice_transition(tr: Transition, rows: slice) -> Transition:
-        return Transition(tr.segment, tr.t, tr.t_next, tr.x[rows], tr.sample[rows], tr.std, tr.log_prob[rows])
+    def train_metrics(self, collected: _Collected) -> dict[str, float]:
+        if self.eval_metrics is None:
+            return {}
+        cond = None if self.hparams.num_classes is None else collected.populations
+        return self.eval_metrics(collected.samples, cond)
 
-    def _score(self, samples: Tensor, cond: Tensor | None) -> Tensor:
-        with torch.no_grad():
-            rewards = self.reward(samples, cond).float().reshape(-1)
-        self.counts["reward_calls"] += len(samples)
-        return rewards
-
-    # --- training --------------------------------------------------------------------------------------------
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        factory = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-4)
-        return factory(self.net.parameters())
-
-    def _gather(self, x: Tensor) -> Tensor:
-        """All ranks' ``x`` concatenated (rank order)."""
-        if self.trainer.world_size == 1:
-            return x
-        return self.all_gather(x).reshape(-1, *x.shape[1:])
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        h = self.hparams
-        self.net.eval()  # sampling and training use the same (deterministic) network
-        collected = self._collect()
-        units, n_mine = collected.units, len(collected.rewards)
-        all_rewards, all_groups = self._gather(collected.rewards), self._gather(collected.groups)
-        if not bool(torch.isfinite(all_rewards).all()):
-            warnings.warn(f"iteration {self.iteration}: non-finite rewards, iteration skipped", stacklevel=2)
-            self.iteration += 1
-            return
-        shaped = all_rewards
-        if h.entropy_coef > 0:
-            bonus = kde_entropy_bonus(
-                self._gather(collected.samples), self._gather(collected.populations), h.entropy_bandwidth
-            ).float()
-            shaped = all_rewards + h.entropy_coef * bonus
-            self.log("train/entropy_bonus", bonus.mean())
-        advantages = group_advantages(shaped, all_groups, h.adv_eps, h.adv_clip)
-        start = self.global_rank * n_mine
-        mine = advantages[start : start + n_mine]
-        offset = 0
-        optimizer = self.optimizers()
-        stats = {"clip_fraction": [], "approx_kl": [], "kl": []}
-        for unit in units:
-            n = len(unit.transitions[0].x) if unit.transitions else 0
-            unit.advantages = mine[offset : offset + n]
-            offset += n
-            if not unit.transitions:
-                continue
-            loss = self._unit_loss(unit, stats)
-            if not bool(torch.isfinite(loss)):
-                warnings.warn(f"iteration {self.iteration}: non-finite loss, optimizer step skipped", stacklevel=2)
-                optimizer.zero_grad()
-                continue
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            if h.grad_clip is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
-        self._log_iteration(all_rewards, advantages, stats)
-        if self.eval_metrics is not None:  # diversity etc. of this iteration's rollouts (this rank's), every step
-            cond = None if h.num_classes is None else collected.populations
-            train_metrics = self.eval_metrics(collected.samples, cond)
-            self.log_dict({f"train/{k}": float(v) for k, v in train_metrics.items()}, sync_dist=True)
-        self.iteration += 1
-        if h.eval_every and self.iteration % h.eval_every == 0:
-            metrics, samples = self._evaluate()
-            self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=False)  # equal on every rank
-            log_samples(self.trainer, samples, lambda x: ((x + 1) / 2).clamp(0, 1), "eval/samples")
-
-    def _unit_loss(self, unit: _Unit, stats: dict[str, list[Tensor]]) -> Tensor:
-        h = self.hparams
-        loss = torch.zeros((), device=self.device)
-        for tr in unit.transitions:
-            shared = unit.shared if tr.segment.start == unit.branch else 1
-            log_prob, mean = self._log_prob(self.net, tr, unit.cond, shared, grad=True)
-            self.counts["train_forward_backwards"] += len(tr.x) // shared
-            policy_loss = clipped_surrogate_loss(
-                log_prob, tr.log_prob, unit.advantages, h.clip_range, kl_estimator=KL_ESTIMATOR
-            )
-            step_loss = policy_loss.loss
-            stats["clip_fraction"].append(policy_loss.clip_fraction)
-            stats["approx_kl"].append(policy_loss.approx_kl)
-            if h.kl_coef > 0:
-                with torch.no_grad():
-                    _, base_mean = self._log_prob(self.base, tr, unit.cond, shared, grad=False)
-                self.counts["sample_forwards"] += len(tr.x) // shared
-                kl = gaussian_kl(mean, base_mean, tr.std, h.reduce).mean()
-                step_loss = step_loss + h.kl_coef * kl
-                stats["kl"].append(kl.detach())
-            loss = loss + step_loss / len(unit.transitions)
-        return loss
-
-    def _log_prob(
-        self, net: nn.Module, tr: Transition, cond: Tensor | None, shared: int, grad: bool
-    ) -> tuple[Tensor, Tensor]:
-        """log pi(sample | x) and the mean under ``net``; rows sharing their state (``shared`` consecutive) are
-        evaluated once."""
-        h = self.hparams
-        if shared == 1:
-            return log_prob_under(self._policy(net), tr, h.noise_level, self.grid[1], cond, h.reduce)
-        x = tr.x[::shared]
-        c = None if cond is None else cond[::shared]
-        with torch.set_grad_enabled(grad):
-            v = self.velocity(net, x, torch.full((len(x),), tr.t, device=x.device, dtype=x.dtype), c)
-            sigma = sde_sigma(tr.t, h.noise_level, self.grid[1])
-            mean = sde_mean(x, v, tr.t, tr.t_next, sigma).repeat_interleave(shared, 0)
-        return transition_log_prob(tr.sample, mean, tr.std, h.reduce), mean
-
-    def _log_iteration(self, rewards: Tensor, advantages: Tensor, stats: dict[str, list[Tensor]]) -> None:
-        values = {
-            "train/reward": rewards.mean(),
-            "train/reward_std": rewards.std(),
-            "train/advantage_abs": advantages.abs().mean(),
-        }
-        for key, items in stats.items():
-            if items:
-                values[f"train/{key}"] = torch.stack(items).mean()
-        self.log_dict(values, prog_bar=False, sync_dist=False)  # computed from all-gathered rewards already
-        cost = {f"cost/{k}": float(v) for k, v in self.cost.items()}
-        self.log_dict(cost, sync_dist=True, reduce_fx="sum")  # every rank counts its own work
-
-    @property
-    def cost(self) -> dict[str, int]:
-        """This rank's work so far: ``sample_forwards``, ``train_forward_backwards``, ``reward_calls`` and
-        ``units`` (compute units: forward 1, forward + backward 3)."""
-        units = self.counts["sample_forwards"] + 3 * self.counts["train_forward_backwards"]
-        return {**self.counts, "units": units}
-
-    # --- evaluation ------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Reward of ODE samples and path-KL to the base along SDE trajectories, from fixed noise (seed + 1),
-        and ``eval_metrics`` of the ODE samples."""
-        return self._evaluate()[0]
-
-    @torch.no_grad()
-    def _evaluate(self) -> tuple[dict[str, float], Tensor]:
-        h = self.hparams
-        g = torch.Generator().manual_seed(h.seed + 1)
-        n = h.eval_samples
-        noise = torch.randn(n, *h.sample_shape, generator=g).to(self.device)
-        cond = None if h.num_classes is None else (torch.arange(n) % h.num_classes).to(self.device)
-        policy = self._policy(self.net)
-        samples = rollout(policy, noise, self.grid, ode_plan(h.steps), h.noise_level, cond).sample
-        metrics = {"reward": float(self.reward(samples, cond).float().mean())}
-        noises = (torch.randn(noise.shape, generator=g).to(self.device) for _ in range(h.steps))
-        sde = rollout(policy, noise, self.grid, flow_grpo_plan(h.steps), h.noise_level, cond, noises=noises)
-        path_kl = torch.zeros(n, device=self.device)
-        for tr in sde.transitions:
-            _, mean = self._log_prob(self.net, tr, cond, 1, grad=False)
-            _, base_mean = self._log_prob(self.base, tr, cond, 1, grad=False)
-            path_kl += gaussian_kl(mean, base_mean, tr.std, "sum")
-        metrics["path_kl"] = float(path_kl.mean())
-        if self.eval_metrics is not None:
-            metrics.update(self.eval_metrics(samples, cond))
-        return metrics, samples
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["grpo"] = {"iteration": self.iteration, "cost": dict(self.counts)}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("grpo", {})
-        self.iteration = state.get("iteration", 0)
-        self.counts = dict(state.get("cost", self.counts))
+    def eval_metrics_of(self, samples: Tensor, cond: Tensor | None) -> dict[str, float]:
+        return {} if self.eval_metrics is None else self.eval_metrics(samples, cond)
