@@ -161,11 +161,22 @@ class DataConfig:
         (unless ``resize=False`` or there is no ``resize_size``), no normalisation (the model does that)."""
         from torchvision.transforms import InterpolationMode, v2
 
-        steps: list[Any] = []
+        steps: list[Any] = [_array_to_pil]  # arrays are resized by PIL as the PIL images of ImageFolders are
         if resize and self.resize_size is not None:
             mode = InterpolationMode(self.interpolation)
             steps += [v2.Resize(self.resize_size, mode, antialias=True), v2.CenterCrop(self.input_size[1:])]
         return v2.Compose([*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def _array_to_pil(image: Any) -> Any:
+    """A uint8 HWC (or HW) numpy array as a PIL image; anything else as it is."""
+    import numpy as np
+
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        return Image.fromarray(image)
+    return image
 
 
 class NormalizedClassifier(nn.Module):
@@ -214,6 +225,16 @@ def _missing_file_error(path: Path, what: str, expected: str) -> FileNotFoundErr
     return FileNotFoundError(f"{what}: weights file {str(path)!r} does not exist; expected {expected}")
 
 
+def _refuse_web_page(path: Path, what: str, expected: str) -> None:
+    with path.open("rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] == b"<":  # what Google Drive and proxies send instead of the file
+        raise WeightsError(
+            f"{what}: {str(path)!r} is an HTML/XML page, not a checkpoint (a failed download?); expected {expected}; "
+            "download it again"
+        )
+
+
 def read_weights_file(
     path: str | Path, what: str = "weights", expected: str = "a state_dict file", *, weights_only: bool = True
 ) -> Any:
@@ -236,13 +257,7 @@ def read_weights_file(
             f"{what}: {str(path)!r} has the suffix {path.suffix!r}; expected {expected} "
             f"(suffixes: {', '.join(WEIGHT_SUFFIXES)})"
         )
-    with path.open("rb") as f:
-        head = f.read(64).lstrip()
-    if head[:1] == b"<":  # what Google Drive and proxies send instead of the file
-        raise WeightsError(
-            f"{what}: {str(path)!r} is an HTML/XML page, not a checkpoint (a failed download?); expected {expected}; "
-            "download it again"
-        )
+    _refuse_web_page(path, what, expected)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -315,7 +330,7 @@ def check_state_dict(
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state and k not in optional and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
     shapes = [
         f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
         for k, v in own.items()
@@ -386,6 +401,7 @@ def timm_model(
     if path.suffix not in (".safetensors", ".pth", ".bin", ".pt"):
         hint = " (a JAX .npz: use timm's converted model.safetensors from the Hub)" if path.suffix == ".npz" else ""
         raise WeightsError(f"{what}: {str(path)!r} has the suffix {path.suffix!r}{hint}; expected {_TIMM_FORMAT}")
+    _refuse_web_page(path, what, _TIMM_FORMAT)
     overlay: dict[str, Any] = {"file": str(path)}
     if num_classes is not None:
         overlay["num_classes"] = num_classes
