@@ -35,6 +35,7 @@ _LAZY = {
     "DiffusionModule": "entreg.modules",
     "FlowMatchingModule": "entreg.modules",
     "GRPOModule": "entreg.modules",
+    "PretrainedClassifier": "entreg.modules",
     "EntropyController": "entreg.callbacks",
     "EntropyMonitor": "entreg.callbacks",
     "EVODiffScheduler": "entreg.diffusion",

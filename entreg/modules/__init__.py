@@ -1,6 +1,7 @@
 """LightningModules that pair backbones with entropy losses and activations, diffusion and flow-matching
-training, GRPO fine-tuning of flow models, and SAC/PPO agents (these two need ``pip install "entreg[rl]"`` and
-are imported on first use)."""
+training, GRPO fine-tuning of flow models, pretrained classifiers from weight files (timm, torchvision,
+RobustBench) for testing and test-time adaptation, and SAC/PPO agents (these two need
+``pip install "entreg[rl]"`` and are imported on first use)."""
 
 import importlib
 from typing import Any
@@ -9,10 +10,18 @@ from entreg.modules.classification import ClassificationModule
 from entreg.modules.diffusion import DiffusionModule
 from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
+from entreg.modules.pretrained import PretrainedClassifier
 
 _LAZY = {"SACModule": "entreg.modules.sac", "PPOModule": "entreg.modules.ppo"}
 
-__all__ = ["ClassificationModule", "DiffusionModule", "FlowMatchingModule", "GRPOModule", *_LAZY]
+__all__ = [
+    "ClassificationModule",
+    "DiffusionModule",
+    "FlowMatchingModule",
+    "GRPOModule",
+    "PretrainedClassifier",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:
