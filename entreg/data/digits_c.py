@@ -21,42 +21,29 @@ scikit-image, OpenCV or numba may change the bytes; hence the cache, which recor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from entreg.data.cache import ArrayCache, cache_root, sha256_array
+from entreg.data.corruptions import CORRUPTION_PACKAGES, corrupt_each, imagecorruptions
+from entreg.data.corruptions import INSTALL_HINT as INSTALL_HINT  # re-exported
+from entreg.data.corruptions import MIN_SIZE as MIN_SIZE  # re-exported
+from entreg.data.corruptions import check_corruption as _check
 from entreg.data.torch_shifts import SHIFTS, apply_shift
 
 __all__ = ["BACKENDS", "DigitsCCache", "corrupt_digits", "corruption_names", "default_cache_dir"]
 
-INSTALL_HINT = "pip install entreg[corruptions]"
-MIN_SIZE = 32  # imagecorruptions' smallest image side
 _PER_CHANNEL_NOISE = frozenset({"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"})
-_SEED_ARGUMENT = frozenset({"impulse_noise", "glass_blur"})  # their own generators take seed=
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 
 
 def _imagecorruptions() -> Any:
-    try:
-        import imagecorruptions
-    except ImportError as err:
-        raise ImportError(f"digits-C needs the optional package imagecorruptions-imaug: {INSTALL_HINT}") from err
-    return imagecorruptions
-
-
-def _check(corruption: str, severity: int, valid: list[str]) -> None:
-    if corruption not in valid:
-        raise ValueError(f"unknown corruption {corruption!r}; valid: {valid}")
-    if not isinstance(severity, int) or severity not in range(1, 6):
-        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
+    return imagecorruptions("digits-C")
 
 
 def _grey(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -96,22 +83,11 @@ def corrupt_digits(images: np.ndarray | torch.Tensor, corruption: str, severity:
     """
     _check(corruption, severity, corruption_names("imagecorruptions"))
     x = _as_uint8(images)
-    if min(x.shape[1:]) < MIN_SIZE:
-        raise ValueError(f"imagecorruptions needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {x.shape[1:]}")
-    if not isinstance(seed, int) or seed < 0 or seed + len(x) > 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32 - N] (numpy seeds image i with seed + i), got {seed!r}")
-    corrupt = _imagecorruptions().corrupt
-    out = np.empty_like(x)
-    state = np.random.get_state()
-    try:
-        for i, image in enumerate(x):
-            np.random.seed(seed + i)
-            kwargs = {"seed": seed + i} if corruption in _SEED_ARGUMENT else {}
-            rgb = corrupt(image, severity=severity, corruption_name=corruption, **kwargs)
-            out[i] = rgb[..., 0] if corruption in _PER_CHANNEL_NOISE else np.rint(rgb @ _LUMA)
-    finally:
-        np.random.set_state(state)
-    return out
+
+    def keep(rgb: np.ndarray) -> np.ndarray:
+        return rgb[..., 0] if corruption in _PER_CHANNEL_NOISE else np.rint(rgb @ _LUMA)
+
+    return corrupt_each(x, corruption, severity, seed, keep, np.empty_like(x), "digits-C")
 
 
 def _torch_shift(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
@@ -136,7 +112,7 @@ _BACKENDS = {
         lambda: _imagecorruptions().get_corruption_names("all"),
         _as_uint8,
         corrupt_digits,
-        ("imagecorruptions-imaug", "numpy", "scikit-image", "scipy", "opencv-python", "numba", "pillow"),
+        CORRUPTION_PACKAGES,
     ),
     "torch": _Backend(_torch_names, _as_unit_float, _torch_shift, ("torch", "numpy")),
 }
@@ -161,30 +137,7 @@ def corruption_names(backend: str = "imagecorruptions") -> list[str]:
 
 def default_cache_dir() -> Path:
     """``$ENTREG_CACHE/digits_c``, or ``~/.cache/entreg/digits_c`` when ``ENTREG_CACHE`` is unset."""
-    return Path(os.environ.get("ENTREG_CACHE", "~/.cache/entreg")).expanduser() / "digits_c"
-
-
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write to a temporary file in ``path``'s folder, then rename it: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return cache_root() / "digits_c"
 
 
 class DigitsCCache:
@@ -223,7 +176,11 @@ class DigitsCCache:
         self.backend = _backend(backend)
         self.backend_name = backend
         self.cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
-        self.generated = 0
+        self._cache = ArrayCache(self.cache_dir, "npz")
+
+    @property
+    def generated(self) -> int:
+        return self._cache.generated
 
     def get(
         self,
@@ -245,43 +202,10 @@ class DigitsCCache:
             "severity": severity,
             "seed": seed,
             "input_shape": list(x.shape),
-            "input_sha256": _sha256(x),
+            "input_sha256": sha256_array(x),
         }
         n, height, width = x.shape
         stem = f"{self.backend_name}-{corruption}-s{severity}-seed{seed}-{height}x{width}-n{n}-"
         stem += settings["input_sha256"][:12]
-        array_path, manifest_path = self.cache_dir / f"{stem}.npz", self.cache_dir / f"{stem}.json"
-        if manifest_path.exists():
-            return self._load(array_path, manifest_path, settings)
-        array = self.backend.corrupt(x, corruption, severity, seed)
-        manifest = {
-            "sha256": _sha256(array),
-            "dtype": str(array.dtype),
-            "shape": list(array.shape),
-            "settings": settings,
-            "source": dict(source or {}),
-            "versions": {name: _package_version(name) for name in self.backend.packages},
-        }
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(array_path, lambda f: np.savez_compressed(f, images=array))
-        _write_atomic(manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-        self.generated += 1
-        return array
-
-    @staticmethod
-    def _load(array_path: Path, manifest_path: Path, settings: dict[str, Any]) -> np.ndarray:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("settings") != settings:
-            raise RuntimeError(f"{manifest_path} was made for {manifest.get('settings')}, not for {settings}")
-        try:
-            with np.load(array_path, allow_pickle=False) as npz:
-                array = npz["images"]
-        except Exception as err:  # missing, truncated or not an npz: numpy raises many kinds
-            raise RuntimeError(f"cannot read {array_path} ({err}); delete it and {manifest_path.name}") from err
-        found = (_sha256(array), str(array.dtype), list(array.shape))
-        if found != (manifest["sha256"], manifest["dtype"], manifest["shape"]):
-            raise RuntimeError(
-                f"{array_path} does not match its manifest {manifest_path.name} (sha256, dtype, shape): "
-                f"it was changed or damaged; delete both files to regenerate"
-            )
-        return array
+        generate = lambda: self.backend.corrupt(x, corruption, severity, seed)  # noqa: E731
+        return self._cache.get(stem, settings, generate, source, self.backend.packages)
