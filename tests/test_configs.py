@@ -28,6 +28,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def is_adapt_model(option: str) -> bool:
+    """Whether ``configs/model/<option>.yaml`` builds an entreg-adapt source model (its ``_target_`` is a
+    PretrainedClassifier or one of its builders) rather than an entreg-train model."""
+    from hydra.utils import get_object
+
+    from entreg.modules import PretrainedClassifier
+
+    target = OmegaConf.load(CONFIG_DIR / "model" / f"{option}.yaml").get("_target_")
+    built = get_object(target) if target else None
+    owner = getattr(built, "__self__", built)  # a classmethod builder's class
+    return isinstance(owner, type) and issubclass(owner, PretrainedClassifier)
+
+
+ADAPT_MODELS = [option for option in options("model") if is_adapt_model(option)]  # test_every_adapt_model_config
+TRAIN_MODELS = [option for option in options("model") if option not in ADAPT_MODELS]
+
+
 def takes_backbone(target: str) -> bool:
     """Whether the LightningModule ``target`` is built around a backbone (the backbone/ group)."""
     import inspect
@@ -67,7 +84,9 @@ def data_on_disk(tmp_path, monkeypatch):
     }
 
 
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in GROUPS for o in (TRAIN_MODELS if g == "model" else options(g))]
+)
 def test_config_composes_and_instantiates(group, option, compose_train, data_on_disk):
     overrides = [f"{group}={option}"]
     if group == "data":
@@ -168,7 +187,7 @@ def test_every_experiment_runs_and_ranks_its_checkpoints(experiment, compose_tra
 
 def test_every_monitor_config_is_the_choice_of_a_model_or_command(compose_train):
     """Each file of configs/monitor/ is what some model config (or entreg-finetune) ranks its checkpoints by."""
-    chosen = {compose_train(f"model={model}").monitor.metric for model in options("model")}
+    chosen = {compose_train(f"model={model}").monitor.metric for model in TRAIN_MODELS}
     chosen.add(compose_finetune().monitor.metric)
     assert chosen == {OmegaConf.load(CONFIG_DIR / "monitor" / f"{o}.yaml").monitor.metric for o in options("monitor")}
 
@@ -217,6 +236,50 @@ def test_every_method_config_adapts(method, tmp_path, digits_checkpoint):
     metrics = adapt(cfg)
     assert set(metrics) >= {"gaussian_noise/source", "gaussian_noise/online", "gaussian_blur/adapted"}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
+
+
+def adapt_model_files(option: str, tmp_path: Path) -> list[str]:
+    """Overrides that point the adapt model config ``option`` at a small random-weights file in its real format."""
+    if option == "robustbench":  # RobustBench's AugMix WRN-40-2 layout: 'state_dict' with module. prefixes, no mu/sigma
+        from entreg.nn.robustbench import robustbench_architecture
+
+        state = robustbench_architecture("Hendrycks2020AugMix_WRN", "cifar100").state_dict()
+        state = {f"module.{k}": v for k, v in state.items() if k not in ("mu", "sigma")}
+        torch.save({"state_dict": state}, tmp_path / "Hendrycks2020AugMix_WRN.pt")
+        names = ["model.name=Hendrycks2020AugMix_WRN", "model.dataset=cifar100"]
+        return [*names, f"model.file={tmp_path / 'Hendrycks2020AugMix_WRN.pt'}"]
+    if option == "timm_pretrained":
+        import timm
+        from safetensors.torch import save_file
+
+        save_file(timm.create_model("resnet10t", pretrained=False).state_dict(), str(tmp_path / "r.safetensors"))
+        return ["model.name=resnet10t.c3_in1k", f"model.file={tmp_path / 'r.safetensors'}"]
+    if option == "torchvision_pretrained":
+        import torchvision
+
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+        return ["model.name=resnet18", f"model.file={tmp_path / 'resnet18-f37072fd.pth'}"]
+    raise AssertionError(f"model/{option}.yaml builds an adapt model: add a weights file for it here")
+
+
+@pytest.mark.parametrize("option", ADAPT_MODELS)
+def test_every_adapt_model_config(option, tmp_path):
+    """Each source-model config composes with adapt.yaml and builds a PretrainedClassifier from a file in its real
+    format, at its preprocessing's input size; entreg-adapt passes the stream's class subset as a keyword."""
+    from entreg.modules import PretrainedClassifier
+
+    adapt_defaults = OmegaConf.load(CONFIG_DIR / "adapt.yaml").defaults
+    group = "model" if any("model" in entry for entry in adapt_defaults if not isinstance(entry, str)) else "+model"
+    cfg = compose_adapt(tmp_path, f"{group}={option}", *adapt_model_files(option, tmp_path))
+    model = instantiate(cfg.model, _convert_="all")
+    assert isinstance(model, PretrainedClassifier) and model.hparams.source["file"] == cfg.model.file
+    assert model.hparams.num_classes == {"robustbench": 100}.get(option, 1000)
+    x = torch.rand(2, *model.data_config.input_size)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, model.hparams.num_classes)
+    subset = instantiate(cfg.model, class_subset=[3, 1, 4], _convert_="all").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(subset(x), model(x)[:, [3, 1, 4]], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("stream", options("stream"))
