@@ -182,3 +182,16 @@ def test_tent_under_ddp_fork_adapts_norm_affine_parameters_identically_on_both_r
     loader = DataLoader(TensorDataset(images(32), torch.zeros(32, dtype=torch.long)), batch_size=8)
     trainer = make_trainer(None, devices=2, strategy="ddp_fork", callbacks=[tta, OnlyNormAffineChanged()])
     trainer.test(model, loader, verbose=False)
+
+
+def test_name_based_exclusions_read_names_inside_the_wrappers(tmp_path):
+    """SAR/DeYO skip a timm ResNet's layer4 by name: seen through PretrainedClassifier and NormalizedClassifier."""
+    from entreg.tta.norm import ALL_NORMS, SAR_EXCLUDE, collect_norm_params, network_root
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "r.pth")
+    model = PretrainedClassifier.timm("resnet10t", tmp_path / "r.pth")
+    assert network_root(model) == ("net.model", model.net.model) and network_root(model.net)[0] == "model"
+    collect_norm_params(model, ALL_NORMS, exclude=SAR_EXCLUDE)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("net.model.layer3.") for n in names) and not any("layer4" in n for n in names)
