@@ -206,6 +206,8 @@ def test_torchvision_mismatched_keys_and_shapes_are_listed(resnet18_file, tmp_pa
 def test_unknown_names_and_weights_entries():
     with pytest.raises(ValueError, match="close names: resnet50"):
         timm_model("resnet_50", "x.pth")
+    with pytest.raises(ValueError, match=r"no pretrained tag 'nope' for resnet10t; valid: \['resnet10t.c3_in1k'\]"):
+        timm_model("resnet10t.nope", "x.pth")
     with pytest.raises(ValueError, match="close names: resnet50"):
         torchvision_model("resnet5O", "x.pth")
     with pytest.raises(ValueError, match=r"valid: \['IMAGENET1K_V1', 'DEFAULT'\]"):

@@ -394,6 +394,9 @@ def timm_model(
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise ValueError(f"unknown timm model {name!r}" + (f"; close names: {', '.join(close)}" if close else ""))
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        raise ValueError(f"timm has no pretrained tag {tag!r} for {arch}; valid: {timm.list_pretrained(f'{arch}.*')}")
     path = Path(file)
     what = f"timm model {name!r}"
     if not path.is_file():
