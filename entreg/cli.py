@@ -290,11 +290,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def adapt(cfg: DictConfig) -> dict[str, float]:
+    """Test-time adaptation with ``cfg.method``. With ``cfg.protocol``: a benchmark (:func:`adapt_benchmark`);
+    without: the classifier checkpoint ``cfg.ckpt_path`` on the digits streams (:func:`adapt_checkpoint`)."""
+    if cfg.get("protocol") is not None:
+        return adapt_benchmark(cfg)
+    if cfg.get("model") is not None:
+        raise ValueError("entreg-adapt model=...: choose a protocol too, e.g. protocol=continual (configs/protocol)")
+    return adapt_checkpoint(cfg)
+
+
+def adapt_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Load the classifier checkpoint ``cfg.ckpt_path`` and adapt it on ``cfg.stream`` with ``cfg.method``. Per shift:
     the source accuracy, the online accuracy during adaptation and the adapted test accuracy, logged to the loggers as
-    ``adapt/<shift>/{source,online,adapted}_acc``, printed with the run's paths and returned as ``<shift>/<name>``."""
+    ``adapt/<shift>/{source,online,adapted}_acc``, printed with the run's paths and images/s (of the adapted test run),
+    and returned as ``<shift>/<name>``."""
+    if cfg.get("ckpt_path") is None:
+        raise ValueError(
+            "entreg-adapt needs a source model: ckpt_path=<an entreg-train checkpoint> (digits streams), or "
+            "model=<robustbench|timm_pretrained|torchvision_pretrained> stream=<benchmark> protocol=<protocol>"
+        )
     ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
     require_kind(ckpt_path, ["classifier"], "entreg-adapt ckpt_path", allow_other=True)
+
+    import time
 
     import lightning as L
     from hydra.utils import get_class, instantiate
@@ -327,8 +345,11 @@ def adapt(cfg: DictConfig) -> dict[str, float]:
         values = {f"adapt/{s}/{k}_acc": v for s, row in rows.items() for k, v in row.items() if v is not None}
         log_metrics(trainer, values, step=0)
 
+    start = time.perf_counter()
     trainer = test([tta, LambdaCallback(on_test_end=report)], instantiate_group(cfg.get("logger")))
+    seconds = time.perf_counter() - start
     metrics = {f"{shift}/{k}": v for shift, row in rows.items() for k, v in row.items() if v is not None}
+    images = sum(len(loader.dataset) for loader in datamodule.test_dataloader())
     if trainer.is_global_zero:
         paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(trainer.loggers)}
         paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
@@ -336,6 +357,99 @@ def adapt(cfg: DictConfig) -> dict[str, float]:
         header = ["shift", "source acc", "online acc (pre-update)", "adapted acc"]
         table = [[shift, row["source"], row["online"], row["adapted"]] for shift, row in rows.items()]
         print_table(f"entreg-adapt {cfg.method.method} on {ckpt_path}", header, table, paths)
+        say(f"adaptation: {images} images in {seconds:.1f} s, {images / seconds:.1f} images/s (the whole test run)")
+    return metrics
+
+
+# the options of a method config that every row of a benchmark shares (where the logits are, which submodule)
+SHARED_TTA_OPTIONS = ("num_classes", "module", "output_key", "input_key", "target_key")
+
+
+def benchmark_stream(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """``(protocol, datamodule, model)`` of a benchmark run: the stream loads the severities the protocol visits,
+    the model gets the stream's class subset (ImageNet-R/A) and gives the stream its image transform."""
+    from hydra.utils import get_class, instantiate
+
+    protocol = instantiate(cfg.protocol, _convert_="all")
+    stream_options = {}
+    if protocol.severities is not None and "severities" in cfg.stream:
+        stream_options["severities"] = sorted(set(protocol.severities))
+    datamodule = instantiate(cfg.stream, **stream_options, _convert_="all")
+    if cfg.get("model") is not None and cfg.get("ckpt_path") is not None:
+        raise ValueError("entreg-adapt: give the source model once, as model=<config> or as ckpt_path=<checkpoint>")
+    subset = getattr(datamodule, "class_subset", None)
+    if cfg.get("model") is not None:
+        model = instantiate(cfg.model, **({"class_subset": subset} if subset is not None else {}), _convert_="all")
+    elif cfg.get("ckpt_path") is not None:
+        ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
+        require_kind(ckpt_path, ["classifier"], "entreg-adapt ckpt_path", allow_other=True)
+        model = get_class(cfg.model_class).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(
+            "entreg-adapt protocol=...: give the source model, model=<robustbench|timm_pretrained|"
+            "torchvision_pretrained> (with its weights file) or ckpt_path=<an entreg-train checkpoint>"
+        )
+    if hasattr(datamodule, "set_transform") and hasattr(model, "image_transform"):
+        datamodule.set_transform(model.image_transform())
+    datamodule.setup("test")
+    if not hasattr(datamodule, "domains"):
+        raise ValueError(
+            f"protocol={protocol.name} needs a benchmark stream with domains (stream=cifar10_c, cifar100_c, "
+            f"imagenet_c, ...); {type(datamodule).__name__} has none (the digits streams run without a protocol)"
+        )
+    return protocol, datamodule, model
+
+
+def adapt_benchmark(cfg: DictConfig) -> dict[str, float]:
+    """Adapt the source model (``cfg.model`` or ``cfg.ckpt_path``) on the benchmark stream ``cfg.stream`` under
+    ``cfg.protocol`` with ``cfg.method``, after the rows ``cfg.baselines`` (``source``, ``bn_adapt``), every row on
+    the same stream. Writes the standard table (online error per segment and the mean) as ``tta_table.csv`` and
+    ``tta_table.json`` and ``metrics.json`` in the run directory, logs it to the loggers (``benchmark/<row>/...``)
+    with the method's per-batch ``tta/*`` values, prints it with images/s, and returns ``<row>/<segment>/error``,
+    ``<row>/mean_error`` and ``<row>/images_per_second``."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from entreg.callbacks import TestTimeAdaptation
+    from entreg.callbacks.tta_benchmark import run_benchmark
+
+    L.seed_everything(cfg.seed, workers=True)
+    protocol, datamodule, model = benchmark_stream(cfg)
+    options = datamodule.loader_options()
+    stream = protocol.build(datamodule.domains, options["batch_size"], seed=cfg.seed)
+    source = instantiate(cfg.source_data, _convert_="all") if cfg.get("source_data") is not None else None
+    method = str(cfg.method.method)
+    shared = {key: cfg.method[key] for key in SHARED_TTA_OPTIONS if cfg.method.get(key) is not None}
+    rows = {name: (lambda name=name: TestTimeAdaptation(name, **shared)) for name in cfg.baselines if name != method}
+    rows[method] = lambda: instantiate(cfg.method, _convert_="all")
+    loggers = instantiate_group(cfg.get("logger"))
+
+    def trainer(callbacks: list, log: bool) -> L.Trainer:
+        return make_trainer(cfg, callbacks, loggers if log else [])
+
+    table = run_benchmark(
+        model, stream, rows, trainer, source, loader_options=options, log=lambda label: label == method, seed=cfg.seed
+    )
+    table.info |= {"stream": type(datamodule).__name__, "batch_size": stream.segments[0].batch_size, "seed": cfg.seed}
+    metrics = table.scalars(prefix="")
+    metrics |= {f"{label}/images_per_second": extra["images_per_second"] for label, extra in table.extra.items()}
+    if not _on_rank_zero():
+        return metrics
+    for logger in loggers:
+        logger.log_metrics(table.scalars(), step=0)
+        logger.finalize("success")
+    paths = {"run directory": str(cfg.paths.output_dir), **logger_dirs(loggers)}
+    written = table.write(cfg.paths.output_dir)
+    paths |= {"table (csv)": str(written["csv"]), "table (json)": str(written["json"])}
+    paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+
+    def cell(value: Any, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    header = [*table.header(), "images/s"]
+    lines = [[*map(cell, row), cell(table.extra[row[0]]["images_per_second"], 1)] for row in table.error_rows()]
+    title = f"entreg-adapt {method}, protocol {protocol.name} ({stream.reset}): online error % (pre-update predictions)"
+    print_table(title, header, lines, paths)
     return metrics
 
 

@@ -19,7 +19,7 @@ from .test_data import write_fake_cifar10, write_image_folder
 
 CONFIG_DIR = Path(entreg.configs.__file__).parent
 GROUPS = ("data", "model", "backbone", "callbacks", "logger", "trainer")
-ADAPT_GROUPS = ("method", "stream")
+ADAPT_GROUPS = ("method", "stream", "protocol")  # protocol/: tests/test_tta_protocols.py
 DIFFUSION_DATA = {"diffusion_unet": ["data=digits_diffusion", "data.size=8"], "diffusion_mlp": ["data=gmm2d"]}
 DIFFUSION_DATA |= {"flow_unet": DIFFUSION_DATA["diffusion_unet"], "flow_mlp": DIFFUSION_DATA["diffusion_mlp"]}
 

@@ -1,4 +1,6 @@
-"""Test-time adaptation methods: one file per published method, all built on :class:`TTAMethod`."""
+"""Test-time adaptation methods: one file per published method, all built on :class:`TTAMethod` (with ``source`` and
+``bn_adapt``, the rows every table starts with); the benchmark protocols (:mod:`entreg.tta.protocols`) and the
+standard table (:mod:`entreg.tta.benchmark`)."""
 
 from __future__ import annotations
 
@@ -9,21 +11,37 @@ from typing import Any
 from torch import nn
 
 from entreg.tta.base import METHODS, StepInfo, TTAMethod, entropy_margin
+from entreg.tta.benchmark import BenchmarkTable, OnlineStats
+from entreg.tta.bn_adapt import BNAdapt, NoUpdate
 from entreg.tta.come import come_entropy
 from entreg.tta.deyo import DeYO
 from entreg.tta.eata import EATA, ETA, fisher_information
+from entreg.tta.lr_scaling import LR_SCALING, lr_factor
 from entreg.tta.ostta import OSTTA
+from entreg.tta.protocols import PROTOCOLS, Protocol, Segment, Stream, protocol
 from entreg.tta.sar import SAR
+from entreg.tta.source import Source
+from entreg.tta.stream_loader import segment_loader
 from entreg.tta.tent import Tent
 
 __all__ = [
     "EATA",
     "ETA",
+    "LR_SCALING",
     "METHODS",
     "OSTTA",
+    "PROTOCOLS",
     "SAR",
+    "BNAdapt",
+    "BenchmarkTable",
     "DeYO",
+    "NoUpdate",
+    "OnlineStats",
+    "Protocol",
+    "Segment",
+    "Source",
     "StepInfo",
+    "Stream",
     "TTAMethod",
     "Tent",
     "build_method",
@@ -31,6 +49,9 @@ __all__ = [
     "come_entropy",
     "entropy_margin",
     "fisher_information",
+    "lr_factor",
+    "protocol",
+    "segment_loader",
 ]
 
 

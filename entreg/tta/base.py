@@ -17,6 +17,7 @@ from entreg.entropy import categorical_entropy
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.nn.select import OutputKey, select_output
 from entreg.tta.come import come_entropy
+from entreg.tta.lr_scaling import lr_factor
 from entreg.tta.norm import (
     BATCHNORM_ONLY,
     BatchNormState,
@@ -143,6 +144,11 @@ class TTAMethod:
             names as ``exclude``, or full names from ``model``.
         output_key: where the logits are when the model's forward returns a dict, tuple or output
             object (an index, a key or an attribute name; ``None``: the output is the logits).
+        lr_scaling: ``None`` (the lr as given), ``"linear"`` or ``"sar"``: ``lr`` (and the learning rates of
+            ``optimizer``) are those of batch size ``reference_batch_size``, rescaled by
+            :func:`~entreg.tta.lr_scaling.lr_factor` for the size of the first batch (over all DDP ranks), e.g.
+            ``lr=2.5e-4, lr_scaling="sar"`` is SAR's ResNet-50 lr at any batch size. Kept through :meth:`reset`.
+        reference_batch_size: the batch size ``lr`` was tuned at (64: ImageNet-C in the references).
     """
 
     name: ClassVar[str] = "base"
@@ -150,6 +156,7 @@ class TTAMethod:
     exclude: Sequence[str] = ()
     exclude_names: Sequence[str] = ()
     uses_source_data: ClassVar[bool] = False  # True: :meth:`prepare` takes clean source batches
+    updates: ClassVar[bool] = True  # False: a row that only predicts (source, BN-adapt): no loss, nothing selected
     threshold_args: ClassVar[tuple[str, ...]] = ()  # the arguments that set the sample selection, for warnings
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
@@ -172,9 +179,14 @@ class TTAMethod:
         exclude: Sequence[str] | None = None,
         exclude_names: Sequence[str] | None = None,
         output_key: OutputKey = None,
+        lr_scaling: str | None = None,
+        reference_batch_size: int = 64,
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        lr_factor(lr_scaling, 1, reference_batch_size)  # checks both now, not at the first batch
+        self.lr_scaling, self.reference_batch_size = lr_scaling, reference_batch_size
+        self.lr_factor: float | None = None  # set at the first batch when lr_scaling is on
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if entropy not in ENTROPIES:
@@ -227,8 +239,16 @@ class TTAMethod:
         model_state, optimizer_state = self._source
         self.model.load_state_dict(model_state, strict=True)
         self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        if self.lr_factor is not None:  # the snapshot holds the unscaled learning rates
+            self._scale_lr(self.lr_factor)
         self.ema = None
         self.resets += 1
+
+    def _scale_lr(self, factor: float) -> None:
+        """Set every param group's lr to its source value times ``factor``."""
+        for group, state in zip(self.optimizer.param_groups, self._source[1]["param_groups"], strict=True):
+            group["lr"] = state["lr"] * factor
+        self.lr_factor = factor
 
     @property
     def restored(self) -> bool:
@@ -341,6 +361,9 @@ class TTAMethod:
         """Adapt on ``x`` (with gradients on, whatever the caller's mode); returns the detached
         pre-update logits and the :class:`StepInfo`."""
         self._check_configured("adapt")
+        if self.lr_scaling is not None and self.lr_factor is None:
+            batch = int(self.all_sum(torch.tensor(float(len(x)), device=x.device)).item())
+            self._scale_lr(lr_factor(self.lr_scaling, batch, self.reference_batch_size))
         with torch.enable_grad():
             logits, info = self.step(x)
         if self.recovery:
