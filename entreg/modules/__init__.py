@@ -12,7 +12,11 @@ from entreg.modules.flow import FlowMatchingModule
 from entreg.modules.grpo import GRPOModule
 from entreg.modules.pretrained import PretrainedClassifier
 
-_LAZY = {"SACModule": "entreg.modules.sac", "PPOModule": "entreg.modules.ppo"}
+_LAZY = {
+    "SACModule": "entreg.modules.sac",
+    "PPOModule": "entreg.modules.ppo",
+    "GRPOPipelineModule": "entreg.modules.grpo_pipeline",
+}
 
 __all__ = [
     "ClassificationModule",

@@ -9,6 +9,7 @@ transformer of a diffusers text-to-image pipeline.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from entreg.distributions import HALF_LOG_2PI_E
 from entreg.flow.grpo import ADVANTAGE_STDS, KL_ESTIMATOR, group_advantages, kde_entropy_bonus
 from entreg.flow.plans import RolloutPlan, flow_grpo_plan, ode_plan
 from entreg.flow.rollout import Rollout, Transition, ode_states, rollout, transition_log_prob_of
@@ -85,9 +87,10 @@ def check_grpo_settings(h: Any) -> GRPOVariant:
         )
     if h.entropy_coef < 0:
         raise ValueError(f"entropy_coef must be >= 0, got {h.entropy_coef}")
-    if h.shift <= 0 or h.noise_level <= 0 or h.tau < 0 or h.kl_coef < 0:
+    shift = getattr(h, "shift", 1.0)  # a pipeline's grid comes with its scheduler's shift
+    if shift <= 0 or h.noise_level <= 0 or h.tau < 0 or h.kl_coef < 0:
         raise ValueError(
-            f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {h.shift}, {h.noise_level}, {h.tau}, "
+            f"need shift > 0, noise_level > 0, tau >= 0, kl_coef >= 0, got {shift}, {h.noise_level}, {h.tau}, "
             f"{h.kl_coef}"
         )
     if h.adv_std not in ADVANTAGE_STDS:
@@ -293,7 +296,7 @@ class GRPOIterations(L.LightningModule):
         mine = advantages[start : start + n_mine]
         offset = 0
         optimizer = self.optimizers()
-        stats = {"clip_fraction": [], "approx_kl": [], "kl": []}
+        stats = {"clip_fraction": [], "approx_kl": [], "kl": [], "step_entropy": []}
         for unit in units:
             n = len(unit.transitions[0].x) if unit.transitions else 0
             unit.advantages = mine[offset : offset + n]
@@ -352,6 +355,8 @@ class GRPOIterations(L.LightningModule):
             )
             step_loss = policy_loss.loss
             stats["clip_fraction"].append(policy_loss.clip_fraction)
+            if tr.std > 0:  # nats per dimension of the step's Gaussian (a cps step to t = 0 has none)
+                stats["step_entropy"].append(torch.tensor(math.log(tr.std) + HALF_LOG_2PI_E, device=self.device))
             stats["approx_kl"].append(policy_loss.approx_kl)
             if h.kl_coef > 0:
                 with torch.no_grad():
