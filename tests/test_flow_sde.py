@@ -114,7 +114,12 @@ def test_step_entropies_and_egrpo_merges_at_the_paper_settings():
     expected = [2.89, 2.99, 2.14, 1.76, 1.54, 1.39, 1.28, 1.19, 1.12, 1.06, 1.00, 0.94, 0.87, 0.80, 0.69, 0.53]
     assert [round(e, 2) for e in step_entropies(grid, 0.7)] == expected
     assert egrpo_merges(grid, 0.7, tau=2.2, active_steps=8) == [(0, 1), (1, 1), (2, 2), (4, 2), (6, 3)]
-    assert egrpo_merges(grid, 0.7, tau=2.4, active_steps=7) == [(0, 1), (1, 1), (2, 2), (4, 3)]  # released script
+    released = [(0, 1), (1, 1), (2, 2), (4, 3)]  # VisualGRPO's eta_step_list 0 1 2 4, eta_step_merge_list 1 1 2 3
+    assert egrpo_merges(grid, 0.7, tau=2.4, active_steps=7) == released
+    low, high = step_entropies(grid, 0.7, length=2)[4], step_entropies(grid, 0.7, length=3)[4]
+    assert (round(low, 4), round(high, 4)) == (2.2408, 2.824)  # the tau range (low, high] that gives it
+    assert egrpo_merges(grid, 0.7, low, 7) != released and egrpo_merges(grid, 0.7, low + 1e-9, 7) == released
+    assert egrpo_merges(grid, 0.7, high, 7) == released and egrpo_merges(grid, 0.7, high + 1e-9, 7) != released
     assert egrpo_merges(grid, 0.7, tau=0.0, active_steps=8) == [(i, 1) for i in range(8)]  # G2RPO
     for start, length in egrpo_merges(grid, 0.7, tau=2.2):  # each merge is the shortest that reaches tau
         sigma = sde_sigma(grid[start], 0.7, grid[1])

@@ -20,8 +20,9 @@ models differ only in their plans:
 threshold on ``exp(h) = sqrt(2 pi e) sigma_{t_m} sqrt(t_m - t_{m+l})``, i.e. ``sqrt(2 pi e)`` (4.13) times the
 step's noise std, independent of the data's dimension. E-GRPO's paper setting ``tau = 2.2`` with 16 steps,
 shift 3 and noise level 0.7 gives the merges (start, length) (0, 1), (1, 1), (2, 2), (4, 2), (6, 3) over its
-8 trained steps (the released script hard-codes (0, 1), (1, 1), (2, 2), (4, 3), which this rule gives for
-tau in [2.3, 2.5] with 7 active steps; it never computes an entropy). After a merged step the ODE continues
+8 trained steps (the released script hard-codes (0, 1), (1, 1), (2, 2), (4, 3), which this rule gives with 7
+active steps for tau in (2.2408, 2.8240], the exp(h) of the steps (4, 2) and (4, 3) (tested); it never computes an
+entropy). After a merged step the ODE continues
 from the grid level the step reached (the reference code restarts one level after the merge's start,
 re-integrating part of the span; we do not).
 
