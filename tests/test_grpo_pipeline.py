@@ -217,8 +217,9 @@ def test_a_short_lora_run_raises_the_jpeg_reward(sd3_path, seed):
     ODE samples of the evaluation prompts from fixed noise (about 12 s a seed on one core)."""
     from entreg.flow.lora import ATTENTION_TARGETS
 
-    module = make(sd3_path, group_size=8, iterations_per_epoch=15, lora_alpha=8, seed=seed, eval_per_prompt=4,
-                  lora_targets=(*ATTENTION_TARGETS, "proj_out"), optimizer=partial(torch.optim.AdamW, lr=0.1))  # fmt: skip
+    targets, optimizer = (*ATTENTION_TARGETS, "proj_out"), partial(torch.optim.AdamW, lr=0.1)
+    module = make(sd3_path, group_size=8, iterations_per_epoch=15, seed=seed, eval_per_prompt=4, lora_targets=targets,
+                  optimizer=optimizer)  # fmt: skip
     before = module.evaluate()["reward"]
     fit(module)
     after = module.evaluate()["reward"]
