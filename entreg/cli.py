@@ -524,7 +524,15 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     """GRPO fine-tuning of the FlowMatchingModule checkpoint ``cfg.base_checkpoint`` with ``cfg.reward`` and the
     ``cfg.grpo`` variant (resuming from ``cfg.ckpt_path``: a GRPO checkpoint or ``last``); prints the base and the
     fine-tuned evaluation (reward, path-KL, ``cfg.eval_metrics``) and where the logs and checkpoints are, writes
-    ``metrics.json`` and returns the final evaluation as ``eval/*``."""
+    ``metrics.json`` and returns the final evaluation as ``eval/*``. With ``cfg.pipeline`` (a diffusers pipeline
+    directory) and ``cfg.prompts`` it fine-tunes the pipeline's transformer instead (:func:`finetune_pipeline`)."""
+    if cfg.get("pipeline") is not None:
+        return finetune_pipeline(cfg)
+    if cfg.get("base_checkpoint") is None:
+        raise ValueError(
+            "entreg-finetune needs base_checkpoint=<a FlowMatchingModule checkpoint>, or pipeline=<a diffusers "
+            "pipeline directory> prompts=<a prompt file>"
+        )
     base_checkpoint = existing_file(cfg.base_checkpoint, "base_checkpoint")
     require_kind(base_checkpoint, ["flow"], "entreg-finetune base_checkpoint")
     ckpt_path = resolve_ckpt_path(cfg)
@@ -555,6 +563,52 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
         rows = [[name, before.get(name), value] for name, value in after.items()]
         rows += [[name, None, value] for name, value in model.cost.items()]
         title = f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned"
+        print_table(title, ["metric", "base", "fine-tuned"], rows, paths)
+    return metrics
+
+
+def finetune_pipeline(cfg: DictConfig) -> dict[str, float]:
+    """GRPO fine-tuning of the transformer of the diffusers pipeline in ``cfg.pipeline`` (SD3, FLUX) on the prompts
+    of ``cfg.prompts`` with ``cfg.reward`` (a reward on images and prompts), the ``cfg.grpo`` variant and the
+    ``cfg.t2i`` options (:class:`entreg.modules.grpo_pipeline.GRPOPipelineModule`); resumes from ``cfg.ckpt_path``.
+    Writes the adapter in diffusers' LoRA format to ``<run>/lora`` (``cfg.export_pipeline``: also the merged
+    pipeline to ``<run>/pipeline``), prints base vs fine-tuned evaluation and returns it as ``eval/*``."""
+    pipeline = Path(str(cfg.pipeline)).expanduser()
+    if not (pipeline / "model_index.json").is_file():
+        raise FileNotFoundError(f"pipeline={cfg.pipeline}: no diffusers pipeline there (no model_index.json)")
+    if cfg.get("prompts") is None:
+        raise ValueError("entreg-finetune pipeline=... needs prompts=<a prompt file: one per line, or a table>")
+    prompts = existing_file(cfg.prompts, "prompts")
+    ckpt_path = resolve_ckpt_path(cfg)  # its kind is checked when it loads (a GRPOPipelineModule checkpoint)
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from entreg.modules.grpo_pipeline import GRPOPipelineModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    reward = instantiate(cfg.reward, _convert_="all")
+    options = {**instantiate(cfg.grpo, _convert_="all"), **OmegaConf.to_container(cfg.t2i, resolve=True)}
+    # the grid is the pipeline's own (its scheduler's shift); evaluation: eval prompts x t2i.eval_per_prompt
+    options = {k: v for k, v in options.items() if k not in ("shift", "eval_samples")}
+    model = GRPOPipelineModule(pipeline, reward, prompts, prompt_column=cfg.prompt_column, seed=cfg.seed, **options)
+    before = model.evaluate()
+    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
+    trainer = make_trainer(cfg, callbacks, loggers, fit=True)
+    run_fit(trainer, model, ckpt_path=ckpt_path, weights_only=True)
+    after = model.to(trainer.strategy.root_device).evaluate()
+    metrics = {f"eval/{k}": v for k, v in after.items()}
+    if trainer.is_global_zero:
+        paths = run_paths(cfg, trainer)
+        output = Path(cfg.paths.output_dir)
+        if model.hparams.lora_rank is not None:
+            paths["lora"] = str(model.save_lora(output / "lora"))
+        if cfg.get("export_pipeline"):
+            paths["pipeline"] = str(model.export_pipeline(output / "pipeline"))
+        paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
+        rows = [[name, before.get(name), value] for name, value in after.items()]
+        rows += [[name, None, value] for name, value in model.cost.items()]
+        title = f"entreg-finetune {cfg.grpo.variant} on {pipeline.name}: base -> fine-tuned"
         print_table(title, ["metric", "base", "fine-tuned"], rows, paths)
     return metrics
 

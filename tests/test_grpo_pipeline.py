@@ -224,3 +224,37 @@ def test_a_short_lora_run_raises_the_jpeg_reward(sd3_path, seed):
     fit(module)
     after = module.evaluate()["reward"]
     assert after > before + 1e-3, (before, after)
+
+
+@pytest.mark.parametrize("reward", ["jpeg_compressibility", "jpeg_incompressibility"])
+def test_entreg_finetune_pipeline_route_runs_and_exports_the_adapter(sd3_path, tmp_path, reward):
+    """entreg-finetune pipeline=<dir> prompts=<file> reward=... grpo=egrpo_reference t2i=sd3, shrunk to the tiny
+    pipeline: it trains, writes metrics.json, the adapter (which an unmodified pipeline loads) and the merged
+    pipeline; t2i=flux composes FLUX's settings."""
+    from hydra import compose, initialize_config_module
+
+    from entreg.cli import finetune
+    from tests.conftest import FAST_TRAINER
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    tiny = ["t2i.height=16", "t2i.width=16", "t2i.lora_rank=4", "t2i.lora_alpha=8", "t2i.max_sequence_length=8",
+            "t2i.autocast=false", "t2i.torch_dtype=null", "t2i.gradient_checkpointing=false", "grpo.steps=3",
+            "grpo.active_steps=3", "grpo.group_size=2", "grpo.prompts=1", "grpo.iterations_per_epoch=1",
+            "grpo.eval_every=1", "t2i.eval_per_prompt=1"]  # fmt: skip
+    overrides = [f"pipeline={sd3_path}", f"prompts={tmp_path / 'prompts.txt'}", f"reward={reward}",
+                 "grpo=egrpo_reference", f"paths.output_dir={tmp_path / 'run'}", "export_pipeline=true", *FAST_TRAINER,
+                 *tiny]  # fmt: skip
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("finetune", overrides=overrides)
+        flux = compose("finetune", overrides=[f"pipeline={sd3_path}", "t2i=flux", "grpo=egrpo_reference"])
+    metrics = finetune(cfg)
+    assert set(metrics) >= {"eval/reward", "eval/path_kl", "eval/diversity"}
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    pipeline = load_flow_pipeline(tmp_path / "run" / "pipeline")
+    pipeline.load_lora_weights(str(tmp_path / "run" / "lora"))  # loads into an unmodified pipeline
+    assert flux.t2i.guidance_scale == 1.0 and flux.t2i.lora_alpha == 128 and "ff.net.2" in flux.t2i.lora_targets
+    assert (flux.grpo.adv_std, flux.grpo.adv_eps, flux.grpo.tau) == ("unbiased", 1e-8, 2.4)
+    bad = cfg.copy()
+    bad.pipeline = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no diffusers pipeline"):
+        finetune(bad)
