@@ -55,16 +55,7 @@ def takes_backbone(target: str) -> bool:
 
 
 def test_every_config_file_is_covered_here():
-    groups = (
-        *GROUPS,
-        "experiment",
-        *ADAPT_GROUPS,
-        "sampler",
-        "grpo",
-        "reward",
-        "monitor",
-        "t2i",
-    )  # t2i: test_grpo_pipeline
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward", "monitor", "t2i")
     covered = {f"{group}/{name}" for group in groups for name in options(group)}
     covered |= {
         "train",
@@ -352,9 +343,7 @@ def test_every_grpo_config_fine_tunes(variant):
     assert set(module.evaluate()) >= {"reward", "path_kl", "in_target", "balance", "distance"}
 
 
-@pytest.mark.parametrize(
-    "reward", [o for o in options("reward") if not o.startswith("jpeg")]
-)  # jpeg: test_grpo_pipeline
+@pytest.mark.parametrize("reward", [o for o in options("reward") if not o.startswith("jpeg")])  # images: grpo_pipeline
 def test_every_reward_config_scores_its_data(reward):
     from entreg.data import DigitsDataModule
     from tests.flow_toy import ring_means
