@@ -7,10 +7,12 @@ to the model), and the label an ``int``. Each domain's dataset also has ``target
 without loading an image) for protocols that reorder by label. ``set_transform`` puts the model's own preprocessing
 (resize, crop) in place of ``ToTensor`` before ``setup``.
 
-Order inside a domain: the first ``n_examples`` of its base order (RobustBench's first-k subset), then, with
-``shuffle``, permuted by ``random.Random(seed).shuffle``: the permutation of mariodoebler/test-time-adaptation's
-``random.seed(seed); random.shuffle(samples)`` (every domain re-seeded: same seed, same permutation of equal-length
-domains), so a stream of all of a domain's images is that repository's order.
+Order inside a domain (:func:`stream_order`): with ``shuffle``, the base order (file rows, an id list's order,
+or ImageFolder's sorted order) permuted by ``random.Random(seed).shuffle``, the permutation of
+mariodoebler/test-time-adaptation's ``random.seed(seed); random.shuffle(samples)`` (every domain re-seeded: same
+seed, same permutation of equal-length domains), so a stream of all of a domain's images is that repository's order.
+``n_examples`` keeps the first k of the base order before shuffling where that order is random (CIFAR-C rows, id
+lists: RobustBench's subset), and the first k of the shuffled order for folder trees (sorted by class).
 """
 
 from __future__ import annotations
