@@ -175,6 +175,134 @@ def test_entreg_adapt_prints_the_comparison(tmp_path):
             assert value == [pytest.approx(written[f"{shift}/{name}"])] and row[column] == f"{value[0]:.4f}"
 
 
+# ---- entreg-adapt on a benchmark: a source model from its weights file, a stream in its published layout, a protocol
+
+
+CIFAR_C = ["gaussian_noise", "fog"]  # the fixture's corruptions: 4 images each at every severity
+
+
+def weights_file(kind: str, suffix: str, tmp_path: Path) -> list[str]:
+    """Overrides that make ``model=<kind>`` a small random-weights 10-class model saved as ``suffix``."""
+    import torch
+
+    if kind == "robustbench":  # RobustBench's layout: 'state_dict' with DataParallel's module. prefixes, no mu/sigma
+        from entreg.nn.robustbench import robustbench_architecture
+
+        state = robustbench_architecture("Hendrycks2020AugMix_WRN", "cifar10").state_dict()
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items() if k not in ("mu", "sigma")}},
+                   tmp_path / f"wrn{suffix}")  # fmt: skip
+        return ["model=robustbench", "model.name=Hendrycks2020AugMix_WRN", f"model.file={tmp_path / f'wrn{suffix}'}"]
+    if kind == "timm_pretrained":
+        import timm
+
+        state = timm.create_model("resnet10t", pretrained=False, num_classes=10).state_dict()
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp_path / f"r{suffix}"))
+        else:
+            torch.save(state, tmp_path / f"r{suffix}")
+        return ["model=timm_pretrained", "model.name=resnet10t.c3_in1k", f"model.file={tmp_path / f'r{suffix}'}",
+                "model.num_classes=10"]  # fmt: skip
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / f"resnet18{suffix}")
+    return ["model=torchvision_pretrained", "model.name=resnet18", f"model.file={tmp_path / f'resnet18{suffix}'}",
+            "model.num_classes=10"]  # fmt: skip
+
+
+def benchmark_overrides(tmp_path: Path, model: list[str]) -> list[str]:
+    """entreg-adapt <model> stream=cifar10_c (a fixture in the published layout) protocol=continual method=tent."""
+    from tests.stream_fixtures import write_cifar_c
+
+    write_cifar_c(tmp_path / "CIFAR-10-C", CIFAR_C, n=4)
+    stream = ["stream=cifar10_c", f"stream.root={tmp_path / 'CIFAR-10-C'}", f"stream.corruptions=[{','.join(CIFAR_C)}]",
+              "stream.num_workers=0", "stream.batch_size=4"]  # fmt: skip
+    return [*model, *stream, "protocol=continual", "method=tent", "method.lr=0.01", *QUIET]
+
+
+def plain_tent(cfg) -> dict[str, dict[str, float]]:
+    """The reference: Tent on the model the config builds, a plain loop over the stream's domains in order, never
+    reset, in batches of 4: online error and mean entropy per corruption."""
+    import torch
+    from hydra.utils import instantiate
+
+    from entreg.entropy import categorical_entropy
+    from entreg.tta import build_method
+
+    model = instantiate(cfg.model, _convert_="all").eval()
+    stream = instantiate(cfg.stream, _convert_="all")
+    stream.set_transform(model.image_transform())
+    stream.setup("test")
+    tent, out = build_method("tent", model, model.hparams.num_classes, lr=cfg.method.lr), {}
+    for domain in stream.domains:
+        items = [domain.dataset[i] for i in range(len(domain.dataset))]
+        x, y = torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
+        wrong, entropy = 0, 0.0
+        with torch.no_grad():
+            for xb, yb in zip(x.split(4), y.split(4), strict=True):
+                logits, _ = tent.adapt(xb)
+                wrong += int((logits.argmax(1) != yb).sum())
+                entropy += float(categorical_entropy(logits, dim=1).sum())
+        out[domain.corruption] = {"error": wrong / len(y), "entropy": entropy / len(y)}
+    return out
+
+
+def test_entreg_adapt_benchmark_prints_writes_logs_and_equals_a_plain_loop(tmp_path):
+    """The command a user runs: a RobustBench checkpoint, CIFAR-10-C on disk, the continual protocol, Tent after the
+    source and BN-adapt rows; the table printed with images/s, written as CSV and JSON, logged to TensorBoard; the
+    method's row equals a plain PyTorch loop of Tent over the same stream."""
+    overrides = benchmark_overrides(tmp_path, weights_file("robustbench", ".pt", tmp_path))
+    command = [sys.executable, "-m", "entreg.adapt", *overrides]
+    result = run(command, cwd=tmp_path, ENTREG_LOG_DIR=str(tmp_path / "logs"))
+    (run_dir,) = (tmp_path / "logs" / "adapt" / "runs").iterdir()
+    table = json.loads((run_dir / "tta_table.json").read_text())
+    assert table["segments"] == CIFAR_C and list(table["rows"]) == ["source", "bn_adapt", "tent"]
+    expected = plain_tent(compose("adapt", *overrides, f"paths.output_dir={tmp_path / 'unused'}"))
+    for corruption, want in expected.items():
+        assert table["rows"]["tent"][corruption]["error"] == pytest.approx(want["error"], abs=1e-9)
+        assert table["rows"]["tent"][corruption]["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
+    header = "method,gaussian_noise,fog,mean"
+    assert (run_dir / "tta_table.csv").read_text().splitlines()[0] == header
+    row = printed_row(result.stdout, "tent")
+    assert row[1] == f"{100 * table['rows']['tent']['gaussian_noise']['error']:.2f}" and float(row[-1]) > 0
+    assert "images/s" in result.stdout and f"table (csv): {run_dir / 'tta_table.csv'}" in result.stdout
+    logged = scalars(run_dir / "tensorboard")
+    assert logged["benchmark/tent/fog/error"] == [pytest.approx(table["rows"]["tent"]["fog"]["error"])]
+    assert "tta/online_error" in logged  # the method's row logs its batches
+    written = json.loads((run_dir / "metrics.json").read_text())
+    assert written["source/mean_error"] == pytest.approx(table["error_percent"]["source"]["mean"] / 100)
+
+
+FORMATS = [("timm_pretrained", ".safetensors"), ("timm_pretrained", ".pth"), ("timm_pretrained", ".bin")]
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [*FORMATS, ("torchvision_pretrained", ".pth")])
+def test_entreg_adapt_benchmark_from_every_weights_format_equals_a_plain_loop(kind, suffix, tmp_path):
+    from entreg.cli import adapt
+
+    overrides = benchmark_overrides(tmp_path, weights_file(kind, suffix, tmp_path))
+    cfg = compose("adapt", *overrides, "baselines=[]", "logger=none", f"paths.output_dir={tmp_path / 'run'}")
+    metrics = adapt(cfg)
+    expected = plain_tent(cfg)
+    for corruption, want in expected.items():
+        assert metrics[f"tent/{corruption}/error"] == pytest.approx(want["error"], abs=1e-9)
+    rows = json.loads((tmp_path / "run" / "tta_table.json").read_text())["rows"]["tent"]
+    assert {c: rows[c]["entropy"] for c in CIFAR_C} == pytest.approx({c: expected[c]["entropy"] for c in CIFAR_C})
+
+
+def test_entreg_adapt_protocol_errors_name_what_is_missing(tmp_path):
+    from entreg.cli import adapt
+
+    base = [*QUIET, "logger=none", f"paths.output_dir={tmp_path}"]
+    with pytest.raises(ValueError, match=r"choose a protocol too, e\.g\. protocol=continual"):
+        adapt(compose("adapt", *base, *weights_file("robustbench", ".pt", tmp_path)))
+    with pytest.raises(ValueError, match=r"give the source model, model=<robustbench"):
+        adapt(compose("adapt", *base, "protocol=continual"))
+    with pytest.raises(ValueError, match=r"protocol=continual needs a benchmark stream with domains \(stream="):
+        adapt(compose("adapt", *base, "protocol=continual", *weights_file("robustbench", ".pt", tmp_path)))
+
+
 def test_finetune_a_flow_checkpoint_with_egrpo(tmp_path):
     """entreg-train an unconditional ring flow for one short epoch (a `test: false` experiment), then
     entreg-finetune it with E-GRPO: the table compares base and fine-tuned, and the run writes TensorBoard events

@@ -125,10 +125,11 @@ def test_clean_error_after_the_stream_measures_the_adapted_model():
     clean = protocol("mild").build([domains()[0]], batch_size=16).segments[0]
     rows = {"bn_adapt": lambda: TestTimeAdaptation("bn_adapt", num_classes=CLASSES),
             "tent": lambda: TestTimeAdaptation("tent", num_classes=CLASSES, lr=0.5)}  # fmt: skip
-    table = run_benchmark(model, stream, rows, trainer, after=clean)
-    bn_after = table.extra["bn_adapt"]["clean_error_after"]
-    assert bn_after == pytest.approx(table.rows["bn_adapt"]["noise"]["error"])  # no update: as on the stream
-    assert table.extra["tent"]["clean_error_after"] != bn_after
+    table = run_benchmark(model, stream, rows, trainer, after={"clean": clean})
+    bn_after = table.extra["bn_adapt"]["after"]["clean"]
+    assert bn_after == pytest.approx(table.rows["bn_adapt"]["noise"])  # no update: as on the stream
+    assert table.extra["tent"]["after"]["clean"]["error"] != bn_after["error"]
+    assert table.rows["tent"]["noise"]["mean_loss"] > 0 and bn_after["mean_loss"] is None
 
 
 def test_online_stats_count_the_open_set_apart():

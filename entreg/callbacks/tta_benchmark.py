@@ -94,20 +94,21 @@ class _Predictor(L.LightningModule):
 
 class OnlineRecorder(L.Callback):
     """Records, per test dataloader (segment), the pre-update logits of ``tta`` with the batch's labels
-    (:class:`~entreg.tta.benchmark.OnlineStats`), sums them over DDP ranks when the run ends, and then optionally
-    measures the adapted model on clean data (``after``, without updates: forgetting). :attr:`results` maps segment
-    names to metrics (on every rank, and in the main process of a ``ddp_fork`` run through ``callback_metrics``);
-    :attr:`seconds`: from the start of the test loop to its end (the method built, EATA's Fisher computed)."""
+    (:class:`~entreg.tta.benchmark.OnlineStats`), sums them over DDP ranks when the run ends, and then measures the
+    adapted model, as adaptation left it and without updates, on the segments of ``after`` (e.g. the clean test set:
+    forgetting). :attr:`results` (on every rank, and in the main process of a ``ddp_fork`` run through
+    ``callback_metrics``): ``{"segments": {name: metrics}, "after": {name: metrics}, "extra": {seconds,
+    images_per_second}}``, seconds from the start of the test loop (the method built, EATA's Fisher computed) to
+    its end."""
 
-    def __init__(self, tta: TestTimeAdaptation, names: list[str], after: Segment | None = None) -> None:
-        self.tta, self.names, self.after = tta, list(names), after
+    def __init__(self, tta: TestTimeAdaptation, names: list[str], after: Mapping[str, Segment] | None = None) -> None:
+        self.tta, self.names, self.after = tta, list(names), dict(after or {})
         self.stats: dict[int, OnlineStats] = {}
         self.results: dict[str, Any] | None = None
-        self.seconds: float | None = None
         self._start = 0.0
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.stats, self.results, self._start = {i: OnlineStats() for i in range(len(self.names))}, None, 0.0
+        self.stats, self.results = {i: OnlineStats() for i in range(len(self.names))}, None
         self._start = time.perf_counter()
 
     def on_test_batch_end(
@@ -119,41 +120,39 @@ class OnlineRecorder(L.Callback):
         if self.tta.last_logits is None:
             stats.skip(len(inputs))
             return
-        stats.update(self.tta.last_logits, targets, self.tta.last_info, updates=self.tta.method.updates)
+        method = self.tta.method
+        stats.update(self.tta.last_logits, targets, self.tta.last_info, method.updates, trainer.world_size)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seconds = time.perf_counter() - self._start
-        strategy = trainer.strategy
-        results: dict[str, Any] = {}
-        for i, name in enumerate(self.names):
-            stats = self.stats[i]
-            if trainer.world_size > 1:
-                stats.load_vector(strategy.reduce(stats.vector().to(strategy.root_device), reduce_op="sum"))
-                if stats.msp:  # the open-set scores of every rank
-                    flags = torch.cat(stats.known_flags).to(strategy.root_device)
-                    scores = torch.cat(stats.msp).to(strategy.root_device)
-                    stats.known_flags = [all_gather_uneven(strategy, flags).cpu()]
-                    stats.msp = [all_gather_uneven(strategy, scores).cpu()]
-            results[name] = stats.result()
-        samples = sum(r["samples"] for r in results.values())
-        extra: dict[str, Any] = {"seconds": seconds, "images_per_second": samples / seconds if seconds else None}
-        if self.after is not None:
-            extra["clean_error_after"] = self._clean_error(trainer)
-        self.results, self.seconds = {"segments": results, "extra": extra}, seconds
+        segments = {name: self._total(trainer, self.stats[i]) for i, name in enumerate(self.names)}
+        after = {name: self._total(trainer, self._evaluate(trainer, segment)) for name, segment in self.after.items()}
+        samples = sum(r["samples"] for r in segments.values())
+        extra = {"seconds": seconds, "images_per_second": samples / seconds if seconds else None}
+        self.results = {"segments": segments, "after": after, "extra": extra}
         encoded = torch.frombuffer(bytearray(json.dumps(self.results).encode()), dtype=torch.uint8)
         trainer.callback_metrics[RESULTS_KEY] = encoded  # read back in the main process of a ddp_fork run
 
-    @torch.no_grad()
-    def _clean_error(self, trainer: L.Trainer) -> float | None:
-        """Error of the adapted model (as adaptation left it: BatchNorm on batch statistics) on ``after``."""
-        method, device = self.tta.method, trainer.strategy.root_device
-        counts = torch.zeros(2, dtype=torch.float64, device=device)
-        for x, y in segment_loader(self.after, trainer.global_rank, trainer.world_size):
-            pred = method.logits(x.to(device)).argmax(1)
-            counts += torch.stack([(pred != y.to(device)).sum(), torch.tensor(len(y), device=device)]).double()
+    @staticmethod
+    def _total(trainer: L.Trainer, stats: OnlineStats) -> dict[str, Any]:
+        """The metrics of ``stats`` summed over the ranks."""
+        strategy = trainer.strategy
         if trainer.world_size > 1:
-            counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return float(counts[0] / counts[1]) if counts[1] else None
+            stats.load_vector(strategy.reduce(stats.vector().to(strategy.root_device), reduce_op="sum"))
+            if stats.msp:  # the open-set scores of every rank
+                flags = torch.cat(stats.known_flags).to(strategy.root_device)
+                scores = torch.cat(stats.msp).to(strategy.root_device)
+                stats.known_flags = [all_gather_uneven(strategy, flags).cpu()]
+                stats.msp = [all_gather_uneven(strategy, scores).cpu()]
+        return stats.result()
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, segment: Segment) -> OnlineStats:
+        """The adapted model's predictions on ``segment`` (this rank's share), no update."""
+        method, device, stats = self.tta.method, trainer.strategy.root_device, OnlineStats()
+        for batch in segment_loader(segment, trainer.global_rank, trainer.world_size):
+            stats.update(method.logits(batch[0].to(device)), batch[1].to(device), updates=False)
+        return stats
 
 
 def run_stream(
@@ -162,15 +161,16 @@ def run_stream(
     tta: TestTimeAdaptation,
     trainer: TrainerFactory,
     source: Dataset | None = None,
-    after: Segment | None = None,
+    after: Mapping[str, Segment] | None = None,
     loader_options: Mapping[str, Any] | None = None,
     log: bool = False,
     seed: int | None = None,
     source_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Adapt ``model`` with ``tta`` over ``stream`` (its reset mode set on the callback) in
-    ``trainer(callbacks, log).test``; returns ``{"segments": {name: metrics}, "extra": {seconds,
-    images_per_second[, clean_error_after]}}`` (:meth:`OnlineStats.result <entreg.tta.benchmark.OnlineStats.result>`).
+    ``trainer(callbacks, log).test``; returns ``{"segments": {name: metrics}, "after": {name: metrics}, "extra":
+    {seconds, images_per_second}}`` (:meth:`OnlineStats.result <entreg.tta.benchmark.OnlineStats.result>`; "after":
+    the adapted model on each segment of ``after``, no update).
     ``seed``: ``torch.manual_seed`` just before the run (DeYO's patch shuffle draws from the global generator);
     ``source``/``source_batch_size``: clean batches for the callback's ``source_batches`` (:class:`StreamDataModule`).
     ``model`` is adapted in place and given back as it came by the callback (``keep_adapted=False``)."""
@@ -197,7 +197,7 @@ def run_benchmark(
     rows: Mapping[str, Callable[[], TestTimeAdaptation]],
     trainer: TrainerFactory,
     source: Dataset | None = None,
-    after: Segment | None = None,
+    after: Mapping[str, Segment] | None = None,
     loader_options: Mapping[str, Any] | None = None,
     log: Callable[[str], bool] = lambda label: False,
     seed: int | None = None,
@@ -206,12 +206,13 @@ def run_benchmark(
     """One :func:`run_stream` per row (a label and a factory of its callback, e.g. ``{"source": lambda:
     TestTimeAdaptation("source"), "tent": lambda: TestTimeAdaptation("tent", lr=1e-3)}``), each on the same stream
     and the same source model; ``log(label)``: whether that row writes its per-batch ``tta/*`` values to the
-    loggers. Returns the table (extra per row: seconds, images/s, clean error after)."""
+    loggers. Returns the table (extra per row: seconds, images/s, and ``after``: the metrics of each segment of
+    ``after``)."""
     table = BenchmarkTable(stream.names, info={"protocol": stream.protocol.name, "reset": stream.reset})
     for label, make in rows.items():
         fresh = copy.deepcopy(model)  # every row from the source model, whatever a callback leaves behind
         result = run_stream(
             fresh, stream, make(), trainer, source, after, loader_options, log(label), seed, source_batch_size
         )
-        table.add(label, result["segments"], **result["extra"])
+        table.add(label, result["segments"], **result["extra"], after=result["after"])
     return table

@@ -41,6 +41,8 @@ COUNTS = (
     "recoveries",  # steps that ended in a recovery reset (SAR's model recovery)
     "steps",  # batches of an updating method
     "skipped",  # samples of skipped batches (NaN/Inf inputs)
+    "loss",  # sum of the step losses (over steps with one)
+    "losses",  # steps with a loss
 )
 
 
@@ -81,10 +83,16 @@ class OnlineStats:
     known_flags: list[Tensor] = field(default_factory=list)
 
     def update(
-        self, logits: Tensor, targets: Tensor | None, info: StepInfo | None = None, updates: bool = True
+        self,
+        logits: Tensor,
+        targets: Tensor | None,
+        info: StepInfo | None = None,
+        updates: bool = True,
+        world_size: int = 1,
     ) -> None:
         """Add a batch: its pre-update ``logits`` (N, C), labels (None: unlabelled) and the step's ``info``
-        (``updates``: the method trains, so its selection counts)."""
+        (``updates``: the method trains, so its selection counts; ``world_size``: the number of DDP ranks, each
+        adding its own batch: the step's loss, the same on every rank, is counted once over all)."""
         logits = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))  # half -> float, double stays
         classes = logits.shape[1]
         pred = logits.argmax(1)
@@ -100,7 +108,9 @@ class OnlineStats:
             add |= {"known": known.sum(), "wrong": ((pred != targets) & known).sum()}
         if info is not None and updates:  # this rank's selection: info.selected counts every rank's
             selected = info.selected if info.mask is None else info.mask.sum()
-            add |= {"selected": selected, "steps": 1, "recoveries": int(info.reset)}
+            add |= {"selected": selected, "steps": 1, "recoveries": int(info.reset) / world_size}
+            if info.loss is not None and math.isfinite(info.loss):
+                add |= {"loss": info.loss / world_size, "losses": 1 / world_size}
             if info.mask is not None:
                 add |= {"selected_known": (info.mask & known).sum(), "selected_unknown": (info.mask & ~known).sum()}
         for key, value in add.items():
@@ -129,7 +139,8 @@ class OnlineStats:
     def result(self, selected_of: int | None = None) -> dict[str, Any]:
         """The segment's metrics: ``error`` (online error on the known classes; None without labels), ``samples``,
         ``entropy`` (mean, nats), ``below_e0``/``below_tau_ent`` (shares), ``selected`` (share of the samples in
-        the loss; None for a method that does not update), ``resets`` (recovery resets), ``top_class_share``
+        the loss; None for a method that does not update), ``resets`` (recovery resets), ``mean_loss`` (over the
+        steps with a finite loss), ``top_class_share``
         (largest share of one predicted class: collapse), and with samples of unknown classes ``msp_auroc`` and
         ``selected_known``/``selected_unknown``."""
         s = self.sums
@@ -143,7 +154,8 @@ class OnlineStats:
             "below_e0": s["below_e0"] / n,
             "below_tau_ent": s["below_tau_ent"] / n,
             "selected": s["selected"] / n if s["steps"] else None,
-            "resets": int(s["recoveries"]),
+            "resets": round(s["recoveries"]),
+            "mean_loss": s["loss"] / s["losses"] if s["losses"] else None,
             "top_class_share": float(self.predictions.max()) / n,
         }
         if s["skipped"]:
