@@ -36,28 +36,22 @@ The raw per-repeat numbers, the settings, the torch version, thread count and da
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import ForeignCpu, quantile, results_path
+from benchkit import ForeignCpu, LoopTimer, clean_or_all, environment, quantile, results_path, verdict, write_results
 
 from entreg.entropy import categorical_entropy
 
 SHAPES: tuple[tuple[int, int], ...] = ((256, 10), (256, 1000), (64, 32000))
 GOAL_FLOOR = 1.3  # entreg/floor must be <= this
 GOAL_CATEGORICAL = 1.0  # entreg/Categorical must be < this
-
-MIN_CLEAN = 3  # fewer clean repeats than this: fall back to all repeats and flag the row
 
 Step = Callable[[torch.Tensor], None]
 
@@ -78,25 +72,6 @@ def step_floor(z: torch.Tensor) -> None:
 
 
 CANDIDATES: dict[str, Step] = {"entreg": step_entreg, "Categorical": step_categorical, "floor": step_floor}
-
-
-def time_loop(step: Step, z: torch.Tensor, n: int) -> float:
-    """Seconds per call of ``step(z)`` over a loop of ``n`` calls."""
-    start = time.perf_counter()
-    for _ in range(n):
-        step(z)
-    return (time.perf_counter() - start) / n
-
-
-def calibrate(step: Step, z: torch.Tensor, min_loop_s: float) -> int:
-    """Smallest power-of-two-ish ``n`` whose loop lasts at least ``min_loop_s`` (with a 1.2x margin)."""
-    step(z)  # first call: allocations, lazy init
-    n = 1
-    while True:
-        per_call = time_loop(step, z, n)
-        if per_call * n >= min_loop_s:
-            return n
-        n = max(n * 2, math.ceil(1.2 * min_loop_s / max(per_call, 1e-9)))
 
 
 def check_agreement(z: torch.Tensor) -> dict[str, float]:
@@ -123,7 +98,7 @@ def bench_shape(
     gen = torch.Generator().manual_seed(seed)
     z = (3.0 * torch.randn(shape, generator=gen)).requires_grad_(True)
     names = list(CANDIDATES)
-    iters = {name: calibrate(CANDIDATES[name], z, min_loop_s) for name in names}
+    timers = {name: LoopTimer(partial(CANDIDATES[name], z), min_loop_s) for name in names}
     monitor = ForeignCpu()
     log: list[dict[str, Any]] = []  # every repeat after the warm-up, clean or not
     gc_was_enabled = gc.isenabled()
@@ -136,27 +111,24 @@ def bench_shape(
                 break
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate the starting candidate
             start = monitor.snapshot()
-            per_call = {name: time_loop(CANDIDATES[name], z, iters[name]) for name in order}
+            per_call = {name: timers[name].measure() for name in order}  # a short loop lengthens the next ones
             foreign = monitor.cores(start, monitor.snapshot())
+            iters = {name: timers[name].last_n for name in names}
             loops_long_enough = all(per_call[name] * iters[name] >= 0.5 * min_loop_s for name in names)
             if r >= warmup:
                 log.append(
                     {
                         "per_call_us": {name: per_call[name] * 1e6 for name in names},
-                        "iters": dict(iters),
+                        "iters": iters,
                         "foreign_cores": foreign,
                         "clean": loops_long_enough and (foreign is None or foreign <= max_foreign),
                     }
                 )
-            for name in names:  # calibrated during a slow phase: lengthen the loop from now on
-                if per_call[name] * iters[name] < min_loop_s:
-                    iters[name] = math.ceil(1.2 * min_loop_s / per_call[name])
             r += 1
     finally:
         if gc_was_enabled:
             gc.enable()
-    clean = [rep for rep in log if rep["clean"]]
-    used = clean if len(clean) >= min(MIN_CLEAN, repeats) else log
+    used, noisy = clean_or_all(log, [rep["clean"] for rep in log], repeats)
     per_call_us = {name: [rep["per_call_us"][name] for rep in used] for name in names}
     ratios = {
         "entreg/floor": [e / f for e, f in zip(per_call_us["entreg"], per_call_us["floor"], strict=True)],
@@ -165,8 +137,8 @@ def bench_shape(
     return {
         "shape": list(shape),
         "repeats_run": len(log),
-        "repeats_clean": len(clean),
-        "noisy": used is log and len(clean) < len(log),
+        "repeats_clean": sum(rep["clean"] for rep in log),
+        "noisy": noisy,
         "per_call_us": per_call_us,
         "median_us": {name: statistics.median(v) for name, v in per_call_us.items()},
         "ratios": ratios,
@@ -191,11 +163,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ok = rm["entreg/floor"] <= GOAL_FLOOR and rm["entreg/Categorical"] < GOAL_CATEGORICAL
         shape = "x".join(str(s) for s in res["shape"])
         clean = f"{res['repeats_clean']}/{res['repeats_run']}"
-        verdict = ("PASS" if ok else "FAIL") + (" NOISY" if res["noisy"] else "")
         print(
             f"{shape:>12} | {med['entreg']:10.1f} {med['Categorical']:10.1f} {med['floor']:10.1f} | "
             f"{rm['entreg/floor']:6.3f} [{f_lo:5.3f}, {f_hi:5.3f}] | "
-            f"{rm['entreg/Categorical']:6.3f} [{c_lo:5.3f}, {c_hi:5.3f}] | {clean:>5} | {verdict}"
+            f"{rm['entreg/Categorical']:6.3f} [{c_lo:5.3f}, {c_hi:5.3f}] | {clean:>5} | {verdict(ok, res['noisy'])}"
         )
 
 
@@ -273,20 +244,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rerun on a quiet machine or with --threads 1."
         )
 
-    report = {
-        "benchmark": "categorical_entropy forward+backward",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "settings": settings,
-        "goal": {"entreg/floor_max": GOAL_FLOOR, "entreg/Categorical_below": GOAL_CATEGORICAL, "met": all_ok},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report = environment(
+        benchmark="categorical_entropy forward+backward",
+        settings=settings,
+        goal={"entreg/floor_max": GOAL_FLOOR, "entreg/Categorical_below": GOAL_CATEGORICAL, "met": all_ok},
+        results=results,
+    )
+    write_results(args.out, report)
     print(f"Wrote {args.out}")
     return report
 

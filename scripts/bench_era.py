@@ -41,7 +41,7 @@ Run:
     python scripts/bench_era.py --quick       # tiny settings (< ~1 minute): checks that the script works
 
 Raw numbers, settings, torch version, thread count and date go to ``results/bench_era.json`` (``--out`` to
-change). Nothing is downloaded.
+change); a part run alone keeps the other part of an existing file. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -49,12 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as dt
 import io
-import json
-import math
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -63,7 +58,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quantile, quiet_libraries, results_path
+from benchkit import (
+    ForeignCpu,
+    LoopTimer,
+    clean_or_all,
+    environment,
+    mean_std,
+    median_ci,
+    quantile,
+    quiet_libraries,
+    results_path,
+    verdict,
+    write_results,
+)
 from torch import Tensor, nn
 
 ARMS: dict[str, list[str]] = {
@@ -77,27 +84,6 @@ METRICS: dict[str, str] = {"test/acc": "acc", "test/nll": "NLL", "test/ece": "EC
 CLASSES: tuple[int, ...] = (10, 100, 1000)
 ERA_TARGET = 0.6
 GOAL_RATIO = 1.03  # ERA/CE step time must be <= this
-MIN_CLEAN = 3
-
-
-def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median from order statistics (sign test).
-
-    With fewer values than the level needs (n < 6 for 95%) it is the full range, which then covers less.
-    """
-    s, n = sorted(values), len(values)
-    k, cumulative = 0, 0.0
-    for j in range(n + 1):  # largest k with P(Binomial(n, 1/2) <= k - 1) <= (1 - level) / 2
-        cumulative += math.comb(n, j) / 2**n
-        if cumulative > (1.0 - level) / 2:
-            break
-        k = j + 1
-    return (s[0], s[-1]) if k == 0 else (s[k - 1], s[n - k])
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,41 +178,20 @@ def train_step(model: nn.Module, head: nn.Module | None, opt: torch.optim.Optimi
     opt.step()
 
 
-class EraHeadTimer:
-    """Times forward + backward of ``era_logits`` on fixed (batch, K) logits with a fixed upstream gradient.
+def era_head_timer(batch: int, num_classes: int) -> LoopTimer:
+    """Times forward + backward of ``era_logits`` on fixed (batch, K) logits with a fixed upstream gradient, in
+    loops of at least 20 ms."""
+    from entreg.nn.era import era_logits
 
-    Each call of :meth:`measure` runs one loop of ``n`` calls and returns microseconds per call;
-    ``n`` grows whenever a loop lasted less than ``min_loop_s`` (e.g. when it was calibrated
-    while the machine was slow).
-    """
+    gen = torch.Generator().manual_seed(0)
+    z = (3.0 * torch.randn(batch, num_classes, generator=gen)).requires_grad_(True)
+    upstream = torch.randn(batch, num_classes, generator=gen)
 
-    def __init__(self, batch: int, num_classes: int, min_loop_s: float = 0.02) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.z = (3.0 * torch.randn(batch, num_classes, generator=gen)).requires_grad_(True)
-        self.upstream = torch.randn(batch, num_classes, generator=gen)
-        self.min_loop_s = min_loop_s
-        self.n = 1
-        self._once()
-        while (per_call := self._loop(self.n)) * self.n < min_loop_s:
-            self.n = max(2 * self.n, math.ceil(1.2 * min_loop_s / max(per_call, 1e-9)))
+    def once() -> None:
+        z.grad = None
+        era_logits(z, ERA_TARGET).backward(upstream)
 
-    def _once(self) -> None:
-        from entreg.nn.era import era_logits
-
-        self.z.grad = None
-        era_logits(self.z, ERA_TARGET).backward(self.upstream)
-
-    def _loop(self, n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            self._once()
-        return (time.perf_counter() - start) / n
-
-    def measure(self) -> float:
-        per_call = self._loop(self.n)
-        if per_call * self.n < self.min_loop_s:
-            self.n = math.ceil(1.2 * self.min_loop_s / per_call)
-        return per_call * 1e6
+    return LoopTimer(once, 0.02)
 
 
 def run_speed_one(
@@ -257,7 +222,7 @@ def run_speed_one(
     for _ in range(warmup):
         for model, head, opt in arms.values():
             train_step(model, head, opt, x, y)
-    head_timer = EraHeadTimer(batch, num_classes)
+    head_timer = era_head_timer(batch, num_classes)
 
     monitor = ForeignCpu()
     log: list[dict[str, Any]] = []
@@ -285,7 +250,7 @@ def run_speed_one(
             name: None if value is None else value / seconds[name] for name, value in foreign_s.items()
         }
         start = monitor.snapshot()
-        head_us = head_timer.measure()
+        head_us = head_timer.measure() * 1e6
         foreign["head"] = monitor.cores(start, monitor.snapshot())  # short window: informative only
         worst = max((foreign[name] for name in ("CE", "ERA") if foreign[name] is not None), default=None)
         log.append(
@@ -297,16 +262,15 @@ def run_speed_one(
                 "clean": worst is None or worst <= max_foreign,
             }
         )
-    clean = [rep for rep in log if rep["clean"]]
-    used = clean if len(clean) >= min(MIN_CLEAN, repeats) else log
+    used, noisy = clean_or_all(log, [rep["clean"] for rep in log], repeats)
     ratios = [rep["ms_per_step"]["ERA"] / rep["ms_per_step"]["CE"] for rep in used]
     head_us = statistics.median(rep["era_head_us"] for rep in used)
     ce_ms = statistics.median(rep["ms_per_step"]["CE"] for rep in used)
     return {
         "num_classes": num_classes,
         "repeats_run": len(log),
-        "repeats_clean": len(clean),
-        "noisy": used is log and len(clean) < len(log),
+        "repeats_clean": sum(rep["clean"] for rep in log),
+        "noisy": noisy,
         "ms_per_step_median": {name: statistics.median(rep["ms_per_step"][name] for rep in used) for name in arms},
         "ratios": ratios,
         "ratio_median": statistics.median(ratios),
@@ -356,22 +320,20 @@ def print_speed(results: list[dict[str, Any]], batch: int) -> None:
     for res in results:
         lo, hi = res["ratio_iqr"]
         ci_lo, ci_hi = res["ratio_median_ci95"]
-        ok = res["ratio_median"] <= GOAL_RATIO
-        verdict = ("PASS" if ok else "FAIL") + (" NOISY" if res["noisy"] else "")
         clean = f"{res['repeats_clean']}/{res['repeats_run']}"
+        goal = verdict(res["ratio_median"] <= GOAL_RATIO, res["noisy"])
         print(
             f"{res['num_classes']:>5} | {res['ms_per_step_median']['CE']:10.1f} "
             f"{res['ms_per_step_median']['ERA']:11.1f} | {res['ratio_median']:7.4f} [{lo:6.4f}, {hi:6.4f}] "
             f"[{ci_lo:6.4f}, {ci_hi:6.4f}] | {clean:>5} | {res['era_head_us_median']:11.1f} "
-            f"{100 * res['era_head_share_of_ce_step']:8.3f}% | {verdict}"
+            f"{100 * res['era_head_share_of_ce_step']:8.3f}% | {goal}"
         )
     all_ok = all(res["ratio_median"] <= GOAL_RATIO for res in results)
     worst = max(res["ratio_median"] for res in results)
-    verdict = "PASS" if all_ok else "FAIL"
     noisy = any(res["noisy"] for res in results)
     print(
-        f"\nGoal: ERA/CE training-step time <= {GOAL_RATIO} for every K: {verdict} (worst median {worst:.4f})"
-        + (" -- NOT CONCLUSIVE, NOISY rows" if noisy else "")
+        f"\nGoal: ERA/CE training-step time <= {GOAL_RATIO} for every K: {verdict(all_ok, False)} "
+        f"(worst median {worst:.4f})" + (" -- NOT CONCLUSIVE, NOISY rows" if noisy else "")
     )
     unresolved = [
         res["num_classes"] for res in results if res["ratio_median_ci95"][0] <= GOAL_RATIO < res["ratio_median_ci95"][1]
@@ -435,17 +397,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         quiet_libraries()
     extra = list(args.override) + ([f"trainer.max_epochs={epochs}"] if epochs is not None else [])
 
-    report: dict[str, Any] = {
-        "benchmark": "ERA vs CE/label smoothing/confidence penalty: digits quality; ResNet-18 step time",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "settings": {"quick": args.quick, "part": args.part},
-    }
+    report = environment(
+        benchmark="ERA vs CE/label smoothing/confidence penalty: digits quality; ResNet-18 step time",
+        settings={"quick": args.quick, "part": args.part},
+    )
     print(f"bench_era: torch {torch.__version__}, {torch.get_num_threads()} threads, quick={args.quick}")
     started = time.perf_counter()
     if args.part in ("a", "both"):
@@ -490,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_quality(report["quality"], seeds)
     if "speed" in report:
         print_speed(report["speed"], batch)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report, keep=[part for part in ("quality", "speed") if part not in report])
     print(f"\nWrote {args.out} ({report['seconds_total']:.0f} s)")
     return report
 

@@ -47,14 +47,9 @@ Raw per-step times, settings and versions go to ``bench_monitor.json`` in ``resu
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import importlib.util
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -66,7 +61,17 @@ from unittest import mock
 import lightning as L
 import torch
 import torch.nn.functional as F
-from benchkit import ForeignCpu, quiet_libraries, results_path, shown
+from benchkit import (
+    MIN_CLEAN,
+    ForeignCpu,
+    clean_or_all,
+    environment,
+    quiet_libraries,
+    results_path,
+    shown,
+    verdict,
+    write_results,
+)
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -77,7 +82,6 @@ from entreg.loggers import should_log_step
 
 GOAL_RATIO = 1.02
 ARMS = ("off", "monitor", "features")
-MIN_CLEAN = 3
 # the monitor's parts, timed exclusively (a nested part's time is taken out of its caller's)
 PARTS = ("batch_start", "output_hook", "stats_update", "features_hook", "batch_end")
 
@@ -388,8 +392,7 @@ def run_alternating(
 
 
 def summarize(rounds: list[dict[str, Any]], arm: str) -> dict[str, Any]:
-    clean = [r for r in rounds if r["clean"]]
-    used = clean if len(clean) >= min(MIN_CLEAN, len(rounds)) else rounds
+    used, noisy = clean_or_all(rounds, [r["clean"] for r in rounds], len(rounds))
     ratios = [r["ms"][arm] / r["ms"]["off"] for r in used]
     return {
         "ms_off": statistics.median(r["ms"]["off"] for r in used),
@@ -399,7 +402,7 @@ def summarize(rounds: list[dict[str, Any]], arm: str) -> dict[str, Any]:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "rounds_used": len(used),
-        "noisy": used is rounds and len(clean) < len(rounds),
+        "noisy": noisy,
     }
 
 
@@ -481,11 +484,11 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace) -> No
     for res in results:
         for arm in ARMS[1:]:
             s, alt = res["summary"][arm], res["alternating"][arm]
-            verdict = ("PASS" if s["ratio_median"] <= GOAL_RATIO else "FAIL") + (" NOISY" if s["noisy"] else "")
+            goal = verdict(s["ratio_median"] <= GOAL_RATIO, s["noisy"])
             print(
                 f"{res['label']:<31} {arm:<8} | {s['ms_off']:8.3f} {s['ms_with']:8.3f} | {s['ratio_median']:6.4f} "
                 f"[{s['ratio_min']:.4f}, {s['ratio_max']:.4f}] | {res['rounds_clean']:>2}/{res['rounds_run']:<2} | "
-                f"{alt['ratio']:8.4f} | {alt['own_us_per_step']:7.1f} {100 * alt['own_share']:5.2f}% | {verdict}"
+                f"{alt['ratio']:8.4f} | {alt['own_us_per_step']:7.1f} {100 * alt['own_share']:5.2f}% | {goal}"
             )
     print(
         "ratio: median over rounds of run with / run without; alt-step: median monitored / unmonitored step of a run\n"
@@ -568,20 +571,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not configs:
         parser.error("no config can run")
 
-    report: dict[str, Any] = {
-        "benchmark": "EntropyMonitor overhead on Lightning training steps (with/without, interleaved)",
-        "command": " ".join(["python", "scripts/bench_monitor.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "settings": {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    report = environment(
+        benchmark="EntropyMonitor overhead on Lightning training steps (with/without, interleaved)",
+        lightning=L.__version__,
+        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        settings={k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"max_minutes": max_minutes, "goal_ratio": GOAL_RATIO},
-    }
+    )
     print(
         f"bench_monitor: torch {torch.__version__}, lightning {L.__version__}, {report['device']}, "
         f"{torch.get_num_threads()} threads, quick={args.quick}"
@@ -597,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["results"] = results
     report["seconds_total"] = time.perf_counter() - started
     print_results(results, args)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"\nWrote {args.out} ({report['seconds_total']:.0f} s)")
     return report
 
