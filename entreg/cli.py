@@ -367,7 +367,7 @@ SHARED_TTA_OPTIONS = ("num_classes", "module", "output_key", "input_key", "targe
 
 def benchmark_stream(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """``(protocol, datamodule, model)`` of a benchmark run: the stream loads the severities the protocol visits,
-    the model gets the stream's class subset (ImageNet-R/A) and gives the stream its image transform."""
+    the model gets the stream's class subset (ImageNet-R/A) and gives the stream its image transform (:func:`feed`)."""
     from hydra.utils import get_class, instantiate
 
     protocol = instantiate(cfg.protocol, _convert_="all")
@@ -389,15 +389,37 @@ def benchmark_stream(cfg: DictConfig) -> tuple[Any, Any, Any]:
             "entreg-adapt protocol=...: give the source model, model=<robustbench|timm_pretrained|"
             "torchvision_pretrained> (with its weights file) or ckpt_path=<an entreg-train checkpoint>"
         )
-    if hasattr(datamodule, "set_transform") and hasattr(model, "image_transform"):
-        datamodule.set_transform(model.image_transform())
-    datamodule.setup("test")
+    feed(datamodule, model)
     if not hasattr(datamodule, "domains"):
         raise ValueError(
             f"protocol={protocol.name} needs a benchmark stream with domains (stream=cifar10_c, cifar100_c, "
             f"imagenet_c, ...); {type(datamodule).__name__} has none (the digits streams run without a protocol)"
         )
     return protocol, datamodule, model
+
+
+def feed(stream: Any, model: Any) -> None:
+    """Give a benchmark stream the model's image transform (without the resize and crop where the stream's images are
+    crops already, as ImageNet-C's) and set it up."""
+    if hasattr(stream, "set_transform") and hasattr(model, "image_transform"):
+        stream.set_transform(model.image_transform(resize=not getattr(stream, "cropped", False)))
+    stream.setup("test")
+
+
+def source_dataset(cfg: DictConfig, model: Any) -> Any:
+    """``cfg.source_data`` (clean source samples, e.g. for EATA's Fisher information): a Dataset config, or a stream
+    config (e.g. ``entreg.data.ImageFolderStream`` on ImageNet's validation images with ``n_examples: 2000``), whose
+    domains' images then come through the model's transform; None without one."""
+    from hydra.utils import instantiate
+    from torch.utils.data import ConcatDataset
+
+    if cfg.get("source_data") is None:
+        return None
+    source = instantiate(cfg.source_data, _convert_="all")
+    if not hasattr(source, "domains"):
+        return source
+    feed(source, model)
+    return ConcatDataset([domain.dataset for domain in source.domains])
 
 
 def adapt_benchmark(cfg: DictConfig) -> dict[str, float]:
@@ -417,7 +439,7 @@ def adapt_benchmark(cfg: DictConfig) -> dict[str, float]:
     protocol, datamodule, model = benchmark_stream(cfg)
     options = datamodule.loader_options()
     stream = protocol.build(datamodule.domains, options["batch_size"], seed=cfg.seed)
-    source = instantiate(cfg.source_data, _convert_="all") if cfg.get("source_data") is not None else None
+    source = source_dataset(cfg, model)
     method = str(cfg.method.method)
     shared = {key: cfg.method[key] for key in SHARED_TTA_OPTIONS if cfg.method.get(key) is not None}
     rows = {name: (lambda name=name: TestTimeAdaptation(name, **shared)) for name in cfg.baselines if name != method}
@@ -551,6 +573,15 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     model = GRPOModule.from_flow_checkpoint(
         base_checkpoint, reward, eval_metrics=eval_metrics, seed=cfg.seed, **options
     )
+    return fit_and_report(cfg, model, ckpt_path, f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned")
+
+
+def fit_and_report(
+    cfg: DictConfig, model: Any, ckpt_path: str | None, title: str, exports: Any = None
+) -> dict[str, float]:
+    """Evaluate ``model`` (a GRPO module), fit it, evaluate it again; on rank zero write ``metrics.json``, call
+    ``exports(model, output_dir) -> {name: path}`` (files the run writes) and print base vs fine-tuned with the
+    cost counters. Returns the final evaluation as ``eval/*``."""
     before = model.evaluate()
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer = make_trainer(cfg, callbacks, loggers, fit=True)
@@ -559,10 +590,11 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     metrics = {f"eval/{k}": v for k, v in after.items()}
     if trainer.is_global_zero:
         paths = run_paths(cfg, trainer)
+        if exports is not None:
+            paths |= exports(model, Path(cfg.paths.output_dir))
         paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
         rows = [[name, before.get(name), value] for name, value in after.items()]
         rows += [[name, None, value] for name, value in model.cost.items()]
-        title = f"entreg-finetune {cfg.grpo.variant}: base -> fine-tuned"
         print_table(title, ["metric", "base", "fine-tuned"], rows, paths)
     return metrics
 
@@ -592,25 +624,15 @@ def finetune_pipeline(cfg: DictConfig) -> dict[str, float]:
     # the grid is the pipeline's own (its scheduler's shift); evaluation: eval prompts x t2i.eval_per_prompt
     options = {k: v for k, v in options.items() if k not in ("shift", "eval_samples")}
     model = GRPOPipelineModule(pipeline, reward, prompts, prompt_column=cfg.prompt_column, seed=cfg.seed, **options)
-    before = model.evaluate()
-    callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
-    trainer = make_trainer(cfg, callbacks, loggers, fit=True)
-    run_fit(trainer, model, ckpt_path=ckpt_path, weights_only=True)
-    after = model.to(trainer.strategy.root_device).evaluate()
-    metrics = {f"eval/{k}": v for k, v in after.items()}
-    if trainer.is_global_zero:
-        paths = run_paths(cfg, trainer)
-        output = Path(cfg.paths.output_dir)
-        if model.hparams.lora_rank is not None:
-            paths["lora"] = str(model.save_lora(output / "lora"))
+
+    def exports(model: GRPOPipelineModule, output: Path) -> dict[str, str]:
+        paths = {"lora": str(model.save_lora(output / "lora"))} if model.hparams.lora_rank is not None else {}
         if cfg.get("export_pipeline"):
             paths["pipeline"] = str(model.export_pipeline(output / "pipeline"))
-        paths["metrics"] = str(write_metrics(cfg.paths.output_dir, metrics))
-        rows = [[name, before.get(name), value] for name, value in after.items()]
-        rows += [[name, None, value] for name, value in model.cost.items()]
-        title = f"entreg-finetune {cfg.grpo.variant} on {pipeline.name}: base -> fine-tuned"
-        print_table(title, ["metric", "base", "fine-tuned"], rows, paths)
-    return metrics
+        return paths
+
+    title = f"entreg-finetune {cfg.grpo.variant} on {pipeline.name}: base -> fine-tuned"
+    return fit_and_report(cfg, model, ckpt_path, title, exports)
 
 
 # ---- multirun summary ------------------------------------------------------------------------------------------

@@ -221,9 +221,10 @@ def benchmark_overrides(tmp_path: Path, model: list[str]) -> list[str]:
     return [*model, *stream, "protocol=continual", "method=tent", "method.lr=0.01", *QUIET]
 
 
-def plain_tent(cfg) -> dict[str, dict[str, float]]:
-    """The reference: Tent on the model the config builds, a plain loop over the stream's domains in order, never
-    reset, in batches of 4: online error and mean entropy per corruption."""
+def plain_loop(cfg, source: list | None = None) -> dict[str, dict[str, float]]:
+    """The reference: the method of the config (its options) on the model the config builds, a plain loop over the
+    stream's domains in order, never reset, in batches of 4 (``source``: clean batches for ``prepare``): online error
+    and mean entropy per corruption."""
     import torch
     from hydra.utils import instantiate
 
@@ -234,14 +235,17 @@ def plain_tent(cfg) -> dict[str, dict[str, float]]:
     stream = instantiate(cfg.stream, _convert_="all")
     stream.set_transform(model.image_transform())
     stream.setup("test")
-    tent, out = build_method("tent", model, model.hparams.num_classes, lr=cfg.method.lr), {}
+    options = {k: cfg.method[k] for k in ("lr", "e_margin", "d_margin", "fisher_alpha") if k in cfg.method}
+    method, out = build_method(cfg.method.method, model, model.hparams.num_classes, **options), {}
+    if source is not None:
+        method.prepare(source)
     for domain in stream.domains:
         items = [domain.dataset[i] for i in range(len(domain.dataset))]
         x, y = torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])
         wrong, entropy = 0, 0.0
         with torch.no_grad():
             for xb, yb in zip(x.split(4), y.split(4), strict=True):
-                logits, _ = tent.adapt(xb)
+                logits, _ = method.adapt(xb)
                 wrong += int((logits.argmax(1) != yb).sum())
                 entropy += float(categorical_entropy(logits, dim=1).sum())
         out[domain.corruption] = {"error": wrong / len(y), "entropy": entropy / len(y)}
@@ -258,7 +262,7 @@ def test_entreg_adapt_benchmark_prints_writes_logs_and_equals_a_plain_loop(tmp_p
     (run_dir,) = (tmp_path / "logs" / "adapt" / "runs").iterdir()
     table = json.loads((run_dir / "tta_table.json").read_text())
     assert table["segments"] == CIFAR_C and list(table["rows"]) == ["source", "bn_adapt", "tent"]
-    expected = plain_tent(compose("adapt", *overrides, f"paths.output_dir={tmp_path / 'unused'}"))
+    expected = plain_loop(compose("adapt", *overrides, f"paths.output_dir={tmp_path / 'unused'}"))
     for corruption, want in expected.items():
         assert table["rows"]["tent"][corruption]["error"] == pytest.approx(want["error"], abs=1e-9)
         assert table["rows"]["tent"][corruption]["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
@@ -284,11 +288,41 @@ def test_entreg_adapt_benchmark_from_every_weights_format_equals_a_plain_loop(ki
     overrides = benchmark_overrides(tmp_path, weights_file(kind, suffix, tmp_path))
     cfg = compose("adapt", *overrides, "baselines=[]", "logger=none", f"paths.output_dir={tmp_path / 'run'}")
     metrics = adapt(cfg)
-    expected = plain_tent(cfg)
+    expected = plain_loop(cfg)
     for corruption, want in expected.items():
         assert metrics[f"tent/{corruption}/error"] == pytest.approx(want["error"], abs=1e-9)
     rows = json.loads((tmp_path / "run" / "tta_table.json").read_text())["rows"]["tent"]
     assert {c: rows[c]["entropy"] for c in CIFAR_C} == pytest.approx({c: expected[c]["entropy"] for c in CIFAR_C})
+
+
+def test_entreg_adapt_benchmark_reads_eatas_source_data_from_a_stream_config(tmp_path):
+    """EATA's Fisher information from source_data given as a stream config (its images through the model's
+    transform): the row equals a plain loop whose method got the same clean batches through prepare."""
+    import torch
+
+    from entreg.cli import adapt
+
+    overrides = benchmark_overrides(tmp_path, weights_file("robustbench", ".pt", tmp_path))
+    root = tmp_path / "CIFAR-10-C"
+    source = f"{{_target_:entreg.data.CIFAR10CDataModule,root:{root},corruptions:[fog],severities:[1]}}"
+    options = ["method=eata", "method.source_batches=1", "method.e_margin=3.0", f"source_data={source}"]
+    cfg = compose("adapt", *overrides, *options, "baselines=[]", "logger=none", f"paths.output_dir={tmp_path / 'run'}")
+    metrics = adapt(cfg)
+    clean = [torch.stack([image for image, _ in fog_items(tmp_path)])]
+    expected = plain_loop(cfg, source=clean)
+    for corruption, want in expected.items():
+        assert metrics[f"eata/{corruption}/error"] == pytest.approx(want["error"], abs=1e-9)
+    rows = json.loads((tmp_path / "run" / "tta_table.json").read_text())["rows"]["eata"]
+    assert rows["fog"]["entropy"] == pytest.approx(expected["fog"]["entropy"], rel=1e-5)
+
+
+def fog_items(tmp_path: Path) -> list:
+    """The fixture's fog images at severity 1 in the stream's order, as the source data gives them."""
+    from entreg.data import CIFAR10CDataModule
+
+    stream = CIFAR10CDataModule(tmp_path / "CIFAR-10-C", corruptions=["fog"], severities=[1], num_workers=0)
+    stream.setup("test")
+    return [stream.domains[0].dataset[i] for i in range(len(stream.domains[0].dataset))]
 
 
 def test_entreg_adapt_protocol_errors_name_what_is_missing(tmp_path):
