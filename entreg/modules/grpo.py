@@ -32,7 +32,7 @@ from entreg.modules.ema import log_samples
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss
 
-__all__ = ["GRPOIterations", "GRPOModule", "check_grpo_settings"]
+__all__ = ["GRPOIterations", "GRPOModule", "check_grpo_settings", "grpo_settings"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
 
@@ -628,3 +628,32 @@ class GRPOModule(GRPOIterations):
 
     def eval_metrics_of(self, samples: Tensor, cond: Tensor | None) -> dict[str, float]:
         return {} if self.eval_metrics is None else self.eval_metrics(samples, cond)
+
+
+# the settings GRPOIterations reads (besides the subclass's own), with GRPOModule's signature as their defaults
+SHARED_SETTINGS = (
+    "variant", "steps", "noise_level", "tau", "active_steps", "window_size", "shift_every", "group_size", "prompts",
+    "clip_range", "adv_clip", "adv_eps", "adv_std", "kl_coef", "entropy_coef", "entropy_bandwidth", "reduce",
+    "step_type", "micro_batch", "minibatches", "iterations_per_epoch", "optimizer", "grad_clip", "eval_every", "seed",
+)  # fmt: skip
+
+
+def grpo_settings(given: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """The shared GRPO settings: :class:`GRPOModule`'s defaults, replaced by ``defaults``, then by ``given``;
+    ``active_steps`` None becomes ``steps // 2``. An unknown name raises a TypeError naming the known ones.
+
+    Example:
+        >>> s = grpo_settings({"steps": 10}, group_size=12)
+        >>> s["steps"], s["active_steps"], s["group_size"], s["variant"]
+        (10, 5, 12, 'egrpo')
+    """
+    import inspect
+
+    unknown = sorted(set(given) - set(SHARED_SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown GRPO settings {unknown}; the shared ones are {sorted(SHARED_SETTINGS)}")
+    signature = inspect.signature(GRPOModule.__init__).parameters
+    settings = {name: signature[name].default for name in SHARED_SETTINGS} | defaults | dict(given)
+    if settings["active_steps"] is None:
+        settings["active_steps"] = settings["steps"] // 2
+    return settings

@@ -18,8 +18,7 @@ from entreg.flow.lora import ATTENTION_TARGETS, adapter_disabled, add_lora, expo
 from entreg.flow.pipeline import PipelinePolicy, load_flow_pipeline
 from entreg.flow.prompts import load_prompts
 from entreg.flow.sampling import Velocity
-from entreg.modules.grpo import GRPOIterations, _Collected
-from entreg.nn.optim import OptimizerFactory
+from entreg.modules.grpo import GRPOIterations, _Collected, grpo_settings
 
 __all__ = ["GRPOPipelineModule", "pooled_pixels"]
 
@@ -78,9 +77,11 @@ class GRPOPipelineModule(GRPOIterations):
         max_sequence_length: T5 tokens.
         diversity_features: ``images -> (B, D)`` features for the diversity metric (default
             :func:`pooled_pixels`; a CLIP image encoder is the usual choice at scale).
-        kwargs: the shared GRPO settings of :class:`~entreg.modules.grpo.GRPOModule` (``variant``, ``steps``,
-            ``noise_level``, ``tau``, ``active_steps``, ``group_size``, ``prompts``, ``clip_range``, ``kl_coef``,
-            ``step_type``, ``adv_std``, ``micro_batch``, ...).
+        grpo: the shared GRPO settings, with :class:`~entreg.modules.grpo.GRPOModule`'s defaults
+            (:func:`entreg.modules.grpo.grpo_settings`) except ``group_size`` 12 (E-GRPO's G), ``prompts`` 2 and
+            ``minibatches`` 1: ``variant``, ``steps``, ``noise_level``, ``tau``, ``active_steps``, ``group_size``,
+            ``prompts``, ``clip_range``, ``kl_coef``, ``step_type``, ``adv_std``, ``micro_batch``, ``optimizer``,
+            ``eval_every``, ``seed``, ...
     """
 
     def __init__(
@@ -107,41 +108,20 @@ class GRPOPipelineModule(GRPOIterations):
         torch_dtype: str | None = None,
         max_sequence_length: int = 256,
         diversity_features: Callable[[Tensor], Tensor] | None = None,
-        variant: str = "egrpo",
-        steps: int = 16,
-        noise_level: float = 0.7,
-        tau: float = 2.2,
-        active_steps: int | None = None,
-        window_size: int = 4,
-        shift_every: int = 25,
-        group_size: int = 12,
-        prompts: int = 2,
-        clip_range: float = 1e-4,
-        adv_clip: float = 5.0,
-        adv_eps: float = 1e-4,
-        adv_std: str = "population",
-        kl_coef: float = 0.0,
-        entropy_coef: float = 0.0,
-        entropy_bandwidth: float | None = None,
-        reduce: str = "mean",
-        step_type: str = "sde",
-        micro_batch: int | None = None,
-        minibatches: int = 1,
-        iterations_per_epoch: int = 100,
-        optimizer: OptimizerFactory | None = None,
-        grad_clip: float | None = 1.0,
-        eval_every: int = 10,
-        seed: int = 0,
+        **grpo: Any,
     ) -> None:
         super().__init__()
-        active_steps = steps // 2 if active_steps is None else active_steps
+        settings = grpo_settings(grpo, group_size=12, prompts=2, minibatches=1)
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
         if eval_per_prompt < 1:
             raise ValueError(f"eval_per_prompt must be >= 1, got {eval_per_prompt}")
         texts = load_prompts(prompt_source, prompt_column)
         evaluation = list(eval_prompts) if eval_prompts is not None else texts[:4]
-        self.save_hyperparameters(ignore=["pipeline", "reward", "prompt_source", "optimizer", "diversity_features"])
+        optimizer = settings.pop("optimizer")
+        self.save_hyperparameters(ignore=["pipeline", "reward", "prompt_source", "diversity_features", "grpo"])
+        self.hparams.update(settings)
+        self.hparams.pop("optimizer", None)  # a factory, not a hyperparameter
         self.hparams["pipeline"] = str(pipeline) if isinstance(pipeline, (str, Path)) else None
         self.hparams["eval_samples"] = len(evaluation) * eval_per_prompt
         if isinstance(pipeline, (str, Path)):
@@ -150,14 +130,14 @@ class GRPOPipelineModule(GRPOIterations):
             pipeline, height, width, guidance_scale, embedded_guidance, negative_prompt, max_sequence_length,
             offload, autocast,
         )  # fmt: skip
-        self.init_grpo(self.flow.grid(steps), optimizer)
+        self.init_grpo(self.flow.grid(settings["steps"]), optimizer)
         self.texts, self.n_train = [*texts, *evaluation], len(texts)
         self.reward, self.diversity_features = reward, diversity_features or pooled_pixels
         self.transformer = pipeline.transformer
         self.reference: list[nn.Module] | None = None
         if lora_rank is not None:
             with torch.random.fork_rng(devices=[]):  # the adapter's Gaussian init is seeded by ``seed``
-                torch.manual_seed(seed)
+                torch.manual_seed(settings["seed"])
                 add_lora(self.transformer, lora_rank, lora_alpha, lora_targets)
         else:
             self.reference = [copy.deepcopy(self.transformer).requires_grad_(False).eval()]  # not a submodule
