@@ -345,7 +345,11 @@ def test_every_grpo_config_fine_tunes(variant):
     assert set(module.evaluate()) >= {"reward", "path_kl", "in_target", "balance", "distance"}
 
 
-@pytest.mark.parametrize("reward", [o for o in options("reward") if not o.startswith("jpeg")])  # images: grpo_pipeline
+def is_image_reward(option: str) -> bool:  # text-to-image rewards: tests/test_grpo_pipeline.py
+    return "image_rewards" in (CONFIG_DIR / "reward" / f"{option}.yaml").read_text()
+
+
+@pytest.mark.parametrize("reward", [o for o in options("reward") if not is_image_reward(o)])
 def test_every_reward_config_scores_its_data(reward):
     from entreg.data import DigitsDataModule
     from tests.flow_toy import ring_means

@@ -258,3 +258,16 @@ def test_entreg_finetune_pipeline_route_runs_and_exports_the_adapter(sd3_path, t
     bad.pipeline = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no diffusers pipeline"):
         finetune(bad)
+
+
+@pytest.mark.parametrize("reward", ["clip_score", "pickscore", "aesthetic", "hpsv2", "clip_jpeg"])
+def test_reward_configs_of_local_models_say_which_path_is_missing(reward, tmp_path):
+    from hydra import compose, initialize_config_module
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf.errors import MissingMandatoryValue
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("finetune", overrides=[f"reward={reward}", "pipeline=unused"])
+    with pytest.raises((MissingMandatoryValue, InstantiationException), match="Missing mandatory value: reward"):
+        instantiate(cfg.reward)
