@@ -95,7 +95,7 @@ def test_sde_mean_is_the_ode_step_without_noise_and_the_t1_clamp():
         (lambda: transition_log_prob(torch.zeros(1, 1), torch.zeros(1, 1), 1.0, "max"), "reduce must be"),
         (lambda: step_entropy(0.0, 0.1), "sigma > 0"),
         (lambda: RolloutPlan((Segment(0, 1, "sde"), Segment(2, 1, "ode"))), "without gaps"),
-        (lambda: RolloutPlan((Segment(0, 2, "ode"),)), "one Euler step"),
+        (lambda: RolloutPlan((Segment(0, 2, "ode"), Segment(1, 1, "ode"))), "without gaps"),
         (lambda: mixgrpo_plan(8, 6, 4), "window_start"),
         (lambda: branch_plan(8, 7, 2), "length"),
         (lambda: egrpo_merges([1.0, 0.5, 0.6, 0.0], 0.7, 1.0), "decrease strictly"),

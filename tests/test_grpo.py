@@ -271,3 +271,30 @@ def test_micro_batches_accumulate_to_the_same_update(variant):
     chunked, net_b = make_module(variant, iterations_per_epoch=2, micro_batch=4)
     fit(chunked)
     torch.testing.assert_close(net_b.logits, net_a.logits, rtol=0, atol=1e-6)
+
+
+def test_multi_granularity_rewards_come_from_coarser_continuations_and_cost_their_forwards():
+    """granularities (1, 2), as E-GRPO's code: every branch's SDE sample is continued again by ODE steps of 2
+    intervals; those rewards are the reward of exactly that continuation, and they cost their forwards and calls."""
+    from entreg.flow.plans import coarsened
+    from entreg.flow.rollout import rollout
+
+    single, _ = make_module("egrpo", iterations_per_epoch=1)
+    fit(single)
+    module, _ = make_module("egrpo", iterations_per_epoch=1, granularities=(1, 2))
+    collected = module._collect()
+    (coarse,) = collected.coarse_rewards
+    assert coarse.shape == collected.rewards.shape
+    rows = 0
+    for unit, plan in zip(collected.units, module.plans(), strict=True):
+        (step,) = unit.transitions
+        again = rollout(module.policy(), step.sample, module.grid, coarsened(plan, 2), 0.7, start=step.segment.end)
+        n = len(step.sample)
+        torch.testing.assert_close(coarse[rows : rows + n], region_reward(again.sample))
+        rows += n
+    fit(module)
+    assert module.cost["reward_calls"] == 2 * 2 * single.cost["reward_calls"]  # _collect above + 1 iteration, x 2
+    with pytest.raises(ValueError, match="branched variant"):
+        make_module("flow_grpo", granularities=(1, 2))
+    with pytest.raises(ValueError, match="starting with 1"):
+        make_module("egrpo", granularities=(2,))

@@ -1,7 +1,8 @@
 """Rollout plans: which steps of a flow model's sampling grid are stochastic, and E-GRPO's entropy-merged steps.
 
 A plan is a sequence of :class:`Segment`, one per model evaluation, covering the grid ``t_0 = 1 > t_1 > ...
-> t_T = 0`` without gaps: an ODE segment is one Euler step; an SDE segment is one Euler-Maruyama step of
+> t_T = 0`` without gaps: an ODE segment is one Euler step (over one interval, or several for a coarser
+continuation: :func:`coarsened`); an SDE segment is one Euler-Maruyama step of
 :mod:`entreg.flow.sde` that may span several grid intervals (a *merged* step: the drift evaluated once at
 its start, the step length the whole span). The variants of group-relative policy optimisation of flow
 models differ only in their plans:
@@ -50,6 +51,7 @@ __all__ = [
     "RolloutPlan",
     "Segment",
     "branch_plan",
+    "coarsened",
     "egrpo_merges",
     "egrpo_plans",
     "flow_grpo_plan",
@@ -87,8 +89,6 @@ class RolloutPlan:
                 raise ValueError(f"a segment's kind must be 'ode' or 'sde', got {segment.kind!r}")
             if segment.start != position or segment.length < 1:
                 raise ValueError(f"segments must cover the grid in order without gaps, got {self.segments}")
-            if segment.kind == "ode" and segment.length != 1:
-                raise ValueError(f"an ODE segment is one Euler step (length 1), got {segment}")
             position = segment.end
         if not self.segments:
             raise ValueError("a plan needs at least one segment")
@@ -219,3 +219,22 @@ def egrpo_plans(
     """One :func:`branch_plan` per merged step of :func:`egrpo_merges`."""
     steps = len(_grid(grid)) - 1
     return [branch_plan(steps, start, length) for start, length in egrpo_merges(grid, noise_level, tau, active_steps)]
+
+
+def coarsened(plan: RolloutPlan, granularity: int) -> RolloutPlan:
+    """``plan`` up to the end of its first SDE segment, then Euler steps of ``granularity`` grid intervals (the
+    last one shorter) to t = 0: G2RPO's coarser ODE continuation (E-GRPO's code, ``granular_list``; its first step
+    after the SDE step spans one interval and it stops at the last level its stride reaches, using the predicted
+    x0 there; here every step spans ``granularity`` intervals up to the grid's end).
+
+    Example:
+        >>> [(s.start, s.length, s.kind) for s in coarsened(branch_plan(8, start=1, length=2), 2).segments]
+        [(0, 1, 'ode'), (1, 2, 'sde'), (3, 2, 'ode'), (5, 2, 'ode'), (7, 1, 'ode')]
+    """
+    if granularity < 1:
+        raise ValueError(f"granularity must be >= 1, got {granularity}")
+    sde = plan.sde_segments
+    cut = sde[0].end if sde else 0
+    head = [s for s in plan.segments if s.end <= cut]
+    tail = [Segment(i, min(granularity, plan.steps - i), "ode") for i in range(cut, plan.steps, granularity)]
+    return RolloutPlan(tuple(head + tail))

@@ -12,7 +12,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from entreg.distributions import HALF_LOG_2PI_E
 from entreg.flow.grpo import ADVANTAGE_STDS, KL_ESTIMATOR, group_advantages, kde_entropy_bonus
-from entreg.flow.plans import RolloutPlan, flow_grpo_plan, ode_plan
+from entreg.flow.plans import RolloutPlan, coarsened, flow_grpo_plan, ode_plan
 from entreg.flow.rollout import Rollout, Transition, ode_states, rollout, transition_log_prob_of
 from entreg.flow.sampling import Velocity, time_grid
 from entreg.flow.sde import gaussian_kl, get_step_type
@@ -60,6 +60,7 @@ class _Collected:
     rewards: Tensor
     groups: Tensor
     populations: Tensor
+    coarse_rewards: list[Tensor] = field(default_factory=list)  # per extra granularity, aligned with ``rewards``
 
 
 @dataclass
@@ -95,6 +96,16 @@ def check_grpo_settings(h: Any) -> GRPOVariant:
         )
     if h.adv_std not in ADVANTAGE_STDS:
         raise ValueError(f"adv_std must be one of {ADVANTAGE_STDS}, got {h.adv_std!r}")
+    granularities = list(h.granularities)
+    if (
+        not granularities
+        or granularities[0] != 1
+        or min(granularities) < 1
+        or len(set(granularities)) != len(granularities)
+    ):
+        raise ValueError(f"granularities must be distinct integers >= 1 starting with 1, got {granularities}")
+    if len(granularities) > 1 and not spec.branched:
+        raise ValueError(f"granularities beyond 1 need a branched variant (g2rpo, egrpo), got {h.variant!r}")
     if h.micro_batch is not None and h.micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1 or None, got {h.micro_batch}")
     if not spec.branched and h.prompts % h.minibatches:
@@ -125,6 +136,7 @@ class GRPOIterations(L.LightningModule):
         self.grid, self.optimizer_factory = [float(t) for t in grid], optimizer
         self.iteration = 0
         self.counts = dict.fromkeys(COST_KEYS, 0)
+        self.scoring_coarse = False
 
     # --- what a subclass provides ----------------------------------------------------------------------------
 
@@ -208,10 +220,32 @@ class GRPOIterations(L.LightningModule):
                 x = anchor[plan.branch].repeat_interleave(h.group_size, 0)
                 out, mine_cond = self._rollout_group(policy, x, plan, cond, g_sde, mine, k * h.prompts, parts)
                 units.append(_Unit(out.transitions, torch.empty(0), mine_cond, len(mine), plan.branch))
+                self._coarse_rollouts(policy, plan, out, mine_cond, parts)
         x = torch.cat(parts["samples"])
         no_cond = torch.zeros(len(x), dtype=torch.long, device=x.device)
         populations = no_cond if cond is None else torch.cat(parts["conds"])
-        return _Collected(units, x, torch.cat(parts["rewards"]), torch.cat(parts["groups"]), populations)
+        coarse = [torch.cat(parts[f"coarse{g}"]) for g in self.hparams.granularities[1:]]
+        return _Collected(units, x, torch.cat(parts["rewards"]), torch.cat(parts["groups"]), populations, coarse)
+
+    def _coarse_rollouts(
+        self, policy: Velocity, plan: RolloutPlan, out: Rollout, cond: Tensor | None, parts: dict[str, list]
+    ) -> None:
+        """G2RPO's multi-granularity rewards: from the sample of the plan's SDE step, the ODE again with steps of
+        ``g`` grid intervals for every extra granularity ``g``; their rewards go to ``parts["coarse<g>"]``."""
+        h = self.hparams
+        (step,) = out.transitions
+        for g in h.granularities[1:]:
+            if step.segment.end == h.steps:  # nothing left to integrate: the same sample
+                parts.setdefault(f"coarse{g}", []).append(parts["rewards"][-1])
+                continue
+            coarse = rollout(policy, step.sample, self.grid, coarsened(plan, g), h.noise_level, cond,
+                             start=step.segment.end)  # fmt: skip
+            self.counts["sample_forwards"] += coarse.nfe * len(coarse.sample)
+            self.scoring_coarse = True  # reward_of may tell these apart from the trained rollouts
+            try:
+                parts.setdefault(f"coarse{g}", []).append(self._score(coarse.sample, cond))
+            finally:
+                self.scoring_coarse = False
 
     def _rollout_group(
         self,
@@ -280,7 +314,8 @@ class GRPOIterations(L.LightningModule):
         collected = self._collect()
         units, n_mine = collected.units, len(collected.rewards)
         all_rewards, all_groups = self._gather(collected.rewards), self._gather(collected.groups)
-        if not bool(torch.isfinite(all_rewards).all()):
+        all_coarse = [self._gather(r) for r in collected.coarse_rewards]
+        if not all(bool(torch.isfinite(r).all()) for r in (all_rewards, *all_coarse)):
             warnings.warn(f"iteration {self.iteration}: non-finite rewards, iteration skipped", stacklevel=2)
             self.iteration += 1
             return
@@ -292,6 +327,8 @@ class GRPOIterations(L.LightningModule):
             shaped = all_rewards + h.entropy_coef * bonus
             self.log("train/entropy_bonus", bonus.mean())
         advantages = group_advantages(shaped, all_groups, h.adv_eps, h.adv_clip, h.adv_std)
+        for coarse in all_coarse:  # G2RPO / E-GRPO's code: the advantages of every granularity summed
+            advantages = advantages + group_advantages(coarse, all_groups, h.adv_eps, h.adv_clip, h.adv_std)
         start = self.global_rank * n_mine
         mine = advantages[start : start + n_mine]
         offset = 0
@@ -502,6 +539,10 @@ class GRPOModule(GRPOIterations):
             (:data:`entreg.flow.sde.STEP_TYPES`).
         micro_batch: rows per forward/backward when training (gradients accumulated over a unit's chunks of
             groups before its optimizer step; None: the whole unit at once). The result is the same.
+        granularities: G2RPO's multi-granularity advantages (``granular_list`` of E-GRPO's code, [1, 2] there;
+            branched variants): after each branch's SDE step the ODE also runs with steps of ``g`` intervals for
+            every ``g`` after the first (which must be 1: the trained rollout), each granularity's rewards get
+            their own group advantages (each clipped), and a sample's advantage is their sum.
         kl_coef: weight of the KL to the base model (0: no reference forwards).
         entropy_coef, entropy_bandwidth: our diversity option (not in the papers): the reward of every sample
             gets ``entropy_coef`` times :func:`entreg.flow.grpo.kde_entropy_bonus` among the iteration's samples
@@ -561,6 +602,7 @@ class GRPOModule(GRPOIterations):
         reduce: str = "mean",
         step_type: str = "sde",
         micro_batch: int | None = None,
+        granularities: tuple[int, ...] = (1,),
         minibatches: int = 2,
         iterations_per_epoch: int = 100,
         time_scale: float = 1000.0,
@@ -634,7 +676,8 @@ class GRPOModule(GRPOIterations):
 SHARED_SETTINGS = (
     "variant", "steps", "noise_level", "tau", "active_steps", "window_size", "shift_every", "group_size", "prompts",
     "clip_range", "adv_clip", "adv_eps", "adv_std", "kl_coef", "entropy_coef", "entropy_bandwidth", "reduce",
-    "step_type", "micro_batch", "minibatches", "iterations_per_epoch", "optimizer", "grad_clip", "eval_every", "seed",
+    "step_type", "micro_batch", "granularities", "minibatches", "iterations_per_epoch", "optimizer", "grad_clip",
+    "eval_every", "seed",
 )  # fmt: skip
 
 

@@ -197,7 +197,8 @@ class GRPOPipelineModule(GRPOIterations):
         images = self.flow.decode(samples)
         rewards = self.reward(images, [self.texts[i] for i in cond.tolist()])
         if self._features is not None:
-            self._features.append(self.diversity_features(images).detach())
+            if not self.scoring_coarse:  # diversity of the trained rollouts' images
+                self._features.append(self.diversity_features(images).detach())
         else:
             self._eval_images = images
         return rewards
