@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from entreg.flow.variants import register
+
 __all__ = [
     "PIPELINE_FAMILIES",
     "PipelineFamily",
@@ -79,10 +81,7 @@ PIPELINE_FAMILIES: dict[str, PipelineFamily] = {}
 
 def register_family(pipeline_class: str, family: PipelineFamily) -> PipelineFamily:
     """Drive pipelines of class name ``pipeline_class`` with ``family``."""
-    if pipeline_class in PIPELINE_FAMILIES:
-        raise ValueError(f"a pipeline family for {pipeline_class!r} is registered already")
-    PIPELINE_FAMILIES[pipeline_class] = family
-    return family
+    return register(PIPELINE_FAMILIES, pipeline_class, family, "pipeline family")
 
 
 def get_family(pipeline: Any) -> PipelineFamily:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from entreg.flow.plans import RolloutPlan, egrpo_plans, flow_grpo_plan, mixgrpo_plan, mixgrpo_window_start
 
 __all__ = ["GRPO_VARIANTS", "GRPOVariant", "get_variant", "register_variant"]
 
 PlanFn = Callable[[Any, int, Sequence[float]], list[RolloutPlan]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,17 @@ class GRPOVariant:
 GRPO_VARIANTS: dict[str, GRPOVariant] = {}
 
 
+def register(registry: dict[str, T], name: str, item: T, what: str) -> T:
+    """Add ``item`` to ``registry`` under ``name`` (a name can be registered once; ``what`` names the kind)."""
+    if name in registry:
+        raise ValueError(f"a {what} named {name!r} is registered already")
+    registry[name] = item
+    return item
+
+
 def register_variant(name: str, variant: GRPOVariant) -> GRPOVariant:
     """Add ``variant`` under ``name`` (a name can be registered once)."""
-    if name in GRPO_VARIANTS:
-        raise ValueError(f"a GRPO variant named {name!r} is registered already")
-    GRPO_VARIANTS[name] = variant
-    return variant
+    return register(GRPO_VARIANTS, name, variant, "GRPO variant")
 
 
 def get_variant(name: str) -> GRPOVariant:
