@@ -8,23 +8,30 @@ better. This script measures it, and whether ``entropy_coef`` (a kernel estimate
 added to the reward, i.e. maximising E[r] + lambda H) keeps E-GRPO's reward per compute with Flow-GRPO's
 diversity.
 
-How:
+How (every model and arm from the real configs, composed with ``hydra.compose`` as ``entreg-train`` and
+``entreg-finetune`` would):
 
-1. Base model: a rectified-flow MLP (:class:`entreg.nn.denoisers.MLPDenoiser`, 3 residual layers of 128) trained
-   by :class:`entreg.modules.flow.FlowMatchingModule` on 8 Gaussians (std 0.25) on a circle of radius 4
-   (:class:`entreg.data.ring.RingDataModule`); cached in ``.cache/bench/grpo/`` (git-ignored; ``--cache-dir``).
-2. Reward: :class:`entreg.flow.rewards.RegionReward`, max over modes 0-2 of exp(-|x - m|^2 / 0.5).
-3. Arms (:class:`entreg.modules.grpo.GRPOModule`): 16 steps, shift 3, a = 0.7, group 8, 4 groups per iteration,
-   8 active steps; MixGRPO's window of 4 moves every ``budget / (5 * 4 * cost of an iteration)`` iterations so
-   that it sweeps the 8 active steps once; E-GRPO tau = 2.2; no KL. Each run stops when its compute units
-   (forward = 1, forward + backward = 3) reach ``--budget``.
+1. Base model: ``entreg-train experiment=ring2d_flow model.num_classes=null model.net.hidden=128
+   data.n_train=8000`` for ``--base-steps`` steps (AdamW lr 1e-3, weight decay 0.01, no validation): a
+   rectified-flow MLP (:class:`entreg.nn.denoisers.MLPDenoiser`, 3 residual layers of 128) trained by
+   :class:`entreg.modules.flow.FlowMatchingModule` on 8 Gaussians (std 0.25) on a circle of radius 4
+   (:class:`entreg.data.ring.RingDataModule`); its checkpoint is cached in ``.cache/bench/grpo/`` (git-ignored;
+   ``--cache-dir``).
+2. Reward: ``reward=ring_region``: :class:`entreg.flow.rewards.RegionReward`, max over modes 0-2 of
+   exp(-|x - m|^2 / 0.5); evaluation metrics :class:`entreg.flow.diversity.ModeMetrics`.
+3. Arms: ``grpo=flow_grpo | mixgrpo | g2rpo | egrpo | egrpo_entropy`` (``configs/grpo/``, built as
+   ``GRPOModule.from_flow_checkpoint``): 16 steps, shift 3, a = 0.7, group 8, 4 groups per iteration, 8 active
+   steps; MixGRPO's window of 4 moves every ``budget / (5 * 4 * cost of an iteration)`` iterations so that it
+   sweeps the 8 active steps once; E-GRPO tau = 2.2; no KL; Adam instead of the configs' AdamW. Each run stops when
+   its compute units (forward = 1, forward + backward = 3) reach ``--budget``.
 4. Learning rates ``--lrs`` (Adam), seeds ``--seeds``; the arm's best lr (highest final reward, mean over
    seeds) is reported, the whole grid is in the JSON.
 
-Digits (``--task digits``): a class-conditional flow MLP (width 256) of the 8x8 digits; reward log p(class | x)
-of a frozen MLP classifier (:func:`entreg.data.digits_nets.digits_classifier`); prompts are classes; guards against
-reward hacking: the accuracy of a held-out CNN (other architecture and seed) and a PCA-Gaussian log-likelihood
-(nats per pixel); diversity: the mean pairwise distance within a class (500 samples).
+Digits (``--task digits``): ``experiment=digits_flow``, a class-conditional flow MLP (width 256) of the 8x8 digits;
+``reward=digits_classifier``: log p(class | x) of a frozen MLP classifier
+(:func:`entreg.data.digits_nets.digits_classifier`); prompts are classes; guards against reward hacking: the
+accuracy of a held-out CNN (other architecture and seed) and a PCA-Gaussian log-likelihood (nats per pixel);
+diversity: the mean pairwise distance within a class (500 samples).
 
 Metrics (ring), from 2,000 ODE samples of fixed noise, about 10 times per run and at the end: reward;
 ``in_target`` (fraction of samples whose nearest mode is rewarded); ``balance`` (entropy of the rewarded modes'
@@ -33,64 +40,83 @@ shares, normalised to [0, 1]: 1 = even, 0 = one mode); ``distance`` (mean distan
 policy's trajectories); cost counters and reward calls; wall-clock.
 
 Run (from the repository root): ``PYTHONPATH=. python scripts/bench_grpo.py [--task digits]`` (ring: about 15
-minutes on 2 cores; ``--quick``: 1 seed, 1 lr, a small budget). Writes ``bench_grpo.json`` (ring) or
+minutes on 2 cores; ``--quick``: 1 seed, 1 lr, a small budget). The digits table of the README:
+``--task digits --base-steps 1500 --budget 1e5 --lrs 3e-5 1e-4``. Writes ``bench_grpo.json`` (ring) or
 ``bench_grpo_digits.json`` in ``results/`` (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime as dt
-import json
+import contextlib
+import io
 import math
-import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from benchkit import add_cache_argument, quiet_libraries, results_path
-from torch import nn
+from benchkit import add_cache_argument, environment, mean_std, quiet_libraries, results_path, write_results
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 
+from entreg.cli import train
 from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
-from entreg.data.ring import ring_centers
-from entreg.flow.diversity import ModeMetrics, mean_pairwise_distance
-from entreg.flow.rewards import ClassifierReward, RegionReward, held_out_accuracy
-from entreg.modules.flow import FlowMatchingModule
+from entreg.flow.diversity import mean_pairwise_distance
+from entreg.flow.rewards import held_out_accuracy
 from entreg.modules.grpo import GRPOModule
-from entreg.nn.denoisers import MLPDenoiser
 
-TARGETS = (0, 1, 2)
-ARMS: dict[str, dict[str, Any]] = {
-    "Flow-GRPO": {"variant": "flow_grpo"},
-    "MixGRPO": {"variant": "mixgrpo"},
-    "G2RPO": {"variant": "g2rpo"},
-    "E-GRPO": {"variant": "egrpo", "tau": 2.2},
-    "E-GRPO + entropy .1": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.1},
-    "E-GRPO + entropy .3": {"variant": "egrpo", "tau": 2.2, "entropy_coef": 0.3},
+ARMS: dict[str, list[str]] = {
+    "Flow-GRPO": ["grpo=flow_grpo"],
+    "MixGRPO": ["grpo=mixgrpo"],
+    "G2RPO": ["grpo=g2rpo"],
+    "E-GRPO": ["grpo=egrpo"],
+    "E-GRPO + entropy .1": ["grpo=egrpo_entropy", "grpo.entropy_coef=0.1"],
+    "E-GRPO + entropy .3": ["grpo=egrpo_entropy", "grpo.entropy_coef=0.3"],
 }
-COMMON = {"steps": 16, "shift": 3.0, "noise_level": 0.7, "group_size": 8, "prompts": 4, "active_steps": 8}
+# every arm: Adam, evaluations by the Budget callback only, one endless epoch
+GRPO_OVERRIDES = [
+    "grpo.optimizer._target_=torch.optim.Adam", "~grpo.optimizer.weight_decay", "grpo.eval_every=0",
+    "grpo.iterations_per_epoch=100000",
+]  # fmt: skip
+# the base model's fit: no validation, no checkpoint ranking or logger, quiet; AdamW's default weight decay
+BASE_OVERRIDES = [
+    "model.sample_every_n_epochs=0", "model.optimizer.weight_decay=0.01", "++trainer.limit_val_batches=0",
+    "trainer.max_epochs=-1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "callbacks=none", "logger=none", "test=false", "seed=0",
+]  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
-    """A fine-tuning problem: the pretrained velocity network, reward, evaluation metrics and sample layout."""
+    """A fine-tuning problem: the configs of its base model and reward, and how it is evaluated."""
 
     name: str
-    net: nn.Module
-    reward: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-    metrics: Callable[[torch.Tensor, torch.Tensor | None], dict[str, float]]
-    shape: tuple[int, ...]
-    num_classes: int | None
+    base: tuple[str, ...]  # overrides of the base model's train config
+    reward: str  # the reward config
     eval_samples: int
     columns: tuple[str, ...]  # the metrics the summary reports
+
+
+TASKS = {
+    "ring": Task(
+        "ring",
+        ("experiment=ring2d_flow", "model.num_classes=null", "model.net.hidden=128", "data.n_train=8000"),
+        "ring_region",
+        2000,
+        ("in_target", "balance", "distance"),
+    ),
+    "digits": Task(
+        "digits",
+        ("experiment=digits_flow", "model.feature_extractor=null"),
+        "digits_classifier",
+        500,
+        ("held_out_accuracy", "pca_log_likelihood", "pairwise_distance"),
+    ),
+}
 
 
 class DigitsMetrics:
@@ -109,47 +135,27 @@ class DigitsMetrics:
         }
 
 
-def pretrained(
-    module: FlowMatchingModule, datamodule: L.LightningDataModule, steps: int, cache: Path, name: str
-) -> nn.Module:
-    """``module`` trained for ``steps`` steps on ``datamodule`` (once; its EMA weights cached in ``cache`` under
-    ``name``); returns the EMA network."""
-    path = cache / f"{name}_{steps}.pt"
-    if path.exists():
-        module.ema.load_state_dict(torch.load(path, weights_only=True))
-        return module.ema.module
-    trainer = L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, datamodule)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(module.ema.state_dict(), path)
-    return module.ema.module
+def composed(config: str, overrides: list[str]) -> Any:
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        return compose(config_name=config, overrides=overrides)
 
 
-def ring_task(args: argparse.Namespace) -> Task:
-    from entreg.data import RingDataModule
-
-    torch.manual_seed(0)
-    module = FlowMatchingModule(MLPDenoiser(dim=2, hidden=128, layers=3), sample_every_n_epochs=0)
-    data = RingDataModule(n_train=8000, batch_size=256, seed=0)
-    net = pretrained(module, data, args.base_steps, args.cache_dir, "ring_base")
-    reward, metrics = RegionReward(ring_centers(), TARGETS, width=0.5), ModeMetrics(ring_centers(), TARGETS)
-    return Task("ring", net, reward, metrics, (2,), None, 2000, ("in_target", "balance", "distance"))
-
-
-def digits_task(args: argparse.Namespace) -> Task:
-    from entreg.data import DigitsDataModule
-
-    torch.manual_seed(0)
-    denoiser = MLPDenoiser(dim=64, hidden=256, layers=3, shape=(1, 8, 8), num_classes=10)
-    module = FlowMatchingModule(denoiser, num_classes=10, sample_every_n_epochs=0)
-    data = DigitsDataModule(size=8, scale="minus_one_one", batch_size=128)
-    net = pretrained(module, data, args.base_steps, args.cache_dir, "digits_base")
-    reward = ClassifierReward(digits_classifier(seed=0, arch="mlp"))
-    columns = ("held_out_accuracy", "pca_log_likelihood", "pairwise_distance")
-    return Task("digits", net, reward, DigitsMetrics(), (1, 8, 8), 10, 500, columns)
+def base_checkpoint(task: Task, steps: int, cache: Path) -> Path:
+    """``last.ckpt`` of the base model trained for ``steps`` steps (once: ``entreg-train`` of the task's config,
+    its run directory kept in ``cache``)."""
+    run = cache / f"{task.name}_base_{steps}"
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    if checkpoint.is_file():
+        return checkpoint
+    overrides = [
+        *task.base, *BASE_OVERRIDES, f"++trainer.max_steps={steps}", f"paths.output_dir={run}",
+        "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.last.dirpath={checkpoint.parent}", "+callbacks.last.save_last=true",
+        "+callbacks.last.save_top_k=0",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(composed("train", overrides))
+    return checkpoint
 
 
 class Budget(L.Callback):
@@ -173,12 +179,22 @@ class Budget(L.Callback):
         trainer.should_stop = done
 
 
-def make_module(task: Task, arm: dict[str, Any], lr: float, seed: int, **extra: Any) -> GRPOModule:
-    return GRPOModule(
-        copy.deepcopy(task.net).requires_grad_(True), task.reward, task.shape, num_classes=task.num_classes,
-        optimizer=partial(torch.optim.Adam, lr=lr), eval_every=0, eval_samples=task.eval_samples,
-        eval_metrics=task.metrics, seed=seed, iterations_per_epoch=100_000, **{**COMMON, **arm, **extra},
-    )  # fmt: skip
+class Arms:
+    """GRPO modules of the task's base checkpoint, reward and metrics for an arm's composed ``grpo`` config."""
+
+    def __init__(self, task: Task, checkpoint: Path) -> None:
+        self.task, self.checkpoint = task, checkpoint
+        cfg = composed("finetune", [f"reward={task.reward}"])
+        self.reward = instantiate(cfg.reward, _convert_="all")
+        self.metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else DigitsMetrics()
+
+    def module(self, arm: str, lr: float, seed: int, **extra: Any) -> GRPOModule:
+        overrides = [*ARMS[arm], *GRPO_OVERRIDES, f"grpo.optimizer.lr={lr}"]
+        overrides += [f"grpo.eval_samples={self.task.eval_samples}", *(f"grpo.{k}={v}" for k, v in extra.items())]
+        options = instantiate(composed("finetune", overrides).grpo, _convert_="all")
+        return GRPOModule.from_flow_checkpoint(
+            self.checkpoint, self.reward, eval_metrics=self.metrics, seed=seed, **options
+        )
 
 
 def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
@@ -191,15 +207,11 @@ def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
     return budget
 
 
-def iteration_units(task: Task, arm: dict[str, Any]) -> float:
+def iteration_units(arms: Arms, arm: str) -> float:
     """Compute units of one iteration of ``arm`` (one iteration of a throw-away module)."""
-    module = make_module(task, arm, 1e-4, 0, **({"shift_every": 1} if arm["variant"] == "mixgrpo" else {}))
+    module = arms.module(arm, 1e-4, 0, **({"shift_every": 1} if arm == "MixGRPO" else {}))
     run(module, units=1.0, eval_every=10**9)
     return module.cost["units"]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def reward_at(curve: list[dict[str, Any]], units: float) -> float:
@@ -259,31 +271,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = {name: ARMS[name] for name in (args.arms or ARMS)}
     out = args.out or results_path(__file__, "bench_grpo" if args.task == "ring" else "bench_grpo_digits")
     torch.set_num_threads(args.threads)
-    quiet_libraries("module(s) in eval mode", "IterableDataset` has `__len__`")
+    quiet_libraries("module(s) in eval mode", "IterableDataset` has `__len__`", "`Trainer.fit` stopped")
     started = time.perf_counter()
-    task = ring_task(args) if args.task == "ring" else digits_task(args)
-    report: dict[str, Any] = {
-        "benchmark": f"GRPO variants at equal compute: {task.name}",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
-        "common": COMMON,
-        "arms": arms,
-        "base": make_module(task, ARMS["Flow-GRPO"], 1e-4, 0).evaluate(),
-    }
+    task = TASKS[args.task]
+    grpo = Arms(task, base_checkpoint(task, args.base_steps, args.cache_dir))
+    report = environment(
+        benchmark=f"GRPO variants at equal compute: {task.name}",
+        settings={k: v for k, v in vars(args).items() if k not in ("out", "cache_dir")},
+        base_overrides=[*task.base, *BASE_OVERRIDES],
+        arms=arms,
+        grpo_overrides=GRPO_OVERRIDES,
+        base=grpo.module("Flow-GRPO", 1e-4, 0).evaluate(),
+    )
     print(f"base model: {report['base']}", flush=True)
-    costs = {arm: iteration_units(task, options) for arm, options in arms.items()}
+    costs = {arm: iteration_units(grpo, arm) for arm in arms}
     report["iteration_units"] = costs
     runs: list[dict[str, Any]] = []
-    for arm, options in arms.items():
+    for arm in arms:
         iterations = args.budget / costs[arm]
-        extra = {"shift_every": max(1, math.ceil(iterations / 5))} if options["variant"] == "mixgrpo" else {}
+        extra = {"shift_every": max(1, math.ceil(iterations / 5))} if arm == "MixGRPO" else {}
         eval_every = max(1, round(iterations / 10))
         for lr in args.lrs:
             for seed in range(args.seeds):
-                budget = run(make_module(task, options, lr, seed, **extra), args.budget, eval_every)
+                budget = run(grpo.module(arm, lr, seed, **extra), args.budget, eval_every)
                 final = budget.curve[-1]
                 runs.append({"arm": arm, "lr": lr, "seed": seed, "final": final, "curve": budget.curve, **extra})
                 shown = ", ".join(f"{k} {final[k]:.3f}" for k in ("reward", *task.columns, "path_kl"))
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["summary"] = summarise(runs, args.budget, task.columns)
     report["seconds"] = time.perf_counter() - started
     print_summary(task, report["summary"], args.budget)
-    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    write_results(out, report)
     print(f"\nWrote {out} ({report['seconds']:.0f} s)")
     return report
 

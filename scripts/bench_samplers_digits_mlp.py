@@ -47,7 +47,7 @@ OVERRIDES = [
     "model=diffusion_mlp", "~backbone", "data=digits_diffusion", "data.size=8", "data.batch_size=128",
     "model.denoiser.dim=64", "+model.denoiser.shape=[1,8,8]", "model.ema_decay=0.99", "model.optimizer.lr=2e-3",
     "model.optimizer.weight_decay=0.01", "model.sample_every_n_epochs=0", "trainer.max_epochs=60",
-    "+trainer.limit_val_batches=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "++trainer.limit_val_batches=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false", "callbacks=none", "logger=none", "test=false", "seed=0",
 ]  # fmt: skip
 PREDICTIONS = ("v_prediction", "epsilon")
