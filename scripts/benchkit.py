@@ -93,13 +93,13 @@ class ForeignCpu:
 
 
 def environment(**extra: Any) -> dict[str, Any]:
-    """The header of a results file: date (UTC), command line, torch and Python versions, platform, processor, CPU
-    count and torch threads, then ``extra``."""
+    """The header of a results file: date (UTC), command line (the script relative to the repository), torch and
+    Python versions, platform, processor, CPU count and torch threads, then ``extra``."""
     import torch
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", shown(Path(sys.argv[0])), *sys.argv[1:]]),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
