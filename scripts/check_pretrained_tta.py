@@ -30,10 +30,12 @@ How:
    at 5; ``--full`` runs 64 crops on gaussian_noise, defocus_blur, contrast and jpeg_compression at 3 and 5
    (about 40 minutes). The small default keeps the run near 8 minutes on 2 CPU cores shared with a
    neighbour: one EfficientNet-Lite0 forward + backward with batch statistics costs ~0.4 s an image there.
-3. Arms, each corruption x severity on its own (every method reset to the source in between, the
-   references' "mild" protocol): (a) source, BatchNorm running statistics; (b) BN-adapt, batch
-   statistics, no update; then per method (c) online: the logits each ``adapt`` step computes before
-   its update, over ``--passes`` passes (default 1) of the stream, (d) after: the adapted model run once
+3. Arms, each corruption x severity on its own (protocol ``mild``, one cell per stream, a fresh copy of the source
+   model each), every one through the package's path (:func:`entreg.callbacks.tta_benchmark.run_stream`:
+   :class:`entreg.callbacks.TestTimeAdaptation` in ``trainer.test``, the crops labelled with the source model's
+   clean top-1 classes, so that agreement = 1 - online error): (a) ``source``, BatchNorm running statistics;
+   (b) ``bn_adapt``, batch statistics, no update; then per method (c) online: the logits each ``adapt`` step
+   computes before its update, (d) after: the adapted model run once
    more over the whole corrupted stream without update, and "clean after": the adapted model on the
    clean crops (forgetting; compare with BN-adapt on the clean crops, since every adapted model
    normalises with batch statistics). Agreement = share of crops whose top-1 class equals the source
@@ -41,9 +43,10 @@ How:
    and, on the clean crops, batch statistics in only some BatchNorm groups (which layers break).
 4. Hyperparameters, the ImageNet defaults of the reference implementations (EATA's and SAR's ``main.py``,
    DeYO's ``config.py``): E0 = 0.4 ln 1000, SGD momentum 0.9; lr at batch 64 is 2.5e-4 for all five,
-   scaled linearly to the batch size for Tent, ETA and EATA (6.25e-5 at 16) and by SAR's own small-batch
-   rule 2.5e-4 * bs / 64 * 2 for SAR and DeYO (bs < 32; 1.25e-4 at 16). EATA: d_margin 0.05, beta 2000,
-   Fisher on ``--fisher-images`` (32) clean crops drawn with another seed. SAR: rho 0.05. DeYO: tau_Ent
+   scaled by the methods' ``lr_scaling`` option: ``linear`` for Tent, ETA and EATA (6.25e-5 at 16), SAR's own
+   small-batch rule (``sar``: 2.5e-4 * bs / 64 * 2 below batch 32; 1.25e-4 at 16) for SAR and DeYO. EATA: d_margin
+   0.05, beta 2000, Fisher (the callback's ``source_batches``) on ``--fisher-images`` (32) clean crops drawn with
+   another seed. SAR: rho 0.05. DeYO: tau_Ent
    0.5 ln 1000, tau_PLPD 0.3 (mild).
    ``tent_hi``: Tent at 2.5e-3 (``--tent-lr-high``), the authors' upper lr 1e-2 at batch 64 scaled to 16.
 
