@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(n_seeds, epochs, args.threads) < 1:
         parser.error("--seeds, --epochs and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-    quiet_libraries("selected no sample", "`Trainer.fit` stopped", "batch size 1", "does not have many workers")
+    quiet_libraries("selected no sample", "`Trainer.fit` stopped", "no `val_dataloader`", "does not have many workers")
 
     report: dict[str, Any] = {
         "benchmark": "test-time adaptation on shifted digits: online error",

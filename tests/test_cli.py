@@ -325,6 +325,19 @@ def fog_items(tmp_path: Path) -> list:
     return [stream.domains[0].dataset[i] for i in range(len(stream.domains[0].dataset))]
 
 
+def test_entreg_adapt_gradual_loads_the_severities_the_protocol_visits(tmp_path):
+    from entreg.cli import adapt
+
+    overrides = [o for o in benchmark_overrides(tmp_path, weights_file("robustbench", ".pt", tmp_path))
+                 if not o.startswith("method")]  # fmt: skip
+    overrides += ["protocol=gradual", "method=bn_adapt", "baselines=[]", "logger=none"]
+    metrics = adapt(compose("adapt", *overrides, f"paths.output_dir={tmp_path / 'run'}"))
+    table = json.loads((tmp_path / "run" / "tta_table.json").read_text())
+    up, down = [f"fog-{s}" for s in (1, 2, 3, 4, 5)], [f"fog-{s}#2" for s in (4, 3, 2, 1)]
+    assert table["segments"][9:] == [*up, *down] and len(table["segments"]) == 18
+    assert table["info"]["reset"] == "continual" and "bn_adapt/fog-5/error" in metrics
+
+
 def test_entreg_adapt_protocol_errors_name_what_is_missing(tmp_path):
     from entreg.cli import adapt
 
