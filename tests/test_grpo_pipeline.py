@@ -271,3 +271,32 @@ def test_reward_configs_of_local_models_say_which_path_is_missing(reward, tmp_pa
         cfg = compose("finetune", overrides=[f"reward={reward}", "pipeline=unused"])
     with pytest.raises((MissingMandatoryValue, InstantiationException), match="Missing mandatory value: reward"):
         instantiate(cfg.reward)
+
+
+@pytest.fixture(scope="module")
+def flux_path(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("flux"), "flux")
+
+
+def test_a_flux_pipeline_trains_its_lora_with_packed_latents(flux_path):
+    module = make(flux_path, variant="egrpo")
+    assert module.sample_shape == (64, 4)  # FLUX packs 2x2 latent patches into tokens
+    adapter = lora_state(module)
+    fit(module)
+    assert any(not torch.equal(adapter[n], p) for n, p in lora_state(module).items())
+    assert module.sample(["a cat"]).shape == (1, 3, 16, 16)
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_autocast_keeps_float32_log_probs(sd3_path):
+    plain = make(sd3_path, variant="egrpo")
+    fit(plain)
+    checkpointed = make(sd3_path, variant="egrpo", gradient_checkpointing=True)
+    fit(checkpointed)
+    for name, value in lora_state(plain).items():
+        torch.testing.assert_close(lora_state(checkpointed)[name], value, rtol=0, atol=1e-6)
+    bf16 = make(sd3_path, variant="egrpo", autocast=True)
+    bf16.eval()
+    collected = bf16._collect()
+    assert all(tr.log_prob.dtype == torch.float32 for unit in collected.units for tr in unit.transitions)
+    fit(bf16)
+    assert bf16.iteration == 1

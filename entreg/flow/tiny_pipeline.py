@@ -74,8 +74,8 @@ def save_tiny_pipeline(directory: str | Path, kind: str = "sd3", seed: int = 0, 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     directory = Path(directory)
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as scratch:
+        torch.manual_seed(seed)  # the global RNG is left as it was
         tokenizer = _clip_tokenizer(Path(scratch))
         vocab = len(tokenizer)
         if kind == "sd3":
