@@ -186,6 +186,7 @@ class Arms:
         self.task, self.checkpoint = task, checkpoint
         cfg = composed("finetune", [f"reward={task.reward}"])
         self.reward = instantiate(cfg.reward, _convert_="all")
+        # the reward config's evaluation metrics; reward=digits_classifier has none: the guards of this script
         self.metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else DigitsMetrics()
 
     def module(self, arm: str, lr: float, seed: int, **extra: Any) -> GRPOModule:
