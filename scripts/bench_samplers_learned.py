@@ -14,10 +14,10 @@ How:
    per level, default 2, self-attention at the 4x4 level and in the middle block; initialised from seed 0) on the
    1,000-image training split of :class:`entreg.data.DigitsDataModule` (8x8, [-1, 1]), fitted by Lightning:
    batches of ``--batch-size`` drawn with replacement (seed 0), AdamW (lr 1e-3, cosine to 1e-5 over
-   ``--train-iters``, stepped every batch), EMA 0.999 of the weights (what every sampler uses). Training stops at
-   ``--train-iters`` or after ``--train-minutes``, whichever comes first (both reported with the last batch's loss
-   and the mean loss of the run). Cached in ``.cache/bench/samplers/`` (git-ignored; ``--cache-dir``) under a key
-   of these settings (``--retrain`` ignores the cache).
+   ``--train-iters``: the module's ``scheduler``, stepped every batch), EMA 0.999 of the weights (what every
+   sampler uses). Training stops at ``--train-iters`` or after ``--train-minutes``, whichever comes first (both
+   reported with the last batch's loss and the mean loss of the run). Cached in ``.cache/bench/samplers/``
+   (git-ignored; ``--cache-dir``) under a key of these settings (``--retrain`` ignores the cache).
 2. Reference: :func:`entreg.diffusion.evaluation.converged_solution`, DPM-Solver++(2M) (our scheduler with its
    EVODiff coefficients neutral) on ``--ref-steps`` (200) uniform-logSNR levels from the largest to the smallest
    training noise level, then the data prediction; the scheduler in float64 (the UNet in float32,
@@ -97,14 +97,6 @@ from entreg.nn.denoisers import unet2d
 NFES = (5, 6, 8, 10, 15, 20)
 
 
-def adamw_cosine(params: Any, lr: float, steps: int, eta_min: float) -> dict[str, Any]:
-    """AdamW whose learning rate falls from ``lr`` to ``eta_min`` over ``steps`` batches by a cosine, as Lightning's
-    optimizer configuration (``DiffusionModule`` hands its optimizer factory's result to Lightning)."""
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=eta_min)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device) -> tuple[nn.Module, dict]:
     """The EMA network of the digits UNet (trained here, or loaded from the cache) and how it was trained."""
     settings = {
@@ -120,8 +112,12 @@ def train_model(args: argparse.Namespace, x_train: Tensor, device: torch.device)
     path = args.cache_dir / f"unet_{key}_{device.type}.pt"
     torch.manual_seed(0)
     denoiser = unet2d(8, 1, block_out_channels=args.channels, layers_per_block=args.layers, attention=True)
-    optimizer = partial(adamw_cosine, lr=1e-3, steps=args.train_iters, eta_min=1e-5)
-    module = DiffusionModule(denoiser, "epsilon", ema_decay=0.999, optimizer=optimizer, sample_every_n_epochs=0)
+    module = DiffusionModule(
+        denoiser, "epsilon", ema_decay=0.999, sample_every_n_epochs=0,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=args.train_iters, eta_min=1e-5),
+        scheduler_interval="step",
+    )  # fmt: skip
     if path.exists() and not args.retrain:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         module.ema.load_state_dict(saved["ema"])

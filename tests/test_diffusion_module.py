@@ -157,6 +157,25 @@ def test_non_finite_batch_is_skipped_and_leaves_every_weight_unchanged(tmp_path)
     assert not trainer.optimizers[0].state  # no optimizer step either
 
 
+@pytest.mark.parametrize(("interval", "steps"), [("step", 6), ("epoch", 2)])
+def test_the_lr_scheduler_steps_every_optimizer_step_or_every_epoch(interval, steps, tmp_path):
+    """2 epochs of 3 batches: the scheduler (halving the lr) steps 6 times per step, twice per epoch, and its
+    state is in the checkpoint."""
+    halve = partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
+    model = DiffusionModule(
+        MLPDenoiser(2, hidden=8), optimizer=partial(torch.optim.SGD, lr=0.01), scheduler=halve,
+        scheduler_interval=interval, sample_every_n_epochs=0,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(6, 2)), batch_size=2))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**steps)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    (saved,) = torch.load(tmp_path / "last.ckpt", weights_only=True)["lr_schedulers"]
+    assert saved["last_epoch"] == steps
+    with pytest.raises(ValueError, match=r"scheduler_interval must be one of \('step', 'epoch'\), got 'batch'"):
+        DiffusionModule(MLPDenoiser(2), scheduler=halve, scheduler_interval="batch")
+
+
 @pytest.fixture(scope="module")
 def gmm_fit(tmp_path_factory):
     """An MLP fitted for 25 epochs (200 steps) on a 2-D, 8-component mixture, with the untrained samples."""

@@ -14,6 +14,7 @@ from entreg.distributed import all_gather_uneven, settle_logged_metrics
 from entreg.entropy import categorical_entropy
 from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
+from entreg.modules.optimization import optimizer_config
 from entreg.modules.skipping import SkipNonFiniteSteps
 from entreg.nn.backbones import build_backbone
 from entreg.nn.optim import OptimizerFactory, SchedulerFactory, optimizer_or_default
@@ -201,13 +202,7 @@ class ClassificationModule(SkipNonFiniteSteps):
 
     def configure_optimizers(self) -> Any:
         make_optimizer = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-3)
-        optimizer = make_optimizer(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
-        }
+        return optimizer_config(make_optimizer(self.parameters()), self.scheduler_factory, "epoch")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["entreg_skipped_steps"] = self.skipped_steps

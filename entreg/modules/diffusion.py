@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 from entreg.nn.denoisers import denoiser_from_checkpoint
+from entreg.nn.optim import SchedulerFactory
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -89,6 +90,9 @@ class DiffusionModule(EMATrainedNetwork):
         num_train_timesteps: diffusion steps of the training schedule.
         beta_schedule: diffusers' beta schedule (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``, ``sigmoid``).
         optimizer: factory ``params -> Optimizer`` (Hydra ``_partial_: true``); default AdamW(lr=1e-3).
+        scheduler: optional factory ``optimizer -> LRScheduler`` (Hydra ``_partial_: true``), e.g.
+            ``CosineAnnealingLR`` with ``T_max`` the number of optimizer steps.
+        scheduler_interval: step the scheduler every optimizer ``"step"`` (default) or every ``"epoch"``.
         ema_decay: decay of the EMA weights, in [0, 1), reached after a warm-up: update n uses
             min(ema_decay, (1 + n) / (10 + n)), as diffusers' EMAModel does, so short fits are not
             sampled from weights near the initialisation.
@@ -116,6 +120,8 @@ class DiffusionModule(EMATrainedNetwork):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
         ema_decay: float = 0.999,
         sample_scheduler: str = "dpmsolver",
         sample_steps: int = 20,
@@ -143,9 +149,11 @@ class DiffusionModule(EMATrainedNetwork):
                 "need sample_steps >= 1, sample_every_n_epochs >= 0 and num_val_samples >= 2; got "
                 f"{sample_steps}, {sample_every_n_epochs}, {num_val_samples}"
             )
-        self.save_hyperparameters(ignore=["denoiser", "optimizer", "feature_extractor", "reference_mixture"])
+        self.save_hyperparameters(
+            ignore=["denoiser", "optimizer", "scheduler", "feature_extractor", "reference_mixture"]
+        )
         self.denoiser = denoiser
-        self.init_training(denoiser, ema_decay, optimizer, data_range)
+        self.init_training(denoiser, ema_decay, optimizer, data_range, scheduler, scheduler_interval)
         self.feature_extractor = feature_extractor.eval().requires_grad_(False) if feature_extractor else None
         self.reference_mixture = reference_mixture
         self.noise_scheduler = DDPMScheduler(

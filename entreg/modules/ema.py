@@ -12,8 +12,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from entreg.images import sample_grid
 from entreg.loggers import has_tensorboard
+from entreg.modules.optimization import check_interval, optimizer_config
 from entreg.modules.skipping import SkipNonFiniteSteps
-from entreg.nn.optim import OptimizerFactory, optimizer_or_default
+from entreg.nn.optim import OptimizerFactory, SchedulerFactory, optimizer_or_default
 
 __all__ = ["FEATURE_EXTRACTOR_PREFIX", "EMATrainedNetwork", "OptimizerFactory", "log_samples", "warmed_up_ema"]
 
@@ -50,6 +51,8 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
     ``training_step`` with :meth:`loss_step`."""
 
     optimizer_factory: OptimizerFactory | None
+    scheduler_factory: SchedulerFactory | None
+    scheduler_interval: str
     ema: nn.Module
 
     def __init__(self) -> None:
@@ -60,10 +63,18 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
         raise NotImplementedError
 
     def init_training(
-        self, network: nn.Module, ema_decay: float, optimizer: OptimizerFactory | None, data_range: Sequence[float]
+        self,
+        network: nn.Module,
+        ema_decay: float,
+        optimizer: OptimizerFactory | None,
+        data_range: Sequence[float],
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "step",
     ) -> None:
         """Validate and set the EMA copy of ``network`` (``self.ema``, with :func:`warmed_up_ema`), the optimizer
-        factory and ``self.data_range`` (low, high) of the data."""
+        factory, the learning-rate scheduler factory (``optimizer -> LRScheduler``, or None) stepped every
+        ``scheduler_interval`` (``"step"``: every optimizer step, ``"epoch"``) and ``self.data_range`` (low, high)
+        of the data."""
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         low, high = (float(v) for v in data_range)
@@ -72,6 +83,7 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
         self.ema = AveragedModel(network, multi_avg_fn=warmed_up_ema(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.optimizer_factory, self.data_range = optimizer, (low, high)
+        self.scheduler_factory, self.scheduler_interval = scheduler, check_interval(scheduler_interval)
 
     def loss_step(self, loss: Tensor, batch_idx: int, batch_size: int) -> Tensor:
         """Log ``train/loss`` and return it, or skip the batch on every rank when it is not finite."""
@@ -86,9 +98,10 @@ class EMATrainedNetwork(SkipNonFiniteSteps):
         if not self._skipped_batch:
             self.ema.update_parameters(self.trained_network())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         make_optimizer = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-3)
-        return make_optimizer(self.trained_network().parameters())
+        optimizer = make_optimizer(self.trained_network().parameters())
+        return optimizer_config(optimizer, self.scheduler_factory, self.scheduler_interval)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
