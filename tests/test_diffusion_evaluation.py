@@ -56,6 +56,20 @@ def test_run_solver_takes_one_model_call_per_step_and_refuses_another_count(mixt
         run_solver(Short(), model, noise, 5)
 
 
+def test_run_solver_seeds_stochastic_steps_and_takes_any_count_when_asked(mixture):
+    """A stochastic scheduler's steps draw from ``generator`` (same seed, same samples); ``exact_nfe=False`` runs
+    a scheduler with more timesteps than the NFE (Heun: two per step but the last)."""
+    from diffusers import DDPMScheduler, HeunDiscreteScheduler
+
+    model = mixture.epsilon_model(DDPMScheduler().alphas_cumprod)
+    noise = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    seeded = [run_solver(DDPMScheduler(), model, noise, 5, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
+    calls = []
+    run_solver(HeunDiscreteScheduler(), lambda x, t: calls.append(t) or model(x, t), noise, 5, exact_nfe=False)
+    assert len(calls) == 2 * 5 - 1
+
+
 def test_converged_solution_converges_and_solvers_approach_it(mixture):
     model = mixture.epsilon_model(DPMSolverMultistepScheduler().alphas_cumprod)
     noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -129,3 +143,17 @@ def test_feature_frechet_distance_is_the_frechet_distance_of_the_features():
         expected = frechet_distance(extractor(samples), extractor(real))
     assert fd(samples.double()) == pytest.approx(expected, rel=1e-6)
     assert fd(real) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_entreg_diffusion_exports_the_evaluation_on_first_use():
+    import subprocess
+    import sys
+
+    import entreg.diffusion
+    from entreg.diffusion import evaluation, metrics
+
+    for module in (evaluation, metrics):
+        for name in module.__all__:
+            assert name in entreg.diffusion.__all__ and getattr(entreg.diffusion, name) is getattr(module, name)
+    code = "import sys, entreg.diffusion; assert 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

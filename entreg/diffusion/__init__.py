@@ -1,4 +1,5 @@
-"""Diffusion: the EVODiff scheduler, the exactly solvable Gaussian mixture and sample-quality metrics.
+"""Diffusion: the EVODiff scheduler, the exactly solvable Gaussian mixture, sample-quality metrics and the solver
+evaluation of the sampler benchmarks (:mod:`entreg.diffusion.evaluation`).
 
 Names are imported on first use, so importing the package does not import diffusers.
 """
@@ -13,8 +14,19 @@ _LAZY = {
     "GaussianMixture": "entreg.diffusion.gmm",
     "scheduler_alpha_sigma": "entreg.diffusion.gmm",
     "vp_alpha_sigma": "entreg.diffusion.gmm",
+    "FeatureFrechetDistance": "entreg.diffusion.metrics",
     "frechet_distance": "entreg.diffusion.metrics",
     "sliced_wasserstein": "entreg.diffusion.metrics",
+    "GRIDS": "entreg.diffusion.evaluation",
+    "LOGSNR_SOLVERS": "entreg.diffusion.evaluation",
+    "SOLVERS": "entreg.diffusion.evaluation",
+    "converged_solution": "entreg.diffusion.evaluation",
+    "exact_mixture_errors": "entreg.diffusion.evaluation",
+    "network_model": "entreg.diffusion.evaluation",
+    "rmse": "entreg.diffusion.evaluation",
+    "run_solver": "entreg.diffusion.evaluation",
+    "solver_errors": "entreg.diffusion.evaluation",
+    "solver_rows": "entreg.diffusion.evaluation",
 }
 
 __all__ = list(_LAZY)

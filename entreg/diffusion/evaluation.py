@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -94,15 +95,26 @@ def solver_rows(
     return rows
 
 
-def run_solver(scheduler: Any, model: Model, noise: Tensor, nfe: int) -> Tensor:
-    """Samples of ``scheduler`` in ``nfe`` timesteps, one ``model(x, t)`` call each, from ``noise`` (scaled by the
-    scheduler's ``init_noise_sigma``). Raises if the scheduler takes another number of timesteps."""
-    scheduler.set_timesteps(nfe)
-    if len(scheduler.timesteps) != nfe:
+def run_solver(
+    scheduler: Any,
+    model: Model,
+    noise: Tensor,
+    nfe: int,
+    generator: torch.Generator | None = None,
+    exact_nfe: bool = True,
+) -> Tensor:
+    """Samples of ``scheduler`` in ``nfe`` timesteps (on ``noise``'s device), one ``model(x, t)`` call each, from
+    ``noise`` (scaled by the scheduler's ``init_noise_sigma``); ``generator`` seeds the steps of stochastic
+    schedulers (those whose ``step`` takes one). Raises if the scheduler takes another number of timesteps, unless
+    ``exact_nfe=False`` (e.g. Heun's two per step)."""
+    scheduler.set_timesteps(nfe, device=noise.device)
+    if exact_nfe and len(scheduler.timesteps) != nfe:
         raise RuntimeError(f"{type(scheduler).__name__} took {len(scheduler.timesteps)} timesteps for NFE {nfe}")
     x = noise * scheduler.init_noise_sigma
+    takes_generator = generator is not None and "generator" in inspect.signature(scheduler.step).parameters
+    step_options = {"generator": generator} if takes_generator else {}
     for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_options).prev_sample
     return x
 
 

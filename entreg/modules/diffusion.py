@@ -4,7 +4,6 @@ diffusers scheduler."""
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entreg.diffusion.metrics import frechet_distance, sliced_wasserstein
+from entreg.diffusion.metrics import FeatureFrechetDistance, sliced_wasserstein
 from entreg.modules.ema import EMATrainedNetwork, OptimizerFactory
 from entreg.nn.denoisers import denoiser_from_checkpoint
 from entreg.nn.optim import SchedulerFactory
@@ -49,14 +48,11 @@ def sample_metrics(
     samples: Tensor, real: Tensor, feature_extractor: nn.Module | None = None, reference_mixture: Any | None = None
 ) -> dict[str, float]:
     """Quality of ``samples`` against ``real`` data: ``fd`` (images, with a feature extractor, run on its own
-    device), ``log_likelihood`` (vectors, with a reference mixture) and ``sliced_wasserstein`` (vectors, over as
-    many points of each as the smaller set has)."""
+    device: :class:`~entreg.diffusion.metrics.FeatureFrechetDistance`), ``log_likelihood`` (vectors, with a
+    reference mixture) and ``sliced_wasserstein`` (vectors, over as many points of each as the smaller set has)."""
     metrics: dict[str, float] = {}
     if samples.ndim > 2 and feature_extractor is not None:
-        feature_extractor.eval()
-        device = next(feature_extractor.parameters(), samples).device  # a parameter-free one: the samples'
-        features = [feature_extractor(x.to(device)).flatten(1).cpu() for x in (real, samples)]
-        metrics["fd"] = frechet_distance(*features)
+        metrics["fd"] = FeatureFrechetDistance(feature_extractor, real)(samples)
     if samples.ndim == 2:
         if reference_mixture is not None:
             metrics["log_likelihood"] = float(reference_mixture.log_prob(samples.double().cpu()).mean())
@@ -230,7 +226,8 @@ class DiffusionModule(EMATrainedNetwork):
         generator: torch.Generator | None = None,
         shape: Sequence[int] | None = None,
     ) -> Tensor:
-        """``n`` samples from the EMA denoiser, (n, *shape).
+        """``n`` samples from the EMA denoiser, (n, *shape), by
+        :func:`entreg.diffusion.evaluation.run_solver`.
 
         Args:
             n: number of samples.
@@ -240,6 +237,8 @@ class DiffusionModule(EMATrainedNetwork):
             generator: seeds the initial noise (drawn on the generator's device) and stochastic schedulers.
             shape: the shape of one sample; the denoiser's ``sample_shape`` by default.
         """
+        from entreg.diffusion.evaluation import run_solver
+
         if scheduler is None or isinstance(scheduler, str):
             scheduler = self.make_scheduler(scheduler or self.sample_scheduler)
         predicts = scheduler.config.get("prediction_type")
@@ -248,21 +247,19 @@ class DiffusionModule(EMATrainedNetwork):
                 f"the scheduler expects {predicts!r} predictions; this model predicts {self.prediction_type!r}"
             )
         shape = self.sample_shape if shape is None else tuple(shape)
-        scheduler.set_timesteps(num_inference_steps or self.sample_steps, device=self.device)
         noise_device = self.device if generator is None else generator.device
-        x = torch.randn((n, *shape), generator=generator, device=noise_device).to(self.device)
-        x = x * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        noise = torch.randn((n, *shape), generator=generator, device=noise_device).to(self.device)
         denoiser = self.ema.module
         was_training = denoiser.training
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            return denoiser(x, t.expand(n))
+
         denoiser.eval()
         try:
-            for t in scheduler.timesteps:
-                output = denoiser(scheduler.scale_model_input(x, t), t.expand(n))
-                x = scheduler.step(output, t, x, **step_kwargs).prev_sample
+            return run_solver(scheduler, model, noise, num_inference_steps or self.sample_steps, generator, False)
         finally:
             denoiser.train(was_training)
-        return x
 
     def sample_metrics(self, samples: Tensor, real: Tensor) -> dict[str, float]:
         """:func:`sample_metrics` with this module's feature extractor and reference mixture."""
