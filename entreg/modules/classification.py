@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -10,12 +9,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from entreg.distributed import all_gather_uneven, settle_logged_metrics
+from entreg.distributed import all_gather_uneven
 from entreg.entropy import categorical_entropy
 from entreg.loggers import log_histogram
 from entreg.metrics import ClassificationMetrics
 from entreg.modules.optimization import optimizer_config
 from entreg.modules.skipping import SkipNonFiniteSteps
+from entreg.modules.stage_metrics import PerDataloaderMetrics, log_stage_metrics
 from entreg.nn.backbones import build_backbone
 from entreg.nn.optim import OptimizerFactory, SchedulerFactory, optimizer_or_default
 from entreg.nn.output import build_output_activation
@@ -91,7 +91,7 @@ class ClassificationModule(SkipNonFiniteSteps):
         self.train_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.val_metrics = ClassificationMetrics(num_classes, ece_bins)
         self.test_metrics = ClassificationMetrics(num_classes, ece_bins)
-        self._more_test_metrics: dict[int, ClassificationMetrics] = {}  # test dataloaders 1, 2, ... (shifts)
+        self._test_loaders = PerDataloaderMetrics(self.test_metrics)  # one per test dataloader (shifts)
         self._buffer_snapshot = BufferSnapshot(self)
         self._val_entropies: list[Tensor] = []
 
@@ -134,15 +134,6 @@ class ClassificationModule(SkipNonFiniteSteps):
         self.log("train/entropy", h, on_step=True, on_epoch=False, batch_size=len(y), sync_dist=True)
         return loss
 
-    def _test_metrics_for(self, dataloader_idx: int) -> ClassificationMetrics:
-        if dataloader_idx == 0:
-            return self.test_metrics
-        if dataloader_idx not in self._more_test_metrics:
-            metrics = copy.deepcopy(self.test_metrics)  # same settings and device, fresh states
-            metrics.reset()
-            self._more_test_metrics[dataloader_idx] = metrics
-        return self._more_test_metrics[dataloader_idx]
-
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, dataloader_idx: int = 0) -> Tensor:
         x, y = batch
         logits = self(x)
@@ -150,7 +141,7 @@ class ClassificationModule(SkipNonFiniteSteps):
             rank_zero_warn(f"Non-finite {stage} logits: batch left out of the {stage} metrics.")
             return logits
         entropy = categorical_entropy(logits)
-        metrics = self._test_metrics_for(dataloader_idx) if stage == "test" else self.stage_metrics(stage)
+        metrics = self._test_loaders[dataloader_idx] if stage == "test" else self.stage_metrics(stage)
         metrics.update(logits, y, entropy)
         if stage == "val":
             self._val_entropies.append(entropy.detach())
@@ -166,39 +157,18 @@ class ClassificationModule(SkipNonFiniteSteps):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x)
 
-    def _log_stage(self, stage: str, metrics: ClassificationMetrics | None = None, suffix: str = "") -> None:
-        settle_logged_metrics(self.trainer)  # the rank-0 progress bar's reductions come first on every rank
-        metrics = metrics or self.stage_metrics(stage)
-        seen = metrics.entropy.count.clone()
-        if self.trainer.world_size > 1:
-            seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
-        if seen == 0:  # every batch was skipped: nothing to report
-            return
-        values = metrics.compute()
-        # compute() already synchronised the values; sync_dist averages identical numbers (exact) and
-        # keeps Lightning from warning about unsynchronised epoch-level logging under DDP
-        values = {f"{stage}/{name}{suffix}": value for name, value in values.items()}
-        self.log_dict(values, sync_dist=True, add_dataloader_idx=False)
-        metrics.reset()
-
     def on_train_epoch_end(self) -> None:
-        self._log_stage("train")
+        log_stage_metrics(self, self.train_metrics, "train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_stage("val")
+        log_stage_metrics(self, self.val_metrics, "val")
         if self._val_entropies and not self.trainer.sanity_checking:
             values = all_gather_uneven(self.trainer.strategy, torch.cat(self._val_entropies))
             log_histogram(self.trainer, "val/entropy_hist", values)
         self._val_entropies.clear()
 
     def on_test_epoch_end(self) -> None:
-        if not self._more_test_metrics:
-            self._log_stage("test")
-            return
-        # several test dataloaders (e.g. one per distribution shift): Lightning's per-dataloader names
-        for idx in [0, *sorted(self._more_test_metrics)]:
-            self._log_stage("test", self._test_metrics_for(idx), f"/dataloader_idx_{idx}")
-        self._more_test_metrics.clear()
+        self._test_loaders.log(self)  # several test dataloaders (e.g. one per shift): Lightning's names
 
     def configure_optimizers(self) -> Any:
         make_optimizer = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-3)

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from entreg.distributed import settle_logged_metrics
 from entreg.metrics import ClassificationMetrics
+from entreg.modules.stage_metrics import PerDataloaderMetrics
 from entreg.nn.pretrained import DataConfig, NormalizedClassifier, timm_model, torchvision_model
 
 __all__ = ["PretrainedClassifier"]
@@ -83,7 +83,7 @@ class PretrainedClassifier(L.LightningModule):
                 "source": dict(source or {}),
             }
         )
-        self._test_metrics: list[ClassificationMetrics] = []  # one per test dataloader, made when testing starts
+        self._test_metrics: PerDataloaderMetrics | None = None  # made when testing starts
 
     def _classes_of(self, net: nn.Module) -> int:
         size = self.data_config.input_size
@@ -163,8 +163,8 @@ class PretrainedClassifier(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         count = max(len(self.trainer.num_test_batches), 1)
-        num_classes, bins = self.hparams.num_classes, self.hparams.ece_bins
-        self._test_metrics = [ClassificationMetrics(num_classes, bins).to(self.device) for _ in range(count)]
+        metrics = ClassificationMetrics(self.hparams.num_classes, self.hparams.ece_bins).to(self.device)
+        self._test_metrics = PerDataloaderMetrics(metrics, count)
 
     def test_step(self, batch: Sequence[Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x, y = batch[0], batch[1]
@@ -179,16 +179,4 @@ class PretrainedClassifier(L.LightningModule):
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
     def on_test_epoch_end(self) -> None:
-        settle_logged_metrics(self.trainer)  # the rank-0 progress bar's reductions come first on every rank
-        several = len(self._test_metrics) > 1
-        for idx, metrics in enumerate(self._test_metrics):
-            seen = metrics.entropy.count.clone()
-            if self.trainer.world_size > 1:
-                seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
-            if seen == 0:  # no finite batch anywhere
-                continue
-            values = metrics.compute()
-            values["error"] = 1 - values["acc"]
-            suffix = f"/dataloader_idx_{idx}" if several else ""
-            self.log_dict({f"test/{k}{suffix}": v for k, v in values.items()}, sync_dist=True, add_dataloader_idx=False)
-            metrics.reset()
+        self._test_metrics.log(self, "test", error=True)
