@@ -247,14 +247,38 @@ def dataloader_names(datamodule: Any, count: int) -> list[str]:
 # ---- entreg-train ----------------------------------------------------------------------------------------------
 
 
+def require_trainable_model(cfg: DictConfig) -> None:
+    """Raise ValueError, naming ``entreg-adapt``, when ``cfg.model._target_`` builds a LightningModule without a
+    ``training_step`` (a pretrained source model of test-time adaptation, ``configs/model/timm_pretrained.yaml``
+    and the like); checked on the class, before anything is built."""
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_object
+
+    target = (cfg.get("model") or {}).get("_target_")
+    built = get_object(target) if target else None
+    owner = getattr(built, "__self__", built)  # a classmethod builder's class
+    if isinstance(owner, type) and issubclass(owner, L.LightningModule):
+        if owner.training_step is L.LightningModule.training_step:
+            choice = HydraConfig.get().runtime.choices.get("model") if HydraConfig.initialized() else None
+            given = f"model={choice}" if choice else f"model._target_={target}"
+            raise ValueError(
+                f"{given} cannot be trained: {owner.__name__} has no training step (a pretrained source model for "
+                f"test-time adaptation); use it with entreg-adapt {given if choice else 'model=...'} stream=... "
+                "protocol=... method=... (configs/protocol, configs/method)"
+            )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` (resuming from ``cfg.ckpt_path``: a file or ``last``), test the best
     checkpoint unless ``cfg.test`` is false, and return the metrics: the test metrics (with several test dataloaders,
     ``test/acc/<shift>`` per dataloader), else every logged metric. Prints them, one column per test dataloader, and
-    where the logs and checkpoints are; writes them to ``metrics.json``."""
+    where the logs and checkpoints are; writes them to ``metrics.json``. A model that cannot train (an
+    ``entreg-adapt`` source model) is refused first (:func:`require_trainable_model`)."""
     import lightning as L
     from hydra.utils import instantiate
 
+    require_trainable_model(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")

@@ -518,6 +518,36 @@ def test_missing_checkpoints_fail_before_anything_is_built(tmp_path):
     assert not logs.exists()  # no run directory, logger or checkpoint was created
 
 
+@pytest.mark.parametrize("model", ["timm_pretrained", "torchvision_pretrained", "robustbench"])
+def test_entreg_train_refuses_adapt_source_models_before_anything_is_built(model, tmp_path):
+    """The entreg-adapt source models have no training step: entreg-train names entreg-adapt instead of failing
+    inside Lightning, before the weights file (missing here), the data or a logger is touched; run from the
+    command line it names the config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    from entreg.cli import train
+
+    logs = tmp_path / "logs"
+    overrides = [f"paths.log_dir={logs}", f"paths.output_dir={logs / 'run'}", f"model={model}", "model.file=x.pt"]
+    message = r"cannot be trained: PretrainedClassifier has no training step .* use it with entreg-adapt model="
+    with pytest.raises(
+        ValueError, match=rf"^model\._target_=entreg\.modules\.PretrainedClassifier\.\w+ {message}\.\.\."
+    ):
+        train(compose("train", *overrides))
+    assert not logs.exists()
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # as the command line sets it: the config names its model choice
+    try:
+        with pytest.raises(ValueError, match=rf"^model={model} {message}{model} "):
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = before
+
+
 @pytest.mark.parametrize(("key", "value"), [("n", 0), ("num_inference_steps", 0), ("num_inference_steps", -2)])
 def test_entreg_sample_rejects_counts_below_one_before_loading(key, value, tmp_path):
     from entreg.cli import sample
