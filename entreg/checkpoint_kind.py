@@ -1,8 +1,9 @@
 """Which entreg LightningModule wrote a checkpoint, read on CPU without building the model, so that every command
 can reject a checkpoint of the wrong kind before loading anything heavy and name the command that takes it.
 
-Every LightningModule entreg ships is a kind: classifier, diffusion, flow, grpo, and the RL agents sac and ppo (which
-``entreg-train`` resumes; no command evaluates them, their ``evaluate()`` does). A kind is recognised by the
+Every LightningModule entreg trains is a kind: classifier, diffusion, flow, grpo, grpo_pipeline (text-to-image GRPO,
+whose checkpoints hold the trained transformer parameters only), and the RL agents sac and ppo (which ``entreg-train``
+resumes; no command evaluates them, their ``evaluate()`` does). A kind is recognised by the
 top-level submodules in the checkpoint's ``state_dict`` together with a constructor argument that only its module
 saves in ``hyper_parameters``. For example, on an ``entreg-train`` classifier::
 
@@ -61,6 +62,14 @@ KINDS = (
         frozenset({"net", "base"}),
         "variant",
         "entreg-finetune ckpt_path=<checkpoint> (to resume the fine-tuning run)",
+    ),
+    CheckpointKind(
+        "grpo_pipeline",
+        "GRPOPipelineModule",
+        frozenset({"transformer"}),
+        "prompt_column",
+        "entreg-finetune pipeline=<dir> prompts=<file> ckpt_path=<checkpoint> (to resume the text-to-image "
+        "fine-tuning run)",
     ),
     CheckpointKind(
         "sac",

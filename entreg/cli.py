@@ -626,7 +626,8 @@ def fit_and_report(
 def finetune_pipeline(cfg: DictConfig) -> dict[str, float]:
     """GRPO fine-tuning of the transformer of the diffusers pipeline in ``cfg.pipeline`` (SD3, FLUX) on the prompts
     of ``cfg.prompts`` with ``cfg.reward`` (a reward on images and prompts), the ``cfg.grpo`` variant and the
-    ``cfg.t2i`` options (:class:`entreg.modules.grpo_pipeline.GRPOPipelineModule`); resumes from ``cfg.ckpt_path``.
+    ``cfg.t2i`` options (:class:`entreg.modules.grpo_pipeline.GRPOPipelineModule`); resumes from ``cfg.ckpt_path`` (a
+    GRPOPipelineModule checkpoint or ``last``).
     Writes the adapter in diffusers' LoRA format to ``<run>/lora`` (``cfg.export_pipeline``: also the merged
     pipeline to ``<run>/pipeline``), prints base vs fine-tuned evaluation and returns it as ``eval/*``."""
     pipeline = Path(str(cfg.pipeline)).expanduser()
@@ -635,7 +636,9 @@ def finetune_pipeline(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("prompts") is None:
         raise ValueError("entreg-finetune pipeline=... needs prompts=<a prompt file: one per line, or a table>")
     prompts = existing_file(cfg.prompts, "prompts")
-    ckpt_path = resolve_ckpt_path(cfg)  # its kind is checked when it loads (a GRPOPipelineModule checkpoint)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        require_kind(ckpt_path, ["grpo_pipeline"], "entreg-finetune ckpt_path")
 
     import lightning as L
     from hydra.utils import instantiate

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -558,13 +559,39 @@ def test_entreg_sample_rejects_counts_below_one_before_loading(key, value, tmp_p
 
 
 HAS_MUJOCO = importlib.util.find_spec("mujoco") is not None  # the RL agents' envs (extra entreg[rl])
+HAS_T2I = all(importlib.util.find_spec(name) is not None for name in ("transformers", "peft"))  # entreg[t2i]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def tiny_pipeline(tmp_path_factory) -> tuple[Path, Path] | None:
+    """A tiny random SD3 pipeline directory and a prompt file (None without the t2i extra)."""
+    if not HAS_T2I:
+        return None
+    from entreg.flow.tiny_pipeline import save_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    (folder / "prompts.txt").write_text("a cat\na dog\n")
+    return save_tiny_pipeline(folder / "sd3", "sd3"), folder / "prompts.txt"
+
+
+def pipeline_module(tiny_pipeline: tuple[Path, Path]) -> Any:
+    """A GRPOPipelineModule of the tiny pipeline, shrunk to one LoRA iteration of 2 images of 16 x 16."""
+    from entreg.flow.image_rewards import JPEGCompressibility
+    from entreg.modules.grpo_pipeline import GRPOPipelineModule
+
+    path, prompts = tiny_pipeline
+    return GRPOPipelineModule(
+        str(path), JPEGCompressibility(), prompts, height=16, width=16, steps=2, active_steps=2, group_size=2,
+        prompts=1, lora_rank=4, lora_alpha=8, guidance_scale=1.0, max_sequence_length=8, eval_every=0,
+        iterations_per_epoch=1, eval_per_prompt=1, variant="flow_grpo",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_pipeline) -> dict[str, Path]:
     """One-step checkpoints of each kind, from the real configs: classifier, diffusion, flow, grpo (fine-tuned from
-    the flow), the RL agents sac and ppo (where MuJoCo is installed), and a LightningModule of none of entreg's
-    kinds."""
+    the flow), grpo_pipeline (a tiny SD3 pipeline's LoRA, with the t2i extra), the RL agents sac and ppo (where
+    MuJoCo is installed), and a LightningModule of none of entreg's kinds."""
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.demos.boring_classes import BoringModel
@@ -581,16 +608,19 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "diffusion": ["experiment=gmm2d_diffusion", "model.denoiser.hidden=8"],
         "flow": ["experiment=ring2d_flow", "model.net.hidden=8", "model.num_classes=null"],
         "grpo": ["grpo.steps=4", "grpo.active_steps=2", "grpo.group_size=4", "grpo.prompts=2", "grpo.eval_every=0"],
+        **({"grpo_pipeline": []} if HAS_T2I else {}),
         **(rl if HAS_MUJOCO else {}),
         "other": [],
     }  # fmt: skip
     paths = {}
     for kind, overrides in models.items():
-        config = "finetune" if kind == "grpo" else "train"
+        config = "finetune" if kind.startswith("grpo") else "train"
         cfg = compose(config, "callbacks=none", "logger=none", f"paths.output_dir={folder}", *overrides)
         if kind == "grpo":
             options = instantiate(cfg.grpo, _convert_="all")
             model, data = GRPOModule.from_flow_checkpoint(paths["flow"], instantiate(cfg.reward), **options), None
+        elif kind == "grpo_pipeline":
+            model, data = pipeline_module(tiny_pipeline), None
         else:
             model = BoringModel() if kind == "other" else instantiate(cfg.model, _convert_="all")
             data = instantiate(cfg.data, _convert_="all") if cfg.get("data") and kind != "other" else None
@@ -611,8 +641,9 @@ def test_checkpoint_kind_names_each_module(checkpoints, tmp_path):
         **{kind.name: kind.name for kind in KINDS if kind.name in checkpoints},
         "other": None,
     }
-    assert set(checkpoints) >= {"classifier", "diffusion", "flow", "grpo", *(["sac", "ppo"] if HAS_MUJOCO else [])}
-    assert {kind.name for kind in KINDS} == {"classifier", "diffusion", "flow", "grpo", "sac", "ppo"}
+    optional = [*(["sac", "ppo"] if HAS_MUJOCO else []), *(["grpo_pipeline"] if HAS_T2I else [])]
+    assert set(checkpoints) >= {"classifier", "diffusion", "flow", "grpo", *optional}
+    assert {kind.name for kind in KINDS} == {"classifier", "diffusion", "flow", "grpo", "grpo_pipeline", "sac", "ppo"}
     require_kind(checkpoints["other"], ["classifier"], "entreg-adapt ckpt_path", allow_other=True)  # a user's module
     with pytest.raises(ValueError, match="was written by none of ClassificationModule, DiffusionModule"):
         require_kind(checkpoints["other"], ["diffusion"], "entreg-sample ckpt_path")
@@ -650,18 +681,24 @@ WRONG_KIND = [
      r"SACModule.load_from_checkpoint\(<checkpoint>\).evaluate\(\) in Python"),
     ("adapt", "ppo", r"is a ppo checkpoint \(PPOModule\): use it with entreg-train experiment=<its experiment> "
      r"ckpt_path=<checkpoint> .* PPOModule.load_from_checkpoint"),
+    ("sample", "grpo_pipeline", r"is a grpo_pipeline checkpoint \(GRPOPipelineModule\): use it with entreg-finetune "
+     r"pipeline=<dir> prompts=<file> ckpt_path=<checkpoint> \(to resume the text-to-image fine-tuning run\)"),
+    ("finetune", "grpo_pipeline", "entreg-finetune base_checkpoint takes a flow .* is a grpo_pipeline checkpoint"),
 ]  # fmt: skip
-# what each command takes: (command, key, the kind it takes)
+# what each command takes: (command, key, the kind it takes); entreg-finetune's ckpt_path is a grpo checkpoint next to
+# base_checkpoint, a grpo_pipeline one next to pipeline=<dir> prompts=<file>
 TAKES = [("sample", "ckpt_path", "diffusion"), ("adapt", "ckpt_path", "classifier"),
-         ("finetune", "base_checkpoint", "flow"), ("finetune", "ckpt_path", "grpo")]  # fmt: skip
+         ("finetune", "base_checkpoint", "flow"), ("finetune", "ckpt_path", "grpo"),
+         ("finetune", "ckpt_path", "grpo_pipeline")]  # fmt: skip
 
 
-def refuse(command: str, key: str, path: Path, checkpoints: dict[str, Path]) -> ValueError:
-    """The ValueError of ``entreg-<command> <key>=<path>`` (a GRPO ``ckpt_path`` next to a good base checkpoint)."""
+def refuse(command: str, key: str, path: Path, checkpoints: dict[str, Path], route: tuple[str, ...] = ()) -> ValueError:
+    """The ValueError of ``entreg-<command> <route> <key>=<path>`` (a GRPO ``ckpt_path`` next to a good base
+    checkpoint unless ``route`` says otherwise)."""
     import entreg.cli
 
     base = [f"base_checkpoint={checkpoints['flow']}"] if key == "ckpt_path" and command == "finetune" else []
-    cfg = compose(command, *base, f"{key}={path}", "paths.output_dir=unused")
+    cfg = compose(command, *(route or base), f"{key}={path}", "paths.output_dir=unused")
     with pytest.raises(ValueError) as error:
         getattr(entreg.cli, command)(cfg)
     return error.value
@@ -670,18 +707,26 @@ def refuse(command: str, key: str, path: Path, checkpoints: dict[str, Path]) -> 
 @pytest.mark.parametrize(("command", "kind", "message"), WRONG_KIND)
 def test_a_wrong_kind_of_checkpoint_is_named_with_the_command_that_takes_it(command, kind, message, checkpoints):
     if kind not in checkpoints:
-        pytest.skip(f"a {kind} checkpoint needs MuJoCo (pip install 'entreg[rl]')")
+        pytest.skip(
+            f"a {kind} checkpoint needs MuJoCo (pip install 'entreg[rl]') or transformers and peft ('entreg[t2i]')"
+        )
     key = "base_checkpoint" if command == "finetune" else "ckpt_path"
     assert re.search(message, str(refuse(command, key, checkpoints[kind], checkpoints)))
 
 
 @pytest.mark.parametrize(("command", "key", "takes"), TAKES)
-def test_every_command_names_the_command_of_every_other_kind(command, key, takes, checkpoints):
-    """entreg-sample, -adapt and -finetune refuse each checkpoint kind they do not take, naming its command."""
+def test_every_command_names_the_command_of_every_other_kind(command, key, takes, checkpoints, tiny_pipeline):
+    """entreg-sample, -adapt and -finetune (both routes) refuse each checkpoint kind they do not take, naming its
+    command."""
     from entreg.checkpoint_kind import KINDS
 
+    route = ()
+    if takes == "grpo_pipeline":
+        if tiny_pipeline is None:
+            pytest.skip("the text-to-image route needs transformers and peft (pip install 'entreg[t2i]')")
+        route = (f"pipeline={tiny_pipeline[0]}", f"prompts={tiny_pipeline[1]}")
     for kind in [kind for kind in KINDS if kind.name != takes and kind.name in checkpoints]:
-        message = str(refuse(command, key, checkpoints[kind.name], checkpoints))
+        message = str(refuse(command, key, checkpoints[kind.name], checkpoints, route))
         assert message.startswith(f"entreg-{command} {key} takes a {takes} (")
         assert message.endswith(f"is a {kind.name} checkpoint ({kind.module}): use it with {kind.command}")
 
