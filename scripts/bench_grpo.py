@@ -23,15 +23,17 @@ How (every model and arm from the real configs, composed with ``hydra.compose`` 
    ``GRPOModule.from_flow_checkpoint``): 16 steps, shift 3, a = 0.7, group 8, 4 groups per iteration, 8 active
    steps; MixGRPO's window of 4 moves every ``budget / (5 * 4 * cost of an iteration)`` iterations so that it
    sweeps the 8 active steps once; E-GRPO tau = 2.2; no KL; Adam instead of the configs' AdamW. Each run stops when
-   its compute units (forward = 1, forward + backward = 3) reach ``--budget``.
+   its compute units (forward = 1, forward + backward = 3) reach ``--budget``
+   (:class:`entreg.callbacks.ComputeBudget`, which also records the evaluations).
 4. Learning rates ``--lrs`` (Adam), seeds ``--seeds``; the arm's best lr (highest final reward, mean over
    seeds) is reported, the whole grid is in the JSON.
 
 Digits (``--task digits``): ``experiment=digits_flow``, a class-conditional flow MLP (width 256) of the 8x8 digits;
 ``reward=digits_classifier``: log p(class | x) of a frozen MLP classifier
-(:func:`entreg.data.digits_nets.digits_classifier`); prompts are classes; guards against reward hacking: the
-accuracy of a held-out CNN (other architecture and seed) and a PCA-Gaussian log-likelihood (nats per pixel);
-diversity: the mean pairwise distance within a class (500 samples).
+(:func:`entreg.data.digits_nets.digits_classifier`); prompts are classes; the reward config's evaluation metrics
+(:class:`entreg.flow.rewards.HackingGuards`): guards against reward hacking, the accuracy of a held-out CNN (other
+architecture and seed) and a PCA-Gaussian log-likelihood (nats per pixel), and diversity, the mean pairwise
+distance within a class (500 samples).
 
 Metrics (ring), from 2,000 ODE samples of fixed noise, about 10 times per run and at the end: reward;
 ``in_target`` (fraction of samples whose nearest mode is rewarded); ``balance`` (entropy of the rewarded modes'
@@ -63,10 +65,8 @@ from benchkit import add_cache_argument, environment, mean_std, quiet_libraries,
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
+from entreg.callbacks import ComputeBudget
 from entreg.cli import train
-from entreg.data.digits_nets import digits_classifier, digits_pca_likelihood
-from entreg.flow.diversity import mean_pairwise_distance
-from entreg.flow.rewards import held_out_accuracy
 from entreg.modules.grpo import GRPOModule
 
 ARMS: dict[str, list[str]] = {
@@ -77,7 +77,7 @@ ARMS: dict[str, list[str]] = {
     "E-GRPO + entropy .1": ["grpo=egrpo_entropy", "grpo.entropy_coef=0.1"],
     "E-GRPO + entropy .3": ["grpo=egrpo_entropy", "grpo.entropy_coef=0.3"],
 }
-# every arm: Adam, evaluations by the Budget callback only, one endless epoch
+# every arm: Adam, evaluations by the ComputeBudget callback only, one endless epoch
 GRPO_OVERRIDES = [
     "grpo.optimizer._target_=torch.optim.Adam", "~grpo.optimizer.weight_decay", "grpo.eval_every=0",
     "grpo.iterations_per_epoch=100000",
@@ -119,22 +119,6 @@ TASKS = {
 }
 
 
-class DigitsMetrics:
-    """Reward-hacking guards and diversity of class-conditional digit samples: accuracy of a held-out CNN
-    (another architecture and seed than the reward's MLP), PCA-Gaussian log-likelihood (nats per pixel) and
-    the mean pairwise distance within a class."""
-
-    def __init__(self) -> None:
-        self.judge, self.pca = digits_classifier(seed=1, arch="cnn"), digits_pca_likelihood()
-
-    def __call__(self, samples: torch.Tensor, cond: torch.Tensor | None) -> dict[str, float]:
-        return {
-            "held_out_accuracy": held_out_accuracy(self.judge, samples, cond),
-            "pca_log_likelihood": float(self.pca.log_likelihood(samples).mean()),
-            "pairwise_distance": mean_pairwise_distance(samples, cond),
-        }
-
-
 def composed(config: str, overrides: list[str]) -> Any:
     with initialize_config_module("entreg.configs", version_base="1.3"):
         return compose(config_name=config, overrides=overrides)
@@ -158,27 +142,6 @@ def base_checkpoint(task: Task, steps: int, cache: Path) -> Path:
     return checkpoint
 
 
-class Budget(L.Callback):
-    """Stops training when the module's compute units reach ``units``; records the evaluations."""
-
-    def __init__(self, units: float, eval_every: int) -> None:
-        self.units, self.eval_every, self.curve = units, eval_every, []
-
-    def _record(self, module: GRPOModule, seconds: float) -> None:
-        self.curve.append({"iteration": module.iteration, **module.cost, "seconds": seconds, **module.evaluate()})
-
-    def on_train_start(self, trainer: L.Trainer, module: GRPOModule) -> None:
-        self.started = time.perf_counter()
-        self._record(module, 0.0)
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: GRPOModule, *args: Any) -> None:
-        units = module.cost["units"]
-        done = units >= self.units
-        if done or module.iteration % self.eval_every == 0:
-            self._record(module, time.perf_counter() - self.started)
-        trainer.should_stop = done
-
-
 class Arms:
     """GRPO modules of the task's base checkpoint, reward and metrics for an arm's composed ``grpo`` config."""
 
@@ -186,8 +149,7 @@ class Arms:
         self.task, self.checkpoint = task, checkpoint
         cfg = composed("finetune", [f"reward={task.reward}"])
         self.reward = instantiate(cfg.reward, _convert_="all")
-        # the reward config's evaluation metrics; reward=digits_classifier has none: the guards of this script
-        self.metrics = instantiate(cfg.eval_metrics, _convert_="all") if cfg.get("eval_metrics") else DigitsMetrics()
+        self.metrics = instantiate(cfg.eval_metrics, _convert_="all")  # the reward config's evaluation metrics
 
     def module(self, arm: str, lr: float, seed: int, **extra: Any) -> GRPOModule:
         overrides = [*ARMS[arm], *GRPO_OVERRIDES, f"grpo.optimizer.lr={lr}"]
@@ -198,8 +160,9 @@ class Arms:
         )
 
 
-def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
-    budget = Budget(units, eval_every)
+def run(module: GRPOModule, units: float, eval_every: int) -> ComputeBudget:
+    """Fit ``module`` until its compute units reach ``units``; the callback holds the evaluations."""
+    budget = ComputeBudget(units, eval_every)
     trainer = L.Trainer(
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[budget],
@@ -211,7 +174,7 @@ def run(module: GRPOModule, units: float, eval_every: int) -> Budget:
 def iteration_units(arms: Arms, arm: str) -> float:
     """Compute units of one iteration of ``arm`` (one iteration of a throw-away module)."""
     module = arms.module(arm, 1e-4, 0, **({"shift_every": 1} if arm == "MixGRPO" else {}))
-    run(module, units=1.0, eval_every=10**9)
+    run(module, units=1.0, eval_every=0)
     return module.cost["units"]
 
 
@@ -295,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for lr in args.lrs:
             for seed in range(args.seeds):
                 budget = run(grpo.module(arm, lr, seed, **extra), args.budget, eval_every)
-                final = budget.curve[-1]
-                runs.append({"arm": arm, "lr": lr, "seed": seed, "final": final, "curve": budget.curve, **extra})
+                final = budget.history[-1]
+                runs.append({"arm": arm, "lr": lr, "seed": seed, "final": final, "curve": budget.history, **extra})
                 shown = ", ".join(f"{k} {final[k]:.3f}" for k in ("reward", *task.columns, "path_kl"))
                 print(
                     f"  {arm:<19} lr {lr:.0e} seed {seed}: {shown}, {final['iteration']} iterations, "

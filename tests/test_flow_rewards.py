@@ -189,6 +189,33 @@ def test_pca_likelihood_separates_real_digits_from_noise_and_reward_hacked_digit
     assert (hacked_ll < real.median()).float().mean() > 0.9
 
 
+def test_the_digits_reward_config_reports_the_hacking_guards(digits, classifiers):
+    """reward=digits_classifier's eval_metrics (what entreg-finetune and bench_grpo report): the held-out CNN's
+    accuracy, the PCA-Gaussian log-likelihood per pixel and the within-class distance, equal to the functions
+    they wrap; real test digits score high, uniform noise low."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from entreg.flow.rewards import HackingGuards
+
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("finetune", overrides=["reward=digits_classifier"])
+    guards = instantiate(cfg.eval_metrics, _convert_="all")
+    assert isinstance(guards, HackingGuards)
+    x, y = digits.test_set.tensors
+    real = guards(x, y)
+    assert real == {
+        "held_out_accuracy": held_out_accuracy(classifiers["cnn"], x, y),
+        "pca_log_likelihood": float(digits_pca_likelihood().log_likelihood(x).mean()),
+        "pairwise_distance": mean_pairwise_distance(x, y),
+    }
+    assert real["held_out_accuracy"] > 0.9 and real["pca_log_likelihood"] > -0.5
+    noise = guards(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, y)
+    assert noise["held_out_accuracy"] < 0.3 and noise["pca_log_likelihood"] < -3
+    with pytest.raises(ValueError, match="needs cond"):
+        guards(x, None)
+
+
 def test_pca_likelihood_rejects_bad_input():
     data = torch.randn(50, 8)
     with pytest.raises(ValueError, match="components"):

@@ -298,3 +298,65 @@ def test_multi_granularity_rewards_come_from_coarser_continuations_and_cost_thei
         make_module("flow_grpo", granularities=(1, 2))
     with pytest.raises(ValueError, match="starting with 1"):
         make_module("egrpo", granularities=(2,))
+
+
+# ---- the compute budget ------------------------------------------------------------------------------------------
+
+
+def test_compute_budget_stops_at_the_first_iteration_that_reaches_it_and_records_the_evaluations(tmp_path):
+    """A budget of 2.5 iterations stops after the third (the epoch has 12); with eval_every=2 the history holds
+    the evaluations at the start, after iteration 2 and at the stop, each with the cost counters; it is the
+    callback's checkpoint state, and a resumed run continues it."""
+    from entreg.callbacks import ComputeBudget
+
+    one, _ = make_module("flow_grpo", iterations_per_epoch=1)
+    fit(one)
+    per_iteration = one.cost["units"]
+    module, _ = make_module("flow_grpo")
+    budget = ComputeBudget(2.5 * per_iteration, eval_every=2)
+    trainer = fit(module, callbacks=(budget,))
+    assert module.iteration == 3 and module.cost["units"] == 3 * per_iteration
+    assert [entry["iteration"] for entry in budget.history] == [0, 2, 3]
+    assert [entry["units"] for entry in budget.history] == [0, 2 * per_iteration, 3 * per_iteration]
+    assert set(budget.history[-1]) >= {"reward", "path_kl", "sample_forwards", "reward_calls", "seconds"}
+    assert budget.history[-1]["reward"] == pytest.approx(module.evaluate()["reward"])
+    trainer.save_checkpoint(tmp_path / "stopped.ckpt")
+    resumed, _ = make_module("flow_grpo")
+    more = ComputeBudget(4 * per_iteration, eval_every=2)
+    fit(resumed, epochs=2, ckpt_path=str(tmp_path / "stopped.ckpt"), callbacks=(more,))  # the stop ended epoch 0
+    assert resumed.iteration == 4 and [entry["iteration"] for entry in more.history] == [0, 2, 3, 4]
+    assert more.history[:3] == budget.history
+
+    quiet = ComputeBudget(per_iteration)  # eval_every=0: it only stops
+    fit(make_module("flow_grpo")[0], callbacks=(quiet,))
+    assert quiet.history == []
+
+
+def test_compute_budget_rejects_bad_settings_and_modules_without_a_cost():
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from entreg.callbacks import ComputeBudget
+
+    for units, eval_every, message in [(0, 0, "units must be a finite number > 0"), (1e3, -1, "eval_every must be")]:
+        with pytest.raises(ValueError, match=message):
+            ComputeBudget(units, eval_every)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ComputeBudget(10.0)])  # fmt: skip
+    with pytest.raises(TypeError, match=r"needs a module that counts its compute .* BoringModel does not"):
+        trainer.fit(BoringModel())
+
+
+def test_entreg_finetune_takes_the_budget_as_a_callback_override():
+    """The override configs/finetune.yaml documents builds the callback next to the default ones."""
+    from hydra import compose, initialize_config_module
+
+    from entreg.callbacks import ComputeBudget
+    from entreg.cli import instantiate_group
+
+    overrides = ["base_checkpoint=unused", "paths.output_dir=unused",
+                 "+callbacks.budget._target_=entreg.callbacks.ComputeBudget", "+callbacks.budget.units=3e5",
+                 "+callbacks.budget.eval_every=10"]  # fmt: skip
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("finetune", overrides=overrides)
+    (budget,) = [c for c in instantiate_group(cfg.callbacks) if isinstance(c, ComputeBudget)]
+    assert (budget.units, budget.eval_every) == (3e5, 10)

@@ -1,5 +1,7 @@
-"""Lightning callbacks that measure and control entropy in any LightningModule."""
+"""Lightning callbacks that measure and control entropy in any LightningModule, and the compute budget of GRPO
+fine-tuning runs."""
 
+from entreg.callbacks.compute_budget import ComputeBudget
 from entreg.callbacks.entropy_controller import EntropyController
 from entreg.callbacks.entropy_monitor import EntropyMonitor
 from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint, TrainingInterrupted
@@ -7,6 +9,7 @@ from entreg.callbacks.progress_bar import ProgressBar
 from entreg.callbacks.test_time_adaptation import TestTimeAdaptation
 
 __all__ = [
+    "ComputeBudget",
     "EntropyController",
     "EntropyMonitor",
     "InterruptCheckpoint",

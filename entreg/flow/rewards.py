@@ -13,7 +13,8 @@ the caller wants them).
 - Hacking guards for the digits: :func:`held_out_accuracy` of a classifier of another architecture and seed,
   and :class:`PCAGaussianLikelihood` (:mod:`entreg.nn.density`, re-exported here), a PCA-Gaussian density of
   real digits that drops on off-manifold (noisy or adversarially perturbed) samples
-  (:func:`entreg.data.digits_nets.digits_pca_likelihood`).
+  (:func:`entreg.data.digits_nets.digits_pca_likelihood`); :class:`HackingGuards` reports both with the
+  within-class diversity (the ``eval_metrics`` of ``reward=digits_classifier``).
 
 Example:
     >>> from entreg.data.ring import ring_centers
@@ -29,10 +30,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from entreg.flow.diversity import mean_pairwise_distance
 from entreg.nn.density import PCAGaussianLikelihood
 
 __all__ = [
     "ClassifierReward",
+    "HackingGuards",
     "PCAGaussianLikelihood",
     "RegionReward",
     "held_out_accuracy",
@@ -137,3 +140,43 @@ def held_out_accuracy(classifier: nn.Module, samples: Tensor, cond: Tensor) -> f
             f"cond {tuple(cond.shape)}"
         )
     return (classifier(samples).argmax(dim=-1) == cond).float().mean().item()
+
+
+class HackingGuards:
+    """``metrics(samples, cond) -> {"held_out_accuracy", "pca_log_likelihood", "pairwise_distance"}`` for
+    class-conditional samples: the guards against reward hacking, :func:`held_out_accuracy` of ``judge`` (a
+    classifier of another architecture and seed than the reward's) and the mean log-likelihood of ``density``
+    (nats per pixel), and the diversity, :func:`entreg.flow.diversity.mean_pairwise_distance` within each class.
+    The ``eval_metrics`` of :class:`entreg.modules.grpo.GRPOModule` (``configs/reward/digits_classifier.yaml``:
+    the cnn :func:`entreg.data.digits_nets.digits_classifier` of seed 1 and
+    :func:`entreg.data.digits_nets.digits_pca_likelihood`). The judge and the density run on their own device.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> data = torch.randn(200, 2, generator=g)
+        >>> judge = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = judge.weight.copy_(torch.eye(2)), judge.bias.zero_()
+        >>> guards = HackingGuards(judge, PCAGaussianLikelihood(data, components=1))
+        >>> samples, cond = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), torch.tensor([0, 1, 1])
+        >>> metrics = guards(samples, cond)
+        >>> metrics["held_out_accuracy"], metrics["pairwise_distance"]  # 2 of 3 argmaxes right; class 1: |(2, -1)|
+        (0.6666666865348816, 2.23606797749979)
+    """
+
+    def __init__(self, judge: nn.Module, density: PCAGaussianLikelihood) -> None:
+        self.judge, self.density = judge.eval().requires_grad_(False), density
+
+    @torch.no_grad()
+    def __call__(self, samples: Tensor, cond: Tensor | None) -> dict[str, float]:
+        if cond is None:
+            raise ValueError(
+                "HackingGuards needs cond: the requested class of every sample (a class-conditional model)"
+            )
+        judge_device = next(self.judge.parameters(), samples).device
+        density_device = next(self.density.buffers(), samples).device
+        return {
+            "held_out_accuracy": held_out_accuracy(self.judge, samples.to(judge_device), cond.to(judge_device)),
+            "pca_log_likelihood": float(self.density.log_likelihood(samples.to(density_device)).mean()),
+            "pairwise_distance": mean_pairwise_distance(samples, cond),
+        }
