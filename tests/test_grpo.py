@@ -332,6 +332,32 @@ def test_compute_budget_stops_at_the_first_iteration_that_reaches_it_and_records
     assert quiet.history == []
 
 
+class ExpectStop(L.Callback):
+    """Asserts on each worker that the budget stopped it after ``iteration`` iterations, with its evaluations."""
+
+    def __init__(self, budget, iteration: int) -> None:
+        self.budget, self.iteration = budget, iteration
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        assert trainer.world_size == 2 and pl_module.iteration == self.iteration
+        assert [entry["iteration"] for entry in self.budget.history] == list(range(self.iteration + 1))
+
+
+def test_compute_budget_stops_every_rank_at_the_same_iteration():
+    """Two ranks each roll out half of every Flow-GRPO group, so each counts half the units of one process: a budget
+    of one process's iteration stops both after the second iteration."""
+    from entreg.callbacks import ComputeBudget
+
+    one, _ = make_module("flow_grpo", iterations_per_epoch=1)
+    fit(one)
+    budget = ComputeBudget(one.cost["units"], eval_every=1)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[budget, ExpectStop(budget, 2)],
+    )  # fmt: skip
+    trainer.fit(make_module("flow_grpo")[0])
+
+
 def test_compute_budget_rejects_bad_settings_and_modules_without_a_cost():
     from lightning.pytorch.demos.boring_classes import BoringModel
 
