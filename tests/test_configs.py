@@ -162,6 +162,28 @@ TINY = {  # per module: one batch of each stage, or a few env steps whose last e
 TINY_DATA = {"digits_diffusion": ["data.size=8"]}
 
 
+# per RL agent: the logged entropy of its Gaussian policy and the setting that counts its env steps
+RL_RUNS = {
+    "SACModule": ("train/gaussian_entropy", "total_steps"),
+    "PPOModule": ("train/policy_entropy", "total_timesteps"),
+}
+
+
+def check_rl_run(experiment: str, cfg, metrics: dict[str, float]) -> None:
+    """An RL experiment has no data and no test; it uses ERA exactly when its name ends with ``_era``, and then the
+    policy's Gaussian entropy is ERA's target (per action dimension times the action dimensions); it ran all its
+    env steps and evaluated."""
+    from entreg.rl.envs import env_spaces
+
+    entropy, steps = RL_RUNS[cfg.model._target_.rsplit(".", 1)[-1]]
+    assert cfg.data is None and cfg.test is False
+    assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
+    assert math.isfinite(metrics["eval/return"]) and metrics["step"] == cfg.model[steps]
+    if cfg.model.era_entropy_per_dim is not None:
+        _, action_space = env_spaces(cfg.model.env_id)
+        assert metrics[entropy] == pytest.approx(cfg.model.era_entropy_per_dim * action_space.shape[0], abs=1e-4)
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_and_ranks_its_checkpoints(experiment, compose_train, data_on_disk, tmp_path):
     """A few steps of each experiment with its real checkpoint callback: the best checkpoint is ranked by the
@@ -179,6 +201,8 @@ def test_every_experiment_runs_and_ranks_its_checkpoints(experiment, compose_tra
         assert math.isfinite(metrics[cfg.monitor.metric])
     if "sample_steps" in cfg.model:  # a generative model evaluates its samples
         assert ("val/fd" if cfg.model.feature_extractor else "val/log_likelihood") in metrics
+    if "env_id" in cfg.model:
+        check_rl_run(experiment, cfg, metrics)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
     (ranking,) = [state for name, state in last["callbacks"].items() if name.startswith("ModelCheckpoint")]
     assert cfg.monitor.metric is not None and cfg.callbacks.model_checkpoint.monitor == cfg.monitor.metric

@@ -18,15 +18,12 @@ from entreg.cli import train
 from entreg.distributions import HALF_LOG_2PI_E
 from entreg.modules.ppo import PPOModule
 from entreg.nn import GaussianERA
-from entreg.rl.envs import env_spaces
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, normalize_advantages
 from tests.helpers import RecordingLogger, make_trainer
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
-CONFIG_DIR = Path(__file__).parents[1] / "configs"
-PPO_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*_ppo*.yaml"))
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -357,22 +354,6 @@ def test_constructor_rejects_invalid_settings():
 
 
 # ----------------------------------------------------------------------------------------------- configs
-@needs_mujoco
-@pytest.mark.parametrize("experiment", PPO_EXPERIMENTS)
-def test_every_ppo_experiment_trains_from_the_cli(experiment, compose_train):
-    tiny = ["model.num_envs=1", "model.n_steps=16", "model.batch_size=16", "model.n_epochs=1"]
-    tiny += ["model.total_timesteps=32", "model.eval_episodes=1", "+model.env_kwargs.max_episode_steps=50"]
-    cfg = compose_train(f"experiment={experiment}", *tiny)
-    assert cfg.data is None and cfg.test is False
-    assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
-    metrics = train(cfg)
-    assert math.isfinite(metrics["eval/return"]) and metrics["step"] == 32
-    if cfg.model.era_entropy_per_dim is not None:  # ERA is wired in: the policy entropy is its target
-        _, action_space = env_spaces(cfg.model.env_id)
-        target = cfg.model.era_entropy_per_dim * action_space.shape[0]
-        assert metrics["train/policy_entropy"] == pytest.approx(target, abs=1e-4)
-
-
 @needs_mujoco
 def test_tensorboard_gets_the_rl_scalars_and_a_checkpoint_is_written(compose_train, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

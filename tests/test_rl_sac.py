@@ -26,9 +26,6 @@ pytest.importorskip("mujoco")
 
 from entreg.modules.sac import SACModule  # noqa: E402
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-SAC_EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*_sac*.yaml"))
-
 
 def _batch(obs_dim: int, action_dim: int, size: int = 32, seed: int = 0) -> ReplayBatch:
     g = torch.Generator().manual_seed(seed)
@@ -338,25 +335,6 @@ def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- configs and CLI
-@pytest.mark.parametrize("experiment", SAC_EXPERIMENTS)
-def test_every_sac_experiment_trains(experiment, compose_train):
-    from entreg.cli import train
-
-    tiny = ["model.total_steps=24", "model.learning_starts=8", "model.batch_size=8", "model.eval_episodes=1"]
-    tiny += ["model.hidden=[8,8]", "model.steps_per_epoch=12", "+model.env_kwargs.max_episode_steps=20"]
-    cfg = compose_train(f"experiment={experiment}", *tiny)
-    assert cfg.data is None and cfg.test is False
-    assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
-    metrics = train(cfg)
-    assert math.isfinite(metrics["eval/return"])
-    if cfg.model.era_entropy_per_dim is not None:  # ERA is wired in: the Gaussian's entropy is its target
-        from entreg.rl.envs import env_spaces
-
-        _, action_space = env_spaces(cfg.model.env_id)
-        target = cfg.model.era_entropy_per_dim * action_space.shape[0]
-        assert metrics["train/gaussian_entropy"] == pytest.approx(target, abs=1e-4)
-
-
 def test_entreg_train_cli_writes_tensorboard_scalars_at_env_steps(tmp_path):
     import subprocess
 
