@@ -30,17 +30,10 @@ class ComputeBudget(L.Callback):
         eval_every: evaluate every this many iterations (0: never; only stop).
 
     Example:
-        >>> import torch
-        >>> from torch import nn
         >>> from entreg.modules.grpo import GRPOModule
-        >>> class Velocity(nn.Module):  # v(x, t) = b, a learnable constant
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.b = nn.Parameter(torch.zeros(2))
-        ...     def forward(self, x, t):
-        ...         return self.b.expand_as(x)
-        >>> module = GRPOModule(Velocity(), lambda x, c: -x.norm(dim=1), (2,), steps=4, group_size=4, prompts=2,
-        ...                     eval_every=0, eval_samples=8)
+        >>> from entreg.nn.denoisers import MLPDenoiser
+        >>> module = GRPOModule(MLPDenoiser(dim=2, hidden=8), lambda x, c: -x.norm(dim=1), (2,), steps=4,
+        ...                     group_size=4, prompts=2, eval_every=0, eval_samples=8)
         >>> budget = ComputeBudget(units=100, eval_every=1)
         >>> trainer = L.Trainer(max_epochs=1, callbacks=[budget], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
