@@ -34,6 +34,11 @@ class TestTimeAdaptation(L.Callback):
     update), ``tta/selected`` (fraction of the batch in the loss), ``tta/resets`` and, when the batch
     holds labels, ``tta/online_error``.
 
+    The adaptation step runs in the trainer's precision context: ``Trainer(precision="bf16-mixed")`` (or
+    ``entreg-adapt trainer.precision=bf16-mixed``) autocasts its forward passes, while entreg's entropies and the
+    logged logits are in float32; ``16-mixed`` has no gradient scaler here, so prefer bf16. ``channels_last=True``
+    converts the model and the batches (``+method.channels_last=true`` from the command line).
+
     A batch with NaN/Inf inputs is skipped with a warning (the model is untouched). Batch size 1
     with BatchNorm layers gets a warning: the statistics of one sample are unreliable (use a
     GroupNorm/LayerNorm model, as SAR recommends).
@@ -66,6 +71,8 @@ class TestTimeAdaptation(L.Callback):
             normalised each batch with its own statistics and never updated them), so a BatchNorm model
             in eval mode then uses source statistics with adapted affine parameters; a LayerNorm/GroupNorm
             model predicts as after the last update.
+        channels_last: put the model and each batch in ``channels_last`` memory format (faster convolutions
+            on recent GPUs; same results up to float rounding).
         **method_kwargs: arguments of the method (``lr``, ``e_margin``, ``norm_types``, ``optimizer``...).
 
     Example:
@@ -90,6 +97,7 @@ class TestTimeAdaptation(L.Callback):
         reset: ResetMode = "continual",
         source_batches: int = 0,
         keep_adapted: bool = False,
+        channels_last: bool = False,
         **method_kwargs: Any,
     ) -> None:
         check_method_kwargs(method, method_kwargs)  # unknown names fail now, not when the test loop starts
@@ -102,11 +110,12 @@ class TestTimeAdaptation(L.Callback):
         if source_batches and not METHODS[method].uses_source_data:
             users = sorted(name for name, cls in METHODS.items() if cls.uses_source_data)
             raise ValueError(f"source_batches: {method!r} uses no source data (methods that do: {users})")
-        if not isinstance(keep_adapted, bool):
-            raise TypeError(f"keep_adapted must be True or False, got {keep_adapted!r}")
+        for name, flag in (("keep_adapted", keep_adapted), ("channels_last", channels_last)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.method_name, self.num_classes, self.module = method, num_classes, module
         self.input_key, self.target_key, self.reset = input_key, target_key, reset
-        self.source_batches, self.keep_adapted = source_batches, keep_adapted
+        self.source_batches, self.keep_adapted, self.channels_last = source_batches, keep_adapted, channels_last
         self.method_kwargs = method_kwargs | ({"output_key": output_key} if output_key is not None else {})
         self.method: TTAMethod | None = None
         self.last_logits: Tensor | None = None
@@ -156,6 +165,8 @@ class TestTimeAdaptation(L.Callback):
             self._build(trainer, model, int(num_classes))
 
     def _build(self, trainer: L.Trainer, model: nn.Module, num_classes: int) -> None:
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.method = build_method(self.method_name, model, num_classes, **self.method_kwargs)
         if trainer.world_size > 1:
             self._start_distributed(trainer, self._stage)
@@ -239,7 +250,11 @@ class TestTimeAdaptation(L.Callback):
                 "TestTimeAdaptation with batch size 1 on a BatchNorm model: BatchNorm then normalises with the "
                 "statistics of one image, which are unreliable; use larger batches or a GroupNorm/LayerNorm model"
             )
-        logits, info = method.adapt(x)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with trainer.precision_plugin.forward_context():  # trainer.precision=bf16-mixed / 16-mixed: autocast
+            logits, info = method.adapt(x)
+        logits = logits.float()  # the entropy, error and callers' metrics in float32
         self.last_logits, self.last_info = logits, info
         target = None if self.target_key is None else self._select(batch, self.target_key)
         labelled = target is not None and target.shape == logits.shape[:1]
