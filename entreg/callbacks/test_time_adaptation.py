@@ -254,7 +254,8 @@ class TestTimeAdaptation(L.Callback):
             x = x.contiguous(memory_format=torch.channels_last)
         with trainer.precision_plugin.forward_context():  # trainer.precision=bf16-mixed / 16-mixed: autocast
             logits, info = method.adapt(x)
-        logits = logits.float()  # the entropy, error and callers' metrics in float32
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the entropy, error and callers' metrics in float32
+            logits = logits.float()
         self.last_logits, self.last_info = logits, info
         target = None if self.target_key is None else self._select(batch, self.target_key)
         labelled = target is not None and target.shape == logits.shape[:1]
