@@ -162,6 +162,122 @@ def test_era_fixes_the_gaussian_entropy_and_drops_the_entropy_terms():
     assert ablation.learn_alpha
 
 
+# ----------------------------------------------------------------------------------------------- ERA's released agent
+AUTHORS = {"activation": "elu", "ortho_init": True, "critic_layer_norm": True, "critic_loss_weight": 1.0}
+AUTHORS |= {"action_bound": 1 - 1e-6, "log_std_min": -8.0, "log_std_max": 0.0}
+
+
+def _by_hand_forward(params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor, norm: bool) -> torch.Tensor:
+    """Dense (-> LayerNorm, eps 1e-6) -> ELU ..., then Dense: the networks of ERA's code, from raw tensors."""
+    k = 0
+    while f"{prefix}{k}.weight" in params:
+        if k:
+            if norm:
+                g, b = params[f"{prefix}ln{k - 1}.weight"], params[f"{prefix}ln{k - 1}.bias"]
+                mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+                x = (x - mu) / torch.sqrt(var + 1e-6) * g + b
+            x = torch.where(x > 0, x, torch.exp(x) - 1)  # ELU
+        x = x @ params[f"{prefix}{k}.weight"].T + params[f"{prefix}{k}.bias"]
+        k += 1
+    return x
+
+
+def _by_hand_action(params, obs, uniform, entropy_per_dim: float, bound: float = 1 - 1e-6):
+    """ERA's actor: log sigma = clip(0 + k softmax(s), -8, 0), k = -D (0 - H0/D + log sqrt(2 pi e)); the Gaussian
+    N(clip(tanh(mean), -b, b), sigma^2) truncated to [-b, b], sampled by the inverse CDF from ``uniform``."""
+    out = _by_hand_forward(params, "actor", obs, norm=False)
+    d = out.shape[-1] // 2
+    mean, scores = out[:, :d], out[:, d:]
+    k = -d * (0.0 - entropy_per_dim + math.log(math.sqrt(2 * math.pi * math.e)))
+    std = torch.exp((k * torch.softmax(scores, -1)).clamp(-8.0, 0.0))
+    loc = torch.tanh(mean).clamp(-bound, bound)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    low, high = normal.cdf((-bound - loc) / std), normal.cdf((bound - loc) / std)
+    return loc + std * normal.icdf(low + (high - low) * uniform)
+
+
+def _by_hand_q(params, prefix: str, obs, actions) -> torch.Tensor:
+    x = torch.cat([obs, actions], -1)
+    return torch.stack([_by_hand_forward(params, f"{prefix}{i}.", x, norm=True).squeeze(-1) for i in range(2)])
+
+
+def _adam(p, g, lr: float, weight_decay: float = 0.0):
+    """The first step of Adam(W) (betas 0.9, 0.999, eps 1e-8): p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)."""
+    m_hat, v_hat = (0.1 * g) / 0.1, (0.001 * g * g) / 0.001
+    return p - lr * (m_hat / (v_hat.sqrt() + 1e-8) + weight_decay * p)
+
+
+def test_era_authors_update_equals_a_hand_computed_update(compose_train):
+    """One update of ``model=sac_era_authors``'s agent (ERA at 0.25 nats per dimension, no temperature; its config's
+    optimizers) equals the update written from ERA's released code on raw tensors: critic target
+    r + gamma mask min Q'(s', a'), critic loss sum_i mean((Q_i - y)^2) stepped by AdamW(3e-4, weight decay 1e-4), then
+    actor loss -mean min Q_new(s, a) stepped by Adam(3e-4), then Polyak averaging; the same uniform noise for both.
+    In float64, so that the weight decay's 1e-8 steps are seen."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train("model=sac_era_authors").model
+    preset = {key: cfg[key] for key in AUTHORS} | {"squash": cfg.squash, "hidden": (8, 8)}
+    torch.manual_seed(0)
+    sac = SAC(3, 2, era=GaussianERA.per_dimension(2, cfg.era_entropy_per_dim), **preset).double()
+    assert sac.actor.squash == "truncated" and not sac.learn_alpha and sac.critic.norms is not None
+    batch = ReplayBatch(*(t.double() for t in _batch(3, 2, size=16)))
+    names = {}  # raw tensors named as _by_hand_forward reads them
+    for prefix, ensemble in (("critic", sac.critic), ("target", sac.critic_target)):
+        for i, (member, norms) in enumerate(zip(ensemble.members, ensemble.norms, strict=True)):
+            for k, layer in enumerate(member):
+                names[f"{prefix}{i}.{k}.weight"], names[f"{prefix}{i}.{k}.bias"] = layer.weight, layer.bias
+            for k, norm in enumerate(norms):
+                names[f"{prefix}{i}.ln{k}.weight"], names[f"{prefix}{i}.ln{k}.bias"] = norm.weight, norm.bias
+    for k, layer in enumerate(m for m in sac.actor.net if isinstance(m, nn.Linear)):
+        names[f"actor{k}.weight"], names[f"actor{k}.bias"] = layer.weight, layer.bias
+    params = {k: v.detach().clone() for k, v in names.items()}
+    g = torch.Generator().manual_seed(5)
+    u_actor, u_next = (torch.rand(16, 2, generator=g, dtype=torch.float64) for _ in range(2))
+
+    # by hand: critics (AdamW), then the actor (Adam) against the new critics, then the targets
+    with torch.no_grad():
+        next_q = _by_hand_q(params, "target", batch.next_obs, _by_hand_action(params, batch.next_obs, u_next, 0.25))
+        y = batch.rewards + 0.99 * (1 - batch.terminated) * next_q.min(0).values
+    critic = {k: v.clone().requires_grad_() for k, v in params.items() if k.startswith("critic")}
+    q = _by_hand_q(critic, "critic", batch.obs, batch.actions)
+    ((q[0] - y) ** 2).mean().add(((q[1] - y) ** 2).mean()).backward()
+    new = {k: _adam(v.detach(), v.grad, 3e-4, weight_decay=1e-4) for k, v in critic.items()}
+    actor = {k: v.clone().requires_grad_() for k, v in params.items() if k.startswith("actor")}
+    actions = _by_hand_action(actor, batch.obs, u_actor, 0.25)
+    (-_by_hand_q(new, "critic", batch.obs, actions).min(0).values.mean()).backward()
+    new |= {k: _adam(v.detach(), v.grad, 3e-4) for k, v in actor.items()}
+    for k, v in params.items():
+        if k.startswith("target"):
+            new[k] = 0.995 * v + 0.005 * new[k.replace("target", "critic")]
+
+    opts = sac.optimizers(instantiate(cfg.critic_optimizer), instantiate(cfg.optimizer))
+    assert type(opts[0]) is torch.optim.AdamW and type(opts[1]) is torch.optim.Adam
+    stats = sac.update(batch, *opts, generator=torch.Generator().manual_seed(5))
+    for name, tensor in names.items():
+        torch.testing.assert_close(tensor.detach(), new[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert float(stats["gaussian_entropy"]) == pytest.approx(0.5, abs=1e-9)  # 0.25 nats x 2 dimensions
+
+
+def test_era_authors_networks_and_bounds():
+    torch.manual_seed(0)
+    sac = SAC(5, 3, hidden=(16, 16), era=GaussianERA.per_dimension(3, 0.25), **AUTHORS)
+    last = sac.actor.net[-1].weight.detach()
+    gram_mean, gram_std = last[:3] @ last[:3].T, last[3:] @ last[3:].T  # orthogonal rows: gains sqrt(2) and 1
+    torch.testing.assert_close(gram_mean, 2 * torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gram_std, torch.eye(3), atol=1e-5, rtol=0)
+    assert all(not layer.bias.detach().any() for member in sac.critic.members for layer in member)
+    assert [type(m).__name__ for m in sac.actor.net] == ["Linear", "ELU", "Linear", "ELU", "Linear"]
+    obs = torch.randn(64, 5) * 5
+    with torch.no_grad():
+        actions, log_prob, _ = sac.actor.sample(obs)
+    assert float(actions.abs().max()) <= 1 - 1e-6 and torch.isfinite(log_prob).all()
+    with torch.no_grad():
+        sac.actor.net[-1].bias[:3] = 50.0  # tanh(mean) = 1: the mode is clipped into the interval
+    assert float(sac.actor.mode(obs).detach().max()) == pytest.approx(1 - 1e-6, abs=1e-7)
+    with pytest.raises(ValueError, match="action_bound"):
+        SAC(5, 3, action_bound=0.0)
+
+
 def test_sac_rejects_invalid_settings():
     for kwargs, match in [
         ({"gamma": 1.5}, "gamma"),

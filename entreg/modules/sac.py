@@ -73,10 +73,18 @@ class SACModule(L.LightningModule):
             towards ``target_entropy``, default -dim(A)) or a fixed value.
         hidden, activation, log_std_min, log_std_max: actor and critic MLPs, the actor's log-std clamp.
         era_entropy_per_dim, era_log_std_min, era_log_std_max: SAC+ERA (None: plain SAC).
+        era_delta, era_learn_delta, era_delta_lr: the paper's compensation delta (:class:`entreg.nn.GaussianERA`):
+            a constant (0: off, as ERA's released code), or learned from that initial value by projected descent on
+            L(delta) = delta (H_hat - H0) with the batch's -mean log pi of the bounded policy; logged as
+            ``train/era_delta``.
         squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA).
         entropy_in_losses: alpha log pi terms in the losses (None: SAC yes, ERA no).
-        optimizer: factory ``params -> Optimizer`` for the critics (with log alpha) and the actor; default
-            Adam(lr=3e-4, foreach=True).
+        ortho_init, critic_layer_norm, critic_loss_weight, action_bound: ERA's released agent
+            (:class:`entreg.rl.sac.SAC`; ``model=sac_era_authors``).
+        optimizer: factory ``params -> Optimizer`` for the actor, and for the critics (with log alpha) unless
+            ``critic_optimizer`` is given; default Adam(lr=3e-4, foreach=True).
+        critic_optimizer: factory for the critics (and log alpha, without weight decay) (ERA's code: AdamW with weight
+            decay 1e-4); None: ``optimizer``.
         steps_per_epoch: env steps per Lightning epoch (checkpoints are written at epoch ends).
         eval_every, eval_episodes, eval_seed: evaluation period in env steps (0: only at the end), episodes
             and their first seed.
@@ -116,9 +124,17 @@ class SACModule(L.LightningModule):
         era_entropy_per_dim: float | None = None,
         era_log_std_min: float = -8.0,
         era_log_std_max: float = 0.0,
+        era_delta: float = 0.0,
+        era_learn_delta: bool = False,
+        era_delta_lr: float = 1e-3,
         squash: Squash | None = None,
         entropy_in_losses: bool | None = None,
+        ortho_init: bool = False,
+        critic_layer_norm: bool = False,
+        critic_loss_weight: float = 0.5,
+        action_bound: float = 1.0,
         optimizer: OptimizerFactory | None = None,
+        critic_optimizer: OptimizerFactory | None = None,
         steps_per_epoch: int = 1000,
         eval_every: int = 10_000,
         eval_episodes: int = 10,
@@ -142,9 +158,10 @@ class SACModule(L.LightningModule):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if learning_starts < 0 or eval_every < 0:
             raise ValueError(f"learning_starts and eval_every must be >= 0, got {learning_starts}, {eval_every}")
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "critic_optimizer"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
+        self.critic_optimizer_factory = critic_optimizer
         from gymnasium.spaces import Box
 
         env = make_env(env_id, **(env_kwargs or {}))
@@ -157,7 +174,17 @@ class SACModule(L.LightningModule):
         self.action_high = action_space.high.reshape(-1).astype(np.float64)
         era = None
         if era_entropy_per_dim is not None:
-            era = GaussianERA.per_dimension(self.action_dim, era_entropy_per_dim, era_log_std_min, era_log_std_max)
+            era = GaussianERA.per_dimension(
+                self.action_dim,
+                era_entropy_per_dim,
+                era_log_std_min,
+                era_log_std_max,
+                delta=era_delta,
+                learn_delta=era_learn_delta,
+                delta_lr=era_delta_lr,
+            )
+        elif era_delta or era_learn_delta:
+            raise ValueError("era_delta and era_learn_delta compensate ERA's target: set era_entropy_per_dim too")
         with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
             torch.manual_seed(seed)
             self.sac = SAC(
@@ -175,6 +202,10 @@ class SACModule(L.LightningModule):
                 era=era,
                 squash=squash,
                 entropy_in_losses=entropy_in_losses,
+                ortho_init=ortho_init,
+                critic_layer_norm=critic_layer_norm,
+                critic_loss_weight=critic_loss_weight,
+                action_bound=action_bound,
             )
         self.env_steps = 0
         self.updates = 0
@@ -201,7 +232,7 @@ class SACModule(L.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, foreach=True)
-        return list(self.sac.optimizers(factory))
+        return list(self.sac.optimizers(self.critic_optimizer_factory or factory, factory))
 
     def on_train_start(self) -> None:
         h = self.hparams

@@ -197,11 +197,24 @@ class GaussianERA(_TargetEntropyModule):
     H0; the floor clamp can only raise it. The softmax decides which dimensions get the noise.
     With D = 1 the std is a constant, exp(H0 - c). The mean passes through unchanged.
 
+    Compensation delta (the paper and project page; absent from the released code, so off by default): the Gaussian
+    gets the target H0' = H0 + delta, delta >= 0, to make up for the entropy that bounding the action (tanh
+    squashing, truncation) removes, so that the *bounded* policy's entropy is near H0. ``delta`` is a constant, or
+    with ``learn_delta`` it is learned by minimising the page's L(delta) = E_s[delta (H[pi(.|s)] - H0)], whose
+    gradient is H - H0: :meth:`compensation_step` takes one projected gradient step from the caller's estimate of
+    the bounded policy's entropy on a batch (e.g. -mean log pi of its sampled actions),
+    delta <- clip(delta - delta_lr (H_hat - H0), 0, delta_max), delta_max = D (log_std_max + c) - H0 (the largest
+    Gaussian entropy the clamps allow). The page names no optimiser or rate: plain projected descent and
+    ``delta_lr`` are ours. delta is saved with the target in the module's extra state.
+
     Args:
         action_dim: number of action dimensions D.
         target_entropy: H0 in nats for the whole action; default -0.5 * D (the reference
             constructor's per-dimension -0.5; its training script uses +0.25 per dimension).
         log_std_min, log_std_max: clamps of each log-std (reference code: -8 and 0).
+        delta: the compensation in nats (constant, or the initial value with ``learn_delta``).
+        learn_delta: learn delta by :meth:`compensation_step`.
+        delta_lr: step size of :meth:`compensation_step`.
 
     Example:
         >>> era = GaussianERA(action_dim=3, target_entropy=-1.0)
@@ -217,16 +230,50 @@ class GaussianERA(_TargetEntropyModule):
         target_entropy: float | None = None,
         log_std_min: float = -8.0,
         log_std_max: float = 0.0,
+        delta: float = 0.0,
+        learn_delta: bool = False,
+        delta_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         if action_dim < 1:
             raise ValueError(f"GaussianERA needs action_dim >= 1, got {action_dim}")
         if not log_std_min < log_std_max:
             raise ValueError(f"log_std_min ({log_std_min}) must be < log_std_max ({log_std_max})")
+        if not delta_lr > 0:
+            raise ValueError(f"delta_lr must be > 0, got {delta_lr}")
         self.action_dim = action_dim
         self.log_std_min = float(log_std_min)
         self.log_std_max = float(log_std_max)
         self.target_entropy = -0.5 * action_dim if target_entropy is None else target_entropy
+        if not 0.0 <= delta <= self.delta_max():
+            raise ValueError(
+                f"GaussianERA delta must be in [0, {self.delta_max():.4f}] (the Gaussian's target H0 + delta must stay "
+                f"within the log-std clamps), got {delta}"
+            )
+        self.learn_delta, self.delta_lr = bool(learn_delta), float(delta_lr)
+        # a buffer so that it follows .to(); saved through the extra state (old checkpoints load with delta 0)
+        self.register_buffer("delta", torch.tensor(float(delta)), persistent=False)
+        self._compensated = self.learn_delta or delta != 0.0  # else forward is exactly the uncompensated map
+
+    def delta_max(self) -> float:
+        """The largest delta: D (log_std_max + c) - H0."""
+        return self.target_range()[1] - self._target_entropy
+
+    @torch.no_grad()
+    def compensation_step(self, entropy: Tensor) -> Tensor:
+        """One projected descent step on L(delta) = delta (H_hat - H0) from ``entropy`` = H_hat, an estimate of the
+        bounded policy's entropy (a 0-dim tensor; no host synchronisation): delta <- clip(delta - delta_lr
+        (H_hat - H0), 0, delta_max). Returns delta.
+
+        Example:
+            >>> era = GaussianERA(2, target_entropy=0.5, delta=0.2, learn_delta=True, delta_lr=0.1)
+            >>> round(float(era.compensation_step(torch.tensor(0.3))), 6)  # entropy below H0: delta grows
+            0.22
+        """
+        if not self.learn_delta:
+            raise RuntimeError("compensation_step needs learn_delta=True (delta is a constant)")
+        step = self.delta_lr * (entropy.detach().to(self.delta) - self._target_entropy)
+        return self.delta.sub_(step).clamp_(0.0, self.delta_max())
 
     def target_range(self) -> tuple[float, float]:
         """Range (low, high] of targets reachable within the log-std clamps."""
@@ -245,10 +292,16 @@ class GaussianERA(_TargetEntropyModule):
 
     @classmethod
     def per_dimension(
-        cls, action_dim: int, entropy_per_dim: float, log_std_min: float = -8.0, log_std_max: float = 0.0
+        cls,
+        action_dim: int,
+        entropy_per_dim: float,
+        log_std_min: float = -8.0,
+        log_std_max: float = 0.0,
+        **delta: float | bool,
     ) -> GaussianERA:
         """A GaussianERA whose target is ``entropy_per_dim`` nats per action dimension (the RL agents'
-        ``era_entropy_per_dim``); an out-of-range value is reported per dimension.
+        ``era_entropy_per_dim``); an out-of-range value is reported per dimension. ``delta``: ``delta``,
+        ``learn_delta``, ``delta_lr`` of the constructor.
 
         Example:
             >>> GaussianERA.per_dimension(3, 100.0)
@@ -263,7 +316,16 @@ class GaussianERA(_TargetEntropyModule):
                 f"[{log_std_min}, {log_std_max}]: valid ({low:.4f}, {high:.4f}] (a target of "
                 f"{entropy_per_dim * action_dim} nats over {action_dim} dimension{'s' if action_dim != 1 else ''})"
             )
-        return cls(action_dim, entropy_per_dim * action_dim, log_std_min, log_std_max)
+        return cls(action_dim, entropy_per_dim * action_dim, log_std_min, log_std_max, **delta)
+
+    def get_extra_state(self) -> dict[str, float | Tensor]:
+        return {"target_entropy": self._target_entropy, "delta": self.delta.detach().cpu().clone()}
+
+    def set_extra_state(self, state: dict[str, float | Tensor]) -> None:
+        super().set_extra_state(state)
+        if "delta" in state:
+            self.delta.copy_(torch.as_tensor(state["delta"]))
+            self._compensated = self._compensated or bool(self.delta != 0)
 
     def forward(self, mean: Tensor, log_std_scores: Tensor) -> tuple[Tensor, Tensor]:
         if log_std_scores.shape[-1] != self.action_dim:
@@ -272,6 +334,8 @@ class GaussianERA(_TargetEntropyModule):
             )
         d = self.action_dim
         budget = self._target_entropy - d * HALF_LOG_2PI_E - d * self.log_std_max
+        if self._compensated:
+            budget = self.delta + budget  # a tensor: no host synchronisation
         weights = torch.softmax(_as_float(log_std_scores), dim=-1)
         log_std = (self.log_std_max + budget * weights).clamp(min=self.log_std_min)
         return mean, log_std
@@ -280,4 +344,5 @@ class GaussianERA(_TargetEntropyModule):
         return (
             f"action_dim={self.action_dim}, target_entropy={self._target_entropy}, "
             f"log_std_min={self.log_std_min}, log_std_max={self.log_std_max}"
+            + (f", learn_delta={self.learn_delta}, delta_lr={self.delta_lr}" if self._compensated else "")
         )

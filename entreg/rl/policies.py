@@ -10,6 +10,10 @@ samples with the reparameterisation trick, so losses differentiate through the a
   truncated to [-1, 1], sampled by the inverse CDF (:func:`entreg.distributions.truncated_gaussian_sample`); the
   mode tanh(mean) lies inside the interval, so the deterministic action is the same for both.
 
+ERA's code truncates to [-b, b] with b = 1 - 1e-6 and clips the centre to the same interval (``action_bound``; the
+default 1 is the interval itself): the sample is b times a draw truncated to [-1, 1] with centre tanh(mean) / b and
+std / b, its log-density lowered by D log b.
+
 Without ``era`` the log-std comes from the head and is clamped to [log_std_min, log_std_max] (SB3: [-20, 2]).
 With ``era`` (:class:`entreg.nn.GaussianERA`) the head's second half are raw scores and ERA sets the log-stds so
 that the entropy of the Gaussian N(mean, std) (before squashing or truncation) equals the ERA target in every
@@ -24,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -47,6 +52,10 @@ class GaussianActor(nn.Module):
         log_std_min, log_std_max: clamp of the head's log-std without ``era`` (SB3: -20 and 2).
         era: a :class:`entreg.nn.GaussianERA` for ``action_dim`` dims: the head's log-std outputs become ERA scores.
         squash: ``"tanh"`` or ``"truncated"``.
+        ortho_init: orthogonal initialisation with zero biases, gain sqrt(2) for the hidden layers and the mean head,
+            1 for the log-std (or ERA score) head, as ERA's released actor (False: PyTorch's default, as SB3's SAC).
+        action_bound: b in (0, 1]: the truncated Gaussian lives on [-b, b], its centre clipped to it (ERA's code:
+            1 - 1e-6); ignored by ``squash="tanh"``.
     """
 
     def __init__(
@@ -59,6 +68,8 @@ class GaussianActor(nn.Module):
         log_std_max: float = 2.0,
         era: GaussianERA | None = None,
         squash: Squash = "tanh",
+        ortho_init: bool = False,
+        action_bound: float = 1.0,
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -69,11 +80,16 @@ class GaussianActor(nn.Module):
             raise ValueError(f"log_std_min ({log_std_min}) must be < log_std_max ({log_std_max})")
         if era is not None and era.action_dim != action_dim:
             raise ValueError(f"era was built for action_dim={era.action_dim}, the actor has {action_dim}")
+        if not 0.0 < action_bound <= 1.0:
+            raise ValueError(f"action_bound must be in (0, 1], got {action_bound}")
         self.action_dim = action_dim
+        self.action_bound = float(action_bound)
         self.squash: Squash = squash
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
         self.era = era
-        self.net = mlp(obs_dim, tuple(hidden), 2 * action_dim, activation)
+        self.net = mlp(obs_dim, tuple(hidden), 2 * action_dim, activation, math.sqrt(2) if ortho_init else None)
+        if ortho_init:  # the log-std head: gain 1 (ERA's `log_std_scale`)
+            nn.init.orthogonal_(self.net[-1].weight.data[action_dim:], gain=1.0)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-std of the Gaussian before squashing/truncation, each (..., action_dim)."""
@@ -91,9 +107,18 @@ class GaussianActor(nn.Module):
             u = mean + torch.exp(log_std) * noise
             return torch.tanh(u), tanh_gaussian_log_prob(u, mean, log_std), log_std
         uniform = torch.rand(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        action, log_prob = truncated_gaussian_sample(torch.tanh(mean), log_std, uniform)
-        return action, log_prob, log_std
+        b = self.action_bound
+        if b == 1.0:
+            action, log_prob = truncated_gaussian_sample(torch.tanh(mean), log_std, uniform)
+            return action, log_prob, log_std
+        centre = torch.tanh(mean).clamp(-b, b) / b
+        action, log_prob = truncated_gaussian_sample(centre, log_std - math.log(b), uniform)
+        return b * action, log_prob - self.action_dim * math.log(b), log_std
 
     def mode(self, obs: Tensor) -> Tensor:
-        """The deterministic action tanh(mean) (the mode of the truncated Gaussian; the tanh of the Gaussian's)."""
-        return torch.tanh(self(obs)[0])
+        """The deterministic action tanh(mean) (the mode of the truncated Gaussian, clipped to ``action_bound``; the
+        tanh of the Gaussian's)."""
+        mode = torch.tanh(self(obs)[0])
+        if self.squash == "truncated" and self.action_bound < 1.0:
+            mode = mode.clamp(-self.action_bound, self.action_bound)
+        return mode

@@ -28,10 +28,18 @@ entropy equals the ERA target in every state (higher only where a log-std hits i
 temperature and no entropy term in either loss (y = r + gamma (1 - terminated) min_i Q'_i(s', a'), actor loss
 -min_i Q_i(s, a)), as in ERA's released SAC.
 ERA's code samples a Gaussian centred at tanh(mean) truncated to [-1, 1] (``squash="truncated"``, our default for
-ERA); the paper describes the usual tanh squashing with the target raised by a compensation delta >= 0 for the
-entropy the squashing removes (``squash="tanh"`` with ``era.target_entropy`` = H0 + delta; we keep delta
-constant, as the code does, rather than learning it). ``entropy_in_losses=True`` puts SAC's alpha log pi terms
-back for an ablation.
+ERA); the paper describes the usual tanh squashing (``squash="tanh"``) with the Gaussian's target raised by a
+compensation delta >= 0 for the entropy that bounding removes. The code has no delta (our default, delta = 0);
+:class:`entreg.nn.GaussianERA`'s ``delta`` and ``learn_delta`` give the paper's constant or learned delta, the latter
+stepped after the actor from the batch's -mean log pi of the bounded policy. ``entropy_in_losses=True`` puts SAC's
+alpha log pi terms back for an ablation.
+
+ERA's released agent (``model=sac_era_authors``; nothingbutbut/era @ 4b7320b, ``sac-era/``) differs from SB3's SAC in
+its networks and optimizers, which are options here: ``ortho_init`` (actor 512-512 ELU, orthogonal init), critics with
+``critic_layer_norm`` (Dense -> LayerNorm -> ELU, orthogonal init) stepped by AdamW, ``critic_loss_weight=1`` (its
+critic loss is sum_i mean((Q_i - y)^2), SB3's is half that) and ``action_bound=1 - 1e-6`` (the truncation interval).
+Its update order (critics, target critics, actor) gives the same result as ours (the actor loss reads the critics,
+not the targets).
 
 Example:
     >>> sac = SAC(obs_dim=3, action_dim=2, hidden=(32, 32))
@@ -40,7 +48,7 @@ Example:
     >>> critic_opt, actor_opt = sac.optimizers(lambda params: torch.optim.Adam(params, lr=3e-4))
     >>> stats = sac.update(batch, critic_opt, actor_opt)
     >>> sorted(stats)
-    ['actor_loss', 'alpha', 'critic_loss', 'gaussian_entropy', 'policy_entropy', 'q']
+    ['actor_loss', 'alpha', 'critic_loss', 'gaussian_entropy', 'policy_entropy', 'q', 'std']
 """
 
 from __future__ import annotations
@@ -62,10 +70,15 @@ from entreg.rl.policies import GaussianActor, Squash
 
 __all__ = ["SAC", "QEnsemble", "ReplayBatch"]
 
+LAYER_NORM_EPS = 1e-6  # flax.linen.LayerNorm's default (ERA's critics); torch's is 1e-5
+
 
 class QEnsemble(nn.Module):
     """``num_q`` independent MLP critics Q_i(s, a), each the ``nn.Linear`` layers of an :func:`entreg.nn.mlp.mlp`
-    with the widths and initialisation of Stable-Baselines3's separate critics.
+    with the widths and initialisation of Stable-Baselines3's separate critics, or (``layer_norm``) a LayerNorm
+    (epsilon 1e-6, flax's default) after every hidden linear layer, before the activation, as ERA's released critics;
+    ``ortho_init``: orthogonal weights with gain sqrt(2) for every layer, the output one included, and zero biases
+    (ERA's ``default_init``).
 
     Separate 2-D matmuls per member: on the CPU they are faster than one batched matmul over the members (whose
     backward pass copies), measured 4.2 vs 5.7 ms for a forward and backward pass of two 256-256 critics on a
@@ -84,31 +97,50 @@ class QEnsemble(nn.Module):
         hidden: tuple[int, ...] = (256, 256),
         activation: str = "relu",
         num_q: int = 2,
+        layer_norm: bool = False,
+        ortho_init: bool = False,
     ) -> None:
         super().__init__()
         if num_q < 1 or not hidden:
             raise ValueError(f"QEnsemble needs num_q >= 1 and at least one hidden layer, got {num_q}, {hidden}")
         self.num_q = num_q
         self.activation = resolve_act_layer(activation)()
+        gain = math.sqrt(2) if ortho_init else None
         self.members = nn.ModuleList(
-            nn.ModuleList(m for m in mlp(obs_dim + action_dim, hidden, 1, activation) if isinstance(m, nn.Linear))
+            nn.ModuleList(m for m in mlp(obs_dim + action_dim, hidden, 1, activation, gain) if isinstance(m, nn.Linear))
             for _ in range(num_q)
         )
+        self.norms = None  # LayerNorms after the hidden layers, as a separate list: `members` holds only the Linears
+        if layer_norm:
+            self.norms = nn.ModuleList(
+                nn.ModuleList(nn.LayerNorm(width, eps=LAYER_NORM_EPS) for width in hidden) for _ in range(num_q)
+            )
 
     def forward(self, obs: Tensor, actions: Tensor, detach_params: bool = False) -> Tensor:
         """Q-values of every member, shape (num_q, B). ``detach_params``: no gradient reaches the weights (the
         gradient with respect to ``obs`` and ``actions`` still flows)."""
         x = torch.cat([obs, actions], dim=-1)
-        return torch.stack([self._member(layers, x, detach_params) for layers in self.members])
+        norms = self.norms if self.norms is not None else [None] * self.num_q
+        return torch.stack(
+            [self._member(layers, ln, x, detach_params) for layers, ln in zip(self.members, norms, strict=True)]
+        )
 
-    def _member(self, layers: nn.ModuleList, x: Tensor, detach_params: bool) -> Tensor:
+    def _member(self, layers: nn.ModuleList, norms: nn.ModuleList | None, x: Tensor, detach_params: bool) -> Tensor:
         h = x
         for k, layer in enumerate(layers):
-            weight, bias = layer.weight, layer.bias
-            if detach_params:
-                weight, bias = weight.detach(), bias.detach()
-            h = F.linear(self.activation(h) if k else h, weight, bias)
+            if k:
+                if norms is not None:
+                    norm = norms[k - 1]
+                    h = F.layer_norm(h, norm.normalized_shape, *_params(norm, detach_params), norm.eps)
+                h = self.activation(h)
+            h = F.linear(h, *_params(layer, detach_params))
         return h.squeeze(-1)
+
+
+def _params(layer: nn.Module, detach: bool) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of a Linear or LayerNorm, detached when asked."""
+    weight, bias = layer.weight, layer.bias
+    return (weight.detach(), bias.detach()) if detach else (weight, bias)
 
 
 class SAC(nn.Module):
@@ -129,6 +161,10 @@ class SAC(nn.Module):
         era: a :class:`entreg.nn.GaussianERA` for SAC+ERA.
         squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA, as ERA's code).
         entropy_in_losses: whether alpha log pi enters the losses (None: True for SAC, False for ERA).
+        ortho_init: orthogonal initialisation of actor and critics (:class:`GaussianActor`, :class:`QEnsemble`).
+        critic_layer_norm: LayerNorm after the critics' hidden layers.
+        critic_loss_weight: w in L = w sum_i mean((Q_i - y)^2) (SB3: 0.5; ERA's code: 1).
+        action_bound: the truncation interval [-b, b] of ``squash="truncated"`` (ERA's code: 1 - 1e-6).
     """
 
     def __init__(
@@ -148,6 +184,10 @@ class SAC(nn.Module):
         era: GaussianERA | None = None,
         squash: Squash | None = None,
         entropy_in_losses: bool | None = None,
+        ortho_init: bool = False,
+        critic_layer_norm: bool = False,
+        critic_loss_weight: float = 0.5,
+        action_bound: float = 1.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
@@ -159,14 +199,20 @@ class SAC(nn.Module):
             raise ValueError(f"ent_coef must be 'auto' or a number >= 0, got {ent_coef!r}")
         if not initial_alpha > 0:
             raise ValueError(f"initial_alpha must be > 0, got {initial_alpha}")
+        if not critic_loss_weight > 0:
+            raise ValueError(f"critic_loss_weight must be > 0, got {critic_loss_weight}")
         hidden = tuple(hidden)
         self.gamma, self.tau = float(gamma), float(tau)
+        self.critic_loss_weight = float(critic_loss_weight)
         self.entropy_in_losses = era is None if entropy_in_losses is None else bool(entropy_in_losses)
         self.target_entropy = float(-action_dim if target_entropy is None else target_entropy)
         squash = squash or ("tanh" if era is None else "truncated")
-        self.actor = GaussianActor(obs_dim, action_dim, hidden, activation, log_std_min, log_std_max, era, squash)
-        self.critic = QEnsemble(obs_dim, action_dim, hidden, activation, num_q)
-        self.critic_target = QEnsemble(obs_dim, action_dim, hidden, activation, num_q)
+        self.actor = GaussianActor(
+            obs_dim, action_dim, hidden, activation, log_std_min, log_std_max, era, squash, ortho_init, action_bound
+        )
+        critic = (obs_dim, action_dim, hidden, activation, num_q, critic_layer_norm, ortho_init)
+        self.critic = QEnsemble(*critic)
+        self.critic_target = QEnsemble(*critic)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.learn_alpha = self.entropy_in_losses and auto
@@ -184,11 +230,11 @@ class SAC(nn.Module):
     def optimizers(
         self, critic_factory: OptimizerFactory, actor_factory: OptimizerFactory | None = None
     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        """(critic optimizer, also stepping log alpha when learned; actor optimizer) from factories
-        ``params -> Optimizer`` (the actor's defaults to the critic's)."""
+        """(critic optimizer, also stepping log alpha when learned, in a parameter group of its own without weight
+        decay; actor optimizer) from factories ``params -> Optimizer`` (the actor's defaults to the critic's)."""
         critic_params: list[Any] = list(self.critic.parameters())
         if self.learn_alpha:
-            critic_params.append(self.log_alpha)
+            critic_params = [{"params": critic_params}, {"params": [self.log_alpha], "weight_decay": 0.0}]
         return critic_factory(critic_params), (actor_factory or critic_factory)(self.actor.parameters())
 
     @torch.no_grad()
@@ -206,9 +252,10 @@ class SAC(nn.Module):
         generator: torch.Generator | None = None,
         backward: Callable[[Tensor], None] = Tensor.backward,
     ) -> dict[str, Tensor]:
-        """One gradient update (critics and temperature, actor, target critics) on ``batch``; returns detached
-        0-dim diagnostics (no host synchronisation): losses, alpha, mean Q, the policy entropy estimate
-        -mean log pi and the mean entropy of the Gaussian before squashing."""
+        """One gradient update (critics and temperature, actor, target critics, and with a learned ERA delta its
+        step from the batch's -mean log pi) on ``batch``; returns detached 0-dim diagnostics (no host
+        synchronisation): losses, alpha, mean Q, the policy entropy estimate -mean log pi, the mean entropy of the
+        Gaussian before squashing, its mean std and (with ERA) delta after the update."""
         actions_pi, log_prob, log_std = self.actor.sample(batch.obs, generator)
         alpha = self.log_alpha.detach().exp()
         loss = self._critic_loss(batch, alpha, generator)
@@ -227,14 +274,21 @@ class SAC(nn.Module):
         backward(actor_loss)
         actor_optimizer.step()
         self.update_target()
-        return {
+        policy_entropy = -log_prob.detach().mean()
+        stats = {
             "critic_loss": critic_loss,
             "actor_loss": actor_loss.detach(),
             "alpha": alpha,
             "q": q_pi.detach().mean(),
-            "policy_entropy": -log_prob.detach().mean(),
+            "policy_entropy": policy_entropy,
             "gaussian_entropy": gaussian_entropy(log_std.detach()).mean(),
+            "std": log_std.detach().exp().mean(),
         }
+        if self.era is not None:
+            if self.era.learn_delta:
+                self.era.compensation_step(policy_entropy)
+            stats["era_delta"] = self.era.delta.clone()
+        return stats
 
     def _critic_loss(self, batch: ReplayBatch, alpha: Tensor, generator: torch.Generator | None) -> Tensor:
         with torch.no_grad():
@@ -244,7 +298,7 @@ class SAC(nn.Module):
                 next_q = next_q - alpha * next_log_prob
             target = batch.rewards + self.gamma * (1.0 - batch.terminated) * next_q
         q = self.critic(batch.obs, batch.actions)
-        return 0.5 * (q - target).square().mean(-1).sum()
+        return self.critic_loss_weight * (q - target).square().mean(-1).sum()
 
     @torch.no_grad()
     def update_target(self) -> None:
