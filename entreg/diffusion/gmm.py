@@ -12,7 +12,9 @@ Covariances are low rank plus isotropic, ``S_k = U_k U_k^T + s_k^2 I`` (``U_k U_
 ``scripts/bench_samplers.py``.
 
 Noise levels of a diffusers schedule at a (possibly non-integer) timestep: :func:`vp_alpha_sigma`; the
-noise level a scheduler's next step assumes (exact for any of its grids): :func:`scheduler_alpha_sigma`.
+noise level a scheduler's next step assumes (exact for any of its grids): :func:`scheduler_alpha_sigma`. Flow
+matching (``x_t = (1 - sigma) x_0 + sigma eps``, the SD3/FLUX parametrisation): the exact velocity
+``eps - x_0`` (:meth:`GaussianMixture.velocity`, :meth:`GaussianMixture.velocity_model`).
 
 Example:
     >>> import torch
@@ -220,6 +222,36 @@ class GaussianMixture:
         x = x.double()
         alpha_, sigma_ = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1) for v in (alpha, sigma))
         return (x - alpha_ * self.posterior_mean(x, alpha, sigma)) / sigma_
+
+    def velocity(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """The exact flow-matching velocity ``eps - x_0`` at ``x_t = (1 - sigma) x_0 + sigma eps``:
+        ``(x_t - E[x_0 | x_t]) / sigma``; ``x`` (N, D), ``sigma`` > 0; float64 (N, D)."""
+        x = x.double()
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return (x - self.posterior_mean(x, 1 - sigma, sigma)) / sigma.reshape(-1, 1)
+
+    def velocity_model(self, num_train_timesteps: int = 1000) -> Callable[[Tensor, Tensor], Tensor]:
+        """``model(x, t)``: :meth:`velocity` at ``sigma = t / num_train_timesteps`` (how SD3 and FLUX pipelines and
+        ``FlowMatchEulerDiscreteScheduler`` pass the noise level), for samples of any shape (N, ...) flattened to
+        the mixture's dimension; computed in float64 and returned in ``x``'s dtype: a flow-matching transformer
+        without error.
+
+        Example:
+            >>> from diffusers import FlowMatchEulerDiscreteScheduler
+            >>> gmm, scheduler = GaussianMixture.preset("2d"), FlowMatchEulerDiscreteScheduler(shift=3.0)
+            >>> scheduler.set_timesteps(20)
+            >>> x, model = torch.randn(100, 2, generator=torch.Generator().manual_seed(0)), gmm.velocity_model()
+            >>> for t in scheduler.timesteps:
+            ...     x = scheduler.step(model(x, t), t, x).prev_sample
+            >>> bool(gmm.log_prob(x).mean() > gmm.log_prob(torch.randn(100, 2)).mean())
+            True
+        """
+
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            sigma = torch.as_tensor(t, dtype=torch.float64).cpu() / num_train_timesteps
+            return self.velocity(x.reshape(len(x), -1), sigma).reshape(x.shape).to(x.dtype)
+
+        return model
 
     def epsilon_at(
         self, x: Tensor, timesteps: Tensor | float, alphas_cumprod: Tensor, interpolation: str = "log_sigma"
