@@ -11,12 +11,18 @@ from typing import Any
 
 _LAZY = {
     "EVODiffScheduler": "entreg.diffusion.evodiff",
+    "evodiff_config": "entreg.diffusion.evodiff",
     "GaussianMixture": "entreg.diffusion.gmm",
     "scheduler_alpha_sigma": "entreg.diffusion.gmm",
     "vp_alpha_sigma": "entreg.diffusion.gmm",
     "FeatureFrechetDistance": "entreg.diffusion.metrics",
     "frechet_distance": "entreg.diffusion.metrics",
     "sliced_wasserstein": "entreg.diffusion.metrics",
+    "FLOW_GRIDS": "entreg.diffusion.evaluation",
+    "FLOW_SOLVERS": "entreg.diffusion.evaluation",
+    "FlowGrid": "entreg.diffusion.evaluation",
+    "converged_flow_solution": "entreg.diffusion.evaluation",
+    "flow_mixture_errors": "entreg.diffusion.evaluation",
     "GRIDS": "entreg.diffusion.evaluation",
     "LOGSNR_SOLVERS": "entreg.diffusion.evaluation",
     "SOLVERS": "entreg.diffusion.evaluation",

@@ -7,17 +7,17 @@ implementation from the method's equations, checked against the reference's outp
 (``tests/test_evodiff_parity.py``).
 
 The sampler integrates the probability-flow ODE in data prediction, in the exact form
-``x_t / s_t = x_s / s_s + int D d(1/s)`` where ``s = sigma / alpha`` is the noise level in EDM units
-(diffusers' VP ``sigmas``), with one model evaluation per step:
+``x_t / sigma_t = x_s / sigma_s + int D d(1/s)`` where ``s = sigma / alpha`` is the noise level in EDM units
+(diffusers' VP ``sigmas``; ``sigma / (1 - sigma)`` for flow matching), with one model evaluation per step:
 
-* predictor: ``x^E = (s_t/s_0) x + s_t h D_0`` (DDIM, ``h = 1/s_t - 1/s_0``) plus the second-order term
-  ``s_t h / (2 r~) (D_0 - b_1 D_1)``, where ``b_1`` balances the previous prediction by the
+* predictor: ``x^E = (sigma_t/sigma_0) x + alpha_t s_t h D_0`` (DDIM, ``h = 1/s_t - 1/s_0``) plus the second-order
+  term ``alpha_t s_t h / (2 r~) (D_0 - b_1 D_1)``, where ``b_1`` balances the previous prediction by the
   least-squares coefficient ``<D_0, D_1>/<D_1, D_1>`` (per sample and channel, clipped to +-2) mixed
   with the noise ratio ``sqrt((s_t/s_0)/(s_0/s_1))`` by ``w = (1 - t~^2)/2``, ``t~`` the noise level's
   position in the grid; ``r~ = clip(sigmoid(|b_1|/4) r, r/4, 3r/2)``, ``r`` the logSNR step ratio of
-  DPM-Solver++(2M);
+  DPM-Solver++(2M) (the previous step's length in logSNR over this one's);
 * corrector, applied at the start of the next :meth:`step` with the one new evaluation ``D_t`` (as
-  UniPC does): ``x = x^E + s_t h / (2 zeta) B``, ``B`` a variance-minimising interpolation of the two
+  UniPC does): ``x = x^E + alpha_t s_t h / (2 zeta) B``, ``B`` a variance-minimising interpolation of the two
   divided differences (weights through ``eta = sigmoid(|eta*|)/2``), ``zeta = sigmoid(|zeta*| - 1/2)``
   from a projection of the predictor's residual;
 * a last step into the smallest positive noise level that shrinks ``x^E`` by ``1 - sqrt(s_t s_0)``
@@ -29,6 +29,28 @@ DPM-Solver++(2M)'s, so the scheduler reproduces :class:`~diffusers.DPMSolverMult
 diffusers takes a first-order step into a positive last level (``final_sigmas_type="sigma_min"`` below 15 steps,
 ``lower_order_final``, or ``euler_at_final=True``; we keep the second-order step there).
 
+Pipelines. :meth:`EVODiffScheduler.from_config` takes the scheduler config a diffusers pipeline ships
+(:func:`evodiff_config`): DDPM-family configs (DDIM, PNDM, Euler, DPM-Solver, UniPC, ...) keep their noise schedule
+and prediction type; a ``FlowMatchEulerDiscreteScheduler`` config (SD3, FLUX and other flow-matching transformers)
+becomes flow prediction on flow noise (``alpha = 1 - sigma``) with that scheduler's grid: the same shift, dynamic
+shifting (``mu``), ``shift_terminal`` and spacing, float timesteps ``1000 sigma``, and ``set_timesteps(sigmas=...)``
+read as FlowMatchEuler reads them. Configs of other models (EDM-preconditioned, consistency-distilled, VE, discrete)
+are refused with the reason. ``set_timesteps(sigmas=...)`` follows the diffusers scheduler of the same noise: VP
+noise as :class:`~diffusers.EulerDiscreteScheduler` (the whole decreasing grid, its last level included: N + 1
+values for N steps), flow noise as :class:`~diffusers.FlowMatchEulerDiscreteScheduler` (the N levels the model sees,
+before the shift; the shift or ``mu`` applied and the final 0 appended). ``use_flow_sigmas=True`` (set by hand)
+keeps DPM-Solver's own flow grid (first level ``1 - 1/1000`` before the shift) and integer timesteps.
+
+Flow-matching grids, what we found (README: "EVODiff on flow-matching pipelines"): their first level is at or next
+to ``sigma = 1`` (``alpha = 0``, logSNR -inf), so the first step is 4.5-6x longer in logSNR than the second
+(DPM-Solver's shift-3 grid; infinitely longer on FlowMatchEuler's grid, which starts at 1). The reference's
+second-order terms assume logSNR steps that do not shrink (``r <= 1`` on each of its grids): its corrector weights
+the newest difference by ``r`` (``B = r (D_t - b D_0) / h``, the derivative only for ``r = 1``) and its balance
+prior ``sqrt((s_t/s_0)/(s_0/s_1))`` is 7 there. The second step then overshoots (on an exact 2-D mixture, 10 steps:
+0.22 RMSE from the ODE solution after it against DPM-Solver++'s 0.0011), and a grid starting at 1 gave a division by
+zero. Hence ``max_step_ratio`` (below) and DDIM in the sigma-ratio form from ``alpha = 0``. The last step of
+shift-3 grids ends far above the reference's 0.002 (``final_step`` and its warning).
+
 Differences from the reference, all documented options:
 
 * ``bounded_zeta=True`` (our correction, the default): for grids of more than 20 steps the reference
@@ -36,10 +58,17 @@ Differences from the reference, all documented options:
   ``1/zeta`` times larger; we keep ``zeta >= sigmoid(-1/2)``, the lower bound of its own rule for 20
   steps or fewer. The reference's samples of a 2-D mixture blow up (|x| ~ 1e64) at 60 steps without
   it. ``bounded_zeta=False`` is the reference.
+* ``max_step_ratio=2.0`` (our correction): a step whose previous step is more than twice as long in logSNR
+  (``r > 2``; never on the reference's grids, at most 1.5 on diffusers' VP grids, 4.5-6 or infinite at the second
+  step of flow grids) is DPM-Solver++(2M)'s (``b = 1``, ``r~ = r``, no corrector; DDIM where the previous level has
+  ``alpha = 0``, ``r`` infinite). ``None`` is the reference.
 * Noise-level constants in absolute EDM units (the final shrink ``1 - sqrt(s_t s_0)``) are kept as in
-  the reference; ``w``'s endpoints are the grid's first and smallest positive noise levels (80 and
+  the reference; ``w``'s endpoints are the first sampled and smallest positive noise levels (80 and
   0.002 in the reference's EDM grid).
 * Only order 2 (the reference's ``order=3`` silently skips its updates).
+* Inner products of 3-D samples are taken per sample and feature over the second axis: packed latents
+  ``(batch, tokens, features)`` of FLUX-class pipelines (4-D and larger: per sample and channel, as the
+  reference).
 
 Example:
     >>> import torch
@@ -59,7 +88,9 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +99,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import Tensor
 
-__all__ = ["EVODiffScheduler"]
+__all__ = ["EVODiffScheduler", "evodiff_config"]
 
 CLIP = 2.0  # bound of every least-squares coefficient
 TEMPERATURE = 0.25  # r~ = clip(sigmoid(|b| * TEMPERATURE) * r, ...)
@@ -81,11 +112,89 @@ MANY_STEPS = 20  # above this many steps the reference changes its zeta rule
 SHRINK_WARNING = 0.1
 LONG_LAST_STEP = 0.5
 
+# scheduler classes whose configs describe a VP (DDPM-family) model: their keys are DPM-Solver's
+VP_SCHEDULERS = frozenset(
+    {
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+        "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "DDIMParallelScheduler",
+        "DDPMParallelScheduler", "SASolverScheduler", "EVODiffScheduler",
+    }
+)  # fmt: skip
+# flow-matching schedulers (x_t = (1 - sigma) x_0 + sigma eps, velocity prediction) whose grid EVODiff reproduces
+FLOW_MATCH_SCHEDULERS = frozenset({"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"})
+# FlowMatchEulerDiscreteScheduler's grid options, kept in EVODiff's config under the same names (``shift``: flow_shift)
+FLOW_MATCH_KEYS = (
+    "num_train_timesteps", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "time_shift_type",
+)  # fmt: skip
+_CONSISTENCY = "a consistency-distilled model: sample it with its own few-step scheduler"
+_EDM = "an EDM-preconditioned model (c_in/c_out scalings around sigma_data), not a DDPM-family or flow model"
+CANNOT_SERVE = {
+    "LCMScheduler": _CONSISTENCY,
+    "TCDScheduler": _CONSISTENCY,
+    "FlowMatchLCMScheduler": _CONSISTENCY,
+    "CMStochasticIterativeScheduler": _CONSISTENCY,
+    "EDMEulerScheduler": _EDM,
+    "EDMDPMSolverMultistepScheduler": _EDM,
+    "CosineDPMSolverMultistepScheduler": _EDM,
+}
+
+
+def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`EVODiffScheduler` config for a pipeline's scheduler config (what ``from_config`` applies).
+
+    DDPM-family configs (:data:`VP_SCHEDULERS`, or a config without ``_class_name``) are kept: their betas,
+    prediction type and spacing are DPM-Solver's keys. Flow-matching configs (:data:`FLOW_MATCH_SCHEDULERS`: SD3,
+    FLUX, ...; in memory, without ``_class_name``: a ``shift`` and no ``beta_schedule``) become flow prediction with
+    ``flow_shift = shift`` and the same dynamic shifting and grid options; ``mu`` and ``sigmas`` then work as in
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps``. Anything else is a ValueError that says why.
+
+    Example:
+        >>> from diffusers import FlowMatchEulerDiscreteScheduler
+        >>> mapped = evodiff_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)  # SD3's scheduler
+        >>> mapped["prediction_type"], mapped["flow_shift"], mapped["use_flow_sigmas"]
+        ('flow_prediction', 3.0, False)
+        >>> evodiff_config({"_class_name": "LCMScheduler"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: EVODiffScheduler cannot serve ... is LCMScheduler: a consistency-distilled model: sample it with ...
+    """
+    config = dict(config)
+    name = config.get("_class_name")
+    flow_keys = name is None and "shift" in config and "beta_schedule" not in config  # a FlowMatch* config in memory
+    if (name is None and not flow_keys) or name in VP_SCHEDULERS:
+        return config
+    if name in FLOW_MATCH_SCHEDULERS or flow_keys:
+        if config.get("invert_sigmas"):
+            raise ValueError(
+                f"EVODiffScheduler cannot serve a {name} with invert_sigmas=True (the model's time runs from noise at "
+                "sigma = 0, as in Mochi); flow matching with noise at sigma = 1 only"
+            )
+        mapped = {k: v for k, v in config.items() if k in FLOW_MATCH_KEYS or k.startswith("_")}
+        defaults = set(config.get("_use_default_values", ())) - set(FLOW_MATCH_KEYS)
+        mapped["_use_default_values"] = sorted(defaults & set(mapped))
+        return {**mapped, "prediction_type": "flow_prediction", "use_flow_sigmas": False,
+                "flow_shift": float(config.get("shift", 1.0)), "final_sigmas_type": "zero"}  # fmt: skip
+    reason = CANNOT_SERVE.get(name, "not a DDPM-family (VP) or flow-matching scheduler")
+    raise ValueError(
+        f"EVODiffScheduler cannot serve a pipeline whose scheduler is {name}: {reason}"
+        + ("" if name in CANNOT_SERVE else "; for a VP or flow model, EVODiffScheduler(**keys) builds one by hand")
+    )
+
 
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
-    """<a, b> per sample and channel (dims >= 2 reduced) or per sample, shaped to broadcast against ``a``."""
-    start = 2 if per_channel and a.ndim >= 3 else 1
-    dims = tuple(range(start, a.ndim))
+    """<a, b> per sample (all dims after the first reduced) or, ``per_channel``, per sample and channel: dims >= 2
+    reduced for 4-D and larger (B, C, ...) samples, the token axis for 3-D (B, tokens, features) ones; shaped to
+    broadcast against ``a``."""
+    if not per_channel or a.ndim < 3:
+        dims = tuple(range(1, a.ndim))
+    elif a.ndim == 3:
+        dims = (1,)
+    else:
+        dims = tuple(range(2, a.ndim))
     return (a * b).sum(dim=dims, keepdim=True)
 
 
@@ -129,6 +238,16 @@ class _Pending:
     w: float
 
 
+@dataclass(frozen=True)
+class _Level:
+    """One level of the grid in float64: alpha, sigma and the EDM noise level s = sigma / alpha (inf at alpha = 0;
+    the end of a zero grid is alpha = 1, sigma = s = 0)."""
+
+    alpha: float
+    sigma: float
+    s: float
+
+
 def _merged_signature(own, parent) -> inspect.Signature:
     """``own``'s keyword parameters followed by every parameter of ``parent`` (for diffusers' config
     machinery, which reads the accepted keys from ``__init__``'s signature)."""
@@ -140,7 +259,8 @@ def _merged_signature(own, parent) -> inspect.Signature:
 
 class EVODiffScheduler(DPMSolverMultistepScheduler):
     """EVODiff sampling, a drop-in for :class:`~diffusers.DPMSolverMultistepScheduler` (any of its config
-    keys; epsilon, sample, v and flow predictions; VP and flow noise levels).
+    keys; epsilon, sample, v and flow predictions; VP and flow noise levels) and, through :meth:`from_config`, for the
+    scheduler of any DDPM-family or flow-matching diffusers pipeline.
 
     Args:
         balance: balance the previous prediction by its least-squares coefficient (``b``); False: b = 1.
@@ -150,17 +270,22 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             other steps). Which is better depends on the grid's last step (exact mixtures, README), and a
             warning names the other where it was measured better: ``"dpmsolver"`` where the reference's
             factor ``1 - sqrt(s_t s_0)`` is below 0.9 and the last step is at most twice the previous one in
-            logSNR (diffusers' trailing/linspace/leading spacing, a logSNR grid stopping at 0.3: 1.9-14x lower
-            RMSE); ``"evodiff"`` where the last step is longer than that (EDM-style time-uniform or quadratic
-            grids, ``final_sigmas_type="sigma_min"``: ``"dpmsolver"`` extrapolates over it, 1.6-20x higher
-            RMSE). Elsewhere (logSNR, Karras and EDM grids) they are within 0.5-1.9x of each other.
+            logSNR (diffusers' trailing/linspace/leading spacing, a logSNR grid stopping at 0.3, FLUX's grid:
+            1.9-14x lower RMSE); ``"evodiff"`` where the last step is longer than that (EDM-style time-uniform or
+            quadratic grids, ``final_sigmas_type="sigma_min"``, SD3's grid: ``"dpmsolver"`` extrapolates over it,
+            1.6-20x higher RMSE). Elsewhere (logSNR, Karras and EDM grids) they are within 0.5-1.9x of each other.
         bounded_zeta: keep ``zeta >= sigmoid(-1/2)`` on grids of more than 20 steps (our correction;
             False: the reference, which can diverge there).
         per_channel: least-squares coefficients per sample and channel (the reference); False: per sample.
+        max_step_ratio: a step whose previous step is more than this many times longer in logSNR is
+            DPM-Solver++(2M)'s (our correction for the second step of flow-matching grids); None: the reference.
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len, shift_terminal: flow-matching grids, as in
+            :class:`~diffusers.FlowMatchEulerDiscreteScheduler` (pipelines read the first four to compute ``mu``).
         **kwargs: :class:`~diffusers.DPMSolverMultistepScheduler`'s config (betas, ``prediction_type``,
-            ``timestep_spacing``, ``use_lu_lambdas``, ``final_sigmas_type``, ...). ``use_lu_lambdas=True``
-            (uniform logSNR) is EVODiff's grid; ``solver_order`` must be 2 and ``algorithm_type``
-            ``dpmsolver++``.
+            ``timestep_spacing``, ``use_lu_lambdas``, ``final_sigmas_type``, ``flow_shift``,
+            ``use_dynamic_shifting``, ...). ``use_lu_lambdas=True`` (uniform logSNR) is EVODiff's grid;
+            ``solver_order`` must be 2 and ``algorithm_type`` ``dpmsolver++``. ``prediction_type="flow_prediction"``
+            means flow noise; with ``use_flow_sigmas=False`` the grid is FlowMatchEulerDiscreteScheduler's.
     """
 
     order = 1
@@ -173,10 +298,18 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         final_step: str = "evodiff",
         bounded_zeta: bool = True,
         per_channel: bool = True,
+        max_step_ratio: float | None = 2.0,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
         **kwargs,
     ) -> None:
         if final_step not in ("evodiff", "dpmsolver"):
             raise ValueError(f"final_step must be 'evodiff' or 'dpmsolver', got {final_step!r}")
+        if max_step_ratio is not None and not max_step_ratio > 0:
+            raise ValueError(f"max_step_ratio must be None or a number > 0, got {max_step_ratio!r}")
         if kwargs.get("solver_order", 2) != 2:
             raise ValueError(f"EVODiff is a second-order solver: solver_order must be 2, got {kwargs['solver_order']}")
         if kwargs.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
@@ -190,12 +323,35 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
     __init__.__signature__ = _merged_signature(__init__, DPMSolverMultistepScheduler.__init__)
     __init__ = register_to_config(__init__)
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """:meth:`ConfigMixin.from_config` of :func:`evodiff_config` (``config``): any DDPM-family or flow-matching
+        pipeline's scheduler config; ``kwargs`` override it (e.g. ``final_step="dpmsolver"``)."""
+        if isinstance(config, Mapping):
+            config = evodiff_config(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def flow(self) -> bool:
+        """Flow noise: ``alpha = 1 - sigma`` (``use_flow_sigmas`` or flow prediction)."""
+        return bool(self.config.use_flow_sigmas) or self.config.prediction_type == "flow_prediction"
+
+    @property
+    def flow_match_grid(self) -> bool:
+        """The grid is FlowMatchEulerDiscreteScheduler's (flow prediction without ``use_flow_sigmas``)."""
+        return self.config.prediction_type == "flow_prediction" and not self.config.use_flow_sigmas
+
+    def _sigma_to_alpha_sigma_t(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        if self.flow:
+            return 1 - sigma, sigma
+        return super()._sigma_to_alpha_sigma_t(sigma)
+
     def _reset_state(self) -> None:
         self._history: list[tuple[Tensor, Tensor | None]] = []  # the last two data predictions D, <D, D>
         self._levels: list[float] = []  # their noise levels s
         self._pending: _Pending | None = None
         self._bounds: tuple[float, float, int] | None = None
-        self._grid: list[tuple[float, float]] | None = None  # (alpha, s) per grid index
+        self._grid: list[_Level] | None = None
 
     def set_timesteps(
         self,
@@ -205,32 +361,83 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         timesteps: list[int] | None = None,
         sigmas: list[float] | np.ndarray | Tensor | None = None,
     ) -> None:
-        """As :meth:`DPMSolverMultistepScheduler.set_timesteps`, or with ``sigmas``: the whole decreasing
-        grid of noise levels ``s_0 > ... > s_N >= 0`` in the scheduler's units (VP: sqrt((1 - abar)/abar)),
-        kept in float64; the model is evaluated at all but the last (e.g. the reference's EDM grid, or
-        a grid ending in 0 for a final ``x = D``)."""
+        """The grid of ``num_inference_steps`` steps, as :meth:`DPMSolverMultistepScheduler.set_timesteps`, or:
+
+        * flow-matching grids (flow prediction without ``use_flow_sigmas``, e.g. from a FlowMatchEuler config):
+          exactly :meth:`FlowMatchEulerDiscreteScheduler.set_timesteps` with this config's shift (``flow_shift``),
+          dynamic shifting (``mu``), ``shift_terminal`` and sigma spacing; ``sigmas``: the N levels the model sees,
+          before the shift (FLUX passes ``linspace(1, 1/N, N)``), the final 0 appended; float timesteps
+          ``1000 sigma``. ``use_flow_sigmas=True`` reads ``sigmas`` and ``mu`` (with ``use_dynamic_shifting``) in
+          the same way, with integer timesteps as DPM-Solver's flow mode; without them, DPM-Solver's own flow grid.
+        * VP noise with ``sigmas``: the whole decreasing grid of noise levels ``s_0 > ... > s_N >= 0``
+          (sqrt((1 - abar)/abar), as :class:`~diffusers.EulerDiscreteScheduler` reads ``sigmas``), kept in float64;
+          the model is evaluated at all but the last (e.g. the reference's EDM grid, or a grid ending in 0 for a
+          final ``x = D``).
+
+        ``mu`` is ignored without ``use_dynamic_shifting`` (as FlowMatchEuler does; FLUX passes it always)."""
         self._reset_state()
-        if sigmas is None:
-            super().set_timesteps(num_inference_steps, device=device, mu=mu, timesteps=timesteps)
-            return
-        if num_inference_steps is not None or timesteps is not None:
-            raise ValueError("pass either sigmas or num_inference_steps/timesteps, not both")
-        grid = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-        if len(grid) < 2 or not bool((grid[1:] < grid[:-1]).all()) or grid[-1] < 0:
-            raise ValueError(f"sigmas must be at least 2 strictly decreasing values >= 0, got {grid.tolist()}")
-        if self.config.use_flow_sigmas:
-            times = grid[:-1] * self.config.num_train_timesteps
-        else:
+        mu = mu if self.config.use_dynamic_shifting else None
+        if self.flow_match_grid or (self.flow and (sigmas is not None or mu is not None)):
+            grid, times = self._flow_grid(num_inference_steps, device, mu, timesteps, sigmas)
+        elif sigmas is not None:
+            if num_inference_steps is not None or timesteps is not None:
+                raise ValueError("pass either sigmas or num_inference_steps/timesteps, not both")
+            grid = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if len(grid) < 2 or not bool((grid[1:] < grid[:-1]).all()) or grid[-1] < 0:
+                raise ValueError(f"sigmas must be at least 2 strictly decreasing values >= 0, got {grid.tolist()}")
             abar = self.alphas_cumprod.double()
             log_sigmas = (((1 - abar) / abar).sqrt().log()).numpy()
-            times = torch.from_numpy(self._sigma_to_t(grid[:-1].numpy(), log_sigmas))
+            times = torch.from_numpy(self._sigma_to_t(grid[:-1].numpy(), log_sigmas)).to(device=device)
+        else:
+            super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
+            return
         self.sigmas = grid
-        self.timesteps = times.to(device=device)
+        self.timesteps = times
         self.num_inference_steps = len(times)
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _flow_grid(
+        self,
+        num_inference_steps: int | None,
+        device: str | torch.device | None,
+        mu: float | None,
+        timesteps: list[float] | None,
+        sigmas: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """(sigmas in float64 on the CPU, final level included; timesteps on ``device``) of a flow grid, computed by
+        a FlowMatchEulerDiscreteScheduler with this config's grid options."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        c = self.config
+        if sigmas is not None:
+            levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+            if len(levels) < 1 or not bool((levels[1:] < levels[:-1]).all() and levels[-1] > 0 and levels[0] <= 1):
+                raise ValueError(
+                    "flow sigmas are the N strictly decreasing levels in (0, 1] the model is evaluated at, before the "
+                    f"shift (the final 0 is appended), got {levels.tolist()}"
+                )
+        options = {key: c[key] for key in FLOW_MATCH_KEYS}
+        if not self.flow_match_grid:  # use_flow_sigmas=True: DPM-Solver's levels and spacing keys mean VP levels
+            options |= {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+            if sigmas is None and timesteps is None:  # DPM-Solver's flow levels before the shift
+                levels = np.linspace(1 - 1 / c.num_train_timesteps, 0, num_inference_steps + 1)
+                sigmas, num_inference_steps = levels[:-1], None
+        delegate = FlowMatchEulerDiscreteScheduler(shift=c.flow_shift, **options)
+        delegate.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        grid = delegate.sigmas.double().cpu()
+        if not self.flow_match_grid:  # as DPM-Solver and UniPC in flow mode: integer timesteps, final level
+            if c.final_sigmas_type == "sigma_min":
+                grid[-1] = grid[-2]
+            return grid, delegate.timesteps.to(torch.int64)
+        return grid, delegate.timesteps
+
+    def scale_noise(self, sample: Tensor, timestep: Tensor, noise: Tensor) -> Tensor:
+        """The noisy sample at ``timestep`` for img2img flow pipelines (FlowMatchEuler's ``scale_noise``,
+        ``(1 - sigma) sample + sigma noise``; VP: ``alpha sample + sigma noise``): :meth:`add_noise`."""
+        return self.add_noise(sample, noise, timestep)
 
     def _advise_final_step(self, s_t: float, s_prev: float, r: float) -> None:
         """Warn where the other ``final_step`` was measured more accurate for this grid's last step (from ``s_prev``
@@ -254,29 +461,27 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
 
     # --- the update: EDM units (noise level s = sigma / alpha), folded into the sample's coordinates -----
 
-    def _alpha_s(self, index: int) -> tuple[float, float]:
-        """alpha and the EDM noise level s = sigma / alpha at grid ``index`` (s = 0 at the end of a zero grid);
-        the whole grid is converted once, in float64."""
+    def _level(self, index: int) -> _Level:
+        """The grid's level ``index``; the whole grid is converted once, in float64."""
         if self._grid is None:
-            sigmas = torch.as_tensor(self.sigmas, dtype=torch.float64).cpu()
+            sigmas, inf = torch.as_tensor(self.sigmas, dtype=torch.float64).cpu(), math.inf
             alphas, sigma_ts = self._sigma_to_alpha_sigma_t(sigmas)
             self._grid = [
-                (1.0, 0.0) if sigma == 0.0 else (alpha, sigma_t / alpha)
+                _Level(1.0, 0.0, 0.0) if sigma == 0.0 else _Level(alpha, sigma_t, sigma_t / alpha if alpha else inf)
                 for sigma, alpha, sigma_t in zip(sigmas.tolist(), alphas.tolist(), sigma_ts.tolist(), strict=True)
-            ]
+            ]  # fmt: skip
         return self._grid[index]
 
-    def _grid_bounds(self) -> tuple[float, float, int]:
-        """(largest, smallest positive) noise level in EDM units and the number of steps between them."""
-        if self._bounds is None:
-            levels = (self._alpha_s(i)[1] for i in range(len(self.sigmas)))
-            positive = sorted({s for s in levels if s > 0}, reverse=True)  # a repeated last level counts once
-            self._bounds = positive[0], positive[-1], len(positive) - 1
-        return self._bounds
+    def _grid_bounds(self, start: int) -> tuple[float, float, int]:
+        """(largest, smallest positive) noise level in EDM units from grid index ``start`` on (where sampling
+        starts: 0, or an img2img pipeline's begin index) and the number of steps between them."""
+        levels = (self._level(i).s for i in range(start, len(self.sigmas)))
+        positive = sorted({s for s in levels if s > 0}, reverse=True)  # a repeated last level counts once
+        return positive[0], positive[-1], len(positive) - 1
 
     def _weight(self, s_t: float) -> float:
-        """w = (1 - t~^2) / 2 with t~ = (s_t + s_min) / (s_max + s_min)."""
-        s_max, s_min, _ = self._grid_bounds()
+        """w = (1 - t~^2) / 2 with t~ = (s_t + s_min) / (s_max + s_min) (0 where s_max is infinite)."""
+        s_max, s_min, _ = self._bounds
         position = (s_t + s_min) / (s_max + s_min)
         return 0.5 * (1.0 - position * position)
 
@@ -287,27 +492,32 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             return 1.0
         return clipped_ratio(cross, d_old_norm).mul_(w).add_((1 - w) * base)
 
-    def _predict(
-        self, x: Tensor, now: tuple[float, float], nxt: tuple[float, float], final: bool, cross: Tensor | None
-    ) -> Tensor:
+    def _predict(self, x: Tensor, now: _Level, nxt: _Level, final: bool, cross: Tensor | None) -> Tensor:
         """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs;
         ``cross`` = <D_0, D_1>."""
-        (alpha_s, s_prev), (alpha_t, s_t) = now, nxt
+        s_prev, alpha_t, s_t = now.s, nxt.alpha, nxt.s
         d0, d0_norm = self._history[-1]
         rho, h = s_t / s_prev, 1.0 / s_t - 1.0 / s_prev
-        # x^E = alpha_t (rho x / alpha_s + s_t h D_0): DDIM in the sample's coordinates
-        x_euler = torch.add(x * (alpha_t * rho / alpha_s), d0, alpha=alpha_t * s_t * h)
+        # x^E = (sigma_t / sigma_0) x + alpha_t s_t h D_0: DDIM in the sample's coordinates (from alpha_0 = 0 too)
+        x_euler = torch.add(x * (nxt.sigma / now.sigma), d0, alpha=alpha_t * s_t * h)
         if len(self._history) < 2:  # the first step: DDIM (DPM-Solver++(1))
             return x_euler
         (d1_prev, d1_prev_norm), s_prev2 = self._history[-2], self._levels[-2]
         step = alpha_t * 0.5 * s_t * h
-        r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)
+        r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)  # infinite after a level with alpha = 0
         if final:
             self._advise_final_step(s_t, s_prev, r)
         if final and self.config.final_step == "evodiff":
             c = 1 - 0.5 * math.sqrt(rho) if rho < 0.5 else 1 - 0.5 * math.sqrt(rho - 0.5)
             shrunk = x_euler * (1 - math.sqrt(s_t * s_prev))
             return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
+        if self.config.max_step_ratio is not None and r > self.config.max_step_ratio:  # DPM-Solver++(2M)'s step
+            return torch.add(x_euler, d0 - d1_prev, alpha=step / r)
+        if math.isinf(r):
+            raise ValueError(
+                "the reference's second-order step after a level with alpha = 0 (sigma = 1 on a flow grid) is "
+                "infinite; max_step_ratio (default 2.0) takes DPM-Solver++'s step there, which is DDIM"
+            )
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
         b1 = self._balance(cross, d1_prev_norm, w, base)
         d1 = minus_scaled(d0, d1_prev, b1)
@@ -344,7 +554,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         )  # <(1-a) d1 - b d2, d1>
         along = along.mul_(0.5 * p.s_t * p.h / p.r_tilde)
         zeta_star = clipped_ratio(along, p.d1_norm).div_(p.h * p.s_t)
-        if self._grid_bounds()[2] > MANY_STEPS:
+        if self._bounds[2] > MANY_STEPS:
             ratio, g = p.s_t / p.s_prev, p.d_prev - p.d_prev2  # the slope (D_0 - D_1) / h
             slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, inner(g, g, per_channel))
             consistency = torch.sigmoid(slope_coef * (2 - ratio**2))
@@ -374,7 +584,9 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         dtype = torch.promote_types(sample.dtype, torch.float32)
         x = sample.to(dtype)
         data = self.convert_model_output(model_output.to(dtype), sample=x)
-        now, nxt = self._alpha_s(k), self._alpha_s(k + 1)
+        if not self._history:  # the first step of this run
+            self._bounds = self._grid_bounds(k)
+        now, nxt = self._level(k), self._level(k + 1)
         balance = self.config.balance and self._history
         cross = inner(data, self._history[-1][0], self.config.per_channel) if balance else None  # <D_t, D_0>
         if self._pending is not None:
@@ -382,13 +594,13 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             self._pending = None
         norm = inner(data, data, self.config.per_channel) if self.config.balance else None
         self._history = [*self._history[-1:], (data, norm)]
-        self._levels = [*self._levels[-1:], now[1]]
-        if nxt[1] == 0.0:
+        self._levels = [*self._levels[-1:], now.s]
+        if nxt.s == 0.0:
             prev = data
-        elif nxt[1] == now[1]:  # a repeated level (e.g. Karras sigmas with final_sigmas_type="sigma_min"): no step
+        elif nxt.s == now.s:  # a repeated level (e.g. Karras sigmas with final_sigmas_type="sigma_min"): no step
             prev = x
         else:
-            last_positive = nxt[1] == self._grid_bounds()[1]
+            last_positive = nxt.s == self._bounds[1]
             prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final, cross)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
