@@ -98,3 +98,48 @@ def test_env_state_is_none_for_non_mujoco_envs():
     env = make_env("Pendulum-v1")
     env.reset(seed=0)
     assert get_env_state(env) is None
+
+
+def test_dm_control_task_is_a_flat_seeded_gymnasium_env():
+    """A DeepMind Control task through shimmy (extra entreg[dmc]): flat float observations, seeded resets that repeat
+    exactly, a 1000-step episode ended by truncation, never by termination."""
+    pytest.importorskip("shimmy")
+    pytest.importorskip("dm_control")
+    env = make_env("dm_control/cheetah-run-v0", seed=0)
+    observations, actions = env_spaces("dm_control/cheetah-run-v0")
+    assert observations.shape == (17,) and actions.shape == (6,)
+
+    def episode(seed: int, steps: int) -> list[np.ndarray]:
+        obs, _ = env.reset(seed=seed)
+        rng = np.random.default_rng(0)
+        trace = [obs]
+        for _ in range(steps):
+            obs, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 6))
+            trace += [obs, np.array([reward, terminated, truncated], dtype=float)]
+        return trace
+
+    first, again, other = episode(3, 20), episode(3, 20), episode(4, 20)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])
+    assert first[0].shape == (17,) and np.isfinite(np.concatenate(first)).all()
+    env.reset(seed=0)
+    for t in range(1, 1001):
+        _, _, terminated, truncated, info = env.step(np.zeros(6))
+        assert not terminated and truncated == (t == 1000)
+    assert info["episode"]["l"] == 1000
+    env.close()
+
+
+def test_dm_control_ids_say_how_to_install_them(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_shimmy(name, *args, **kwargs):
+        if name == "shimmy":
+            raise ImportError("no shimmy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_shimmy)
+    with pytest.raises(ImportError, match=r"entreg\[dmc\]"):
+        make_env("dm_control/cheetah-run-v0")

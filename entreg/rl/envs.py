@@ -1,11 +1,15 @@
 """Gymnasium environments for entreg's agents: construction, seeded deterministic evaluation, exact env state.
 
 gymnasium and MuJoCo are an optional extra (``pip install "entreg[rl]"``); they are imported on first use, so
-``import entreg`` works without them.
+``import entreg`` works without them. DeepMind Control tasks (``dm_control/<domain>-<task>-v0``, e.g.
+``dm_control/cheetah-run-v0``) come through shimmy with the extra ``entreg[dmc]``: their observation dict is flattened
+into one vector (its entries in the order of the observation space); their episodes end only by the time limit
+(truncated, never terminated).
 
 * :func:`make_env` / :func:`make_vector_env`: ``gymnasium.make`` wrapped in ``RecordEpisodeStatistics``, with a
   clear error for unknown ids; a ``SyncVectorEnv`` whose env ``i`` is seeded ``seed + i``.
-* :func:`evaluate`: deterministic episodes with fixed seeds, so two evaluations of one policy are identical.
+* :func:`evaluate`: deterministic episodes with fixed seeds, so two evaluations of one policy are identical;
+  :class:`Evaluation`: the record both agents' ``evaluate()`` return (env step, seed, the episodes' returns).
 * :func:`get_env_state` / :func:`set_env_state`: the exact state of a MuJoCo env (simulator integration state,
   the env's RNG, time-limit and episode-statistics counters), so a resumed run continues the same episode.
 
@@ -22,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -31,7 +37,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DM_CONTROL_PREFIX",
     "MUJOCO_IDS",
+    "Evaluation",
     "env_spaces",
     "evaluate",
     "get_env_state",
@@ -42,6 +50,41 @@ __all__ = [
 ]
 
 MUJOCO_IDS = ("InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
+DM_CONTROL_PREFIX = "dm_control/"  # shimmy's DeepMind Control ids, e.g. dm_control/cheetah-run-v0
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The returns of deterministic evaluation episodes seeded ``seed, seed + 1, ...`` after ``step`` env steps of
+    training: what ``SACModule.evaluate()`` and ``PPOModule.evaluate()`` return (logged as ``eval/return``, the mean).
+    It reads as the sequence of returns (``len``, iteration, ``np.mean(record)``).
+
+    Example:
+        >>> record = Evaluation(step=2000, seed=10_000, returns=(10.0, 14.0))
+        >>> record.mean_return, float(np.mean(record)), record.as_dict()["returns"]
+        (12.0, 12.0, [10.0, 14.0])
+    """
+
+    step: int
+    seed: int
+    returns: tuple[float, ...]
+
+    @property
+    def mean_return(self) -> float:
+        return math.fsum(self.returns) / len(self.returns)
+
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        """A JSON-ready dict: step, seed, mean (the mean return), returns."""
+        return {"step": self.step, "seed": self.seed, "mean": self.mean_return, "returns": list(self.returns)}
+
+    def __len__(self) -> int:
+        return len(self.returns)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.returns)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return np.asarray(self.returns, dtype=dtype)
 
 
 def require_gymnasium() -> ModuleType:
@@ -62,18 +105,34 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> Any:
     as gymnasium intends. Unknown ids raise a ValueError that lists the MuJoCo ids entreg's configs use.
     """
     gym = require_gymnasium()
+    if env_id.startswith(DM_CONTROL_PREFIX):
+        _register_dm_control(gym)
     try:
         env = gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as err:
         raise ImportError(f'{env_id} needs a missing dependency ({err}): pip install "entreg[rl]"') from err
     except gym.error.Error as err:
         raise ValueError(
-            f"unknown gymnasium env id {env_id!r} ({err}); MuJoCo ids include {', '.join(MUJOCO_IDS)}"
+            f"unknown gymnasium env id {env_id!r} ({err}); MuJoCo ids include {', '.join(MUJOCO_IDS)}; DeepMind "
+            f"Control ids look like {DM_CONTROL_PREFIX}cheetah-run-v0"
         ) from err
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(env)
     env = gym.wrappers.RecordEpisodeStatistics(env)
     if seed is not None:
         env.action_space.seed(seed)
     return env
+
+
+def _register_dm_control(gym: ModuleType) -> None:
+    """Register shimmy's ``dm_control/...`` ids with gymnasium, or say how to install them."""
+    try:
+        import shimmy
+    except ImportError as err:
+        raise ImportError(
+            'DeepMind Control envs need dm_control and shimmy: pip install "entreg[dmc]" (or "shimmy[dm-control]>=2.0")'
+        ) from err
+    gym.register_envs(shimmy)
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, **kwargs: Any) -> Any:
