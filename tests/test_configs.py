@@ -55,7 +55,7 @@ def takes_backbone(target: str) -> bool:
 
 
 def test_every_config_file_is_covered_here():
-    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward", "monitor", "t2i")
+    groups = (*GROUPS, "experiment", *ADAPT_GROUPS, "sampler", "grpo", "reward", "monitor", "t2i", "env")
     covered = {f"{group}/{name}" for group in groups for name in options(group)}
     covered |= {
         "train",
@@ -155,33 +155,25 @@ TINY = {  # per module: one batch of each stage, or a few env steps whose last e
     "SACModule": ["model.total_steps=24", "model.steps_per_epoch=12", "model.eval_every=12", "model.learning_starts=8",
                   "model.batch_size=8", "model.hidden=[8,8]", "model.eval_episodes=1",
                   "+model.env_kwargs.max_episode_steps=20"],
-    "PPOModule": ["model.n_steps=16", "model.total_timesteps=32", "model.rollouts_per_epoch=2", "model.eval_every=2",
+    "PPOModule": ["model.n_steps=16", "model.total_steps=64", "model.steps_per_epoch=32", "model.eval_every=32",
                   "model.batch_size=16", "model.n_epochs=1", "model.hidden=[8,8]", "model.eval_episodes=1",
                   "+model.env_kwargs.max_episode_steps=50"],
 }  # fmt: skip
 TINY_DATA = {"digits_diffusion": ["data.size=8"]}
 
 
-# per RL agent: the logged entropy of its Gaussian policy and the setting that counts its env steps
-RL_RUNS = {
-    "SACModule": ("train/gaussian_entropy", "total_steps"),
-    "PPOModule": ("train/policy_entropy", "total_timesteps"),
-}
-
-
 def check_rl_run(experiment: str, cfg, metrics: dict[str, float]) -> None:
     """An RL experiment has no data and no test; it uses ERA exactly when its name ends with ``_era``, and then the
-    policy's Gaussian entropy is ERA's target (per action dimension times the action dimensions); it ran all its
+    policy's Gaussian entropy (``policy/gaussian_entropy``, logged by SAC and PPO alike) is ERA's target (per action dimension times the action dimensions); it ran all its
     env steps and evaluated."""
     from entreg.rl.envs import env_spaces
 
-    entropy, steps = RL_RUNS[cfg.model._target_.rsplit(".", 1)[-1]]
     assert cfg.data is None and cfg.test is False
     assert (cfg.model.era_entropy_per_dim is not None) == experiment.endswith("_era")
-    assert math.isfinite(metrics["eval/return"]) and metrics["step"] == cfg.model[steps]
+    assert math.isfinite(metrics["eval/return"]) and metrics["step"] == cfg.model.total_steps
     if cfg.model.era_entropy_per_dim is not None:
         _, action_space = env_spaces(cfg.model.env_id)
-        assert metrics[entropy] == pytest.approx(cfg.model.era_entropy_per_dim * action_space.shape[0], abs=1e-4)
+        assert metrics["policy/gaussian_entropy"] == pytest.approx(cfg.model.era_entropy_per_dim * action_space.shape[0], abs=1e-4)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

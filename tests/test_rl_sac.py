@@ -450,6 +450,27 @@ def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
     assert float(trainer.callback_metrics["eval/return"]) >= 900
 
 
+@pytest.mark.parametrize("model", ["sac_authors", "sac_era_authors"])
+def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_train, tmp_path):
+    """ERA's released agent (its config: orthogonal init, LayerNorm critics with AdamW, 2 updates per step, the
+    truncated Gaussian; with and without ERA) scaled down as the test above: 64-64 networks, lr 3e-3, tau 0.05, 500
+    random steps instead of 5000; with seeds 0-1 both balance (1000) by 2000 steps."""
+    from hydra.utils import instantiate
+
+    cfg = compose_train(f"model={model}", "~backbone", "model.env_id=InvertedPendulum-v5").model
+    module = instantiate(
+        cfg, total_steps=2500, hidden=[64, 64], batch_size=64, tau=0.05, initial_alpha=0.1, learning_starts=500,
+        optimizer=lambda params: torch.optim.Adam(params, lr=3e-3, foreach=True), eval_every=0, eval_episodes=5,
+        critic_optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-4, foreach=True), seed=0,
+        _convert_="all",
+    )  # fmt: skip
+    assert module.hparams.gradient_steps == 2 and module.sac.critic.norms is not None
+    trainer = make_trainer(tmp_path)
+    trainer.fit(module)
+    assert module.updates == 2 * (2500 - 500)
+    assert float(trainer.callback_metrics["eval/return"]) >= 900
+
+
 # ----------------------------------------------------------------------------------------------- configs and CLI
 def test_entreg_train_cli_writes_tensorboard_scalars_at_env_steps(tmp_path):
     import subprocess

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,11 +15,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from entreg.distributions import gaussian_log_prob
+from entreg.distributions import HALF_LOG_2PI_E, gaussian_log_prob
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss, masked_mean, value_loss
-from entreg.rl.envs import env_spaces, make_vector_env
+from entreg.rl.envs import Evaluation, env_spaces, make_vector_env
 from entreg.rl.envs import evaluate as run_episodes
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
@@ -61,16 +62,25 @@ class PPOModule(L.LightningModule):
     the std head is plain PPO's; the target is constant (the paper's compensation delta, constant or learned, is
     not implemented); the Gaussian is not truncated (as SB3's PPO, the sample is clipped to the bounds only when
     stepping, so the entropy floor holds for the distribution PPO trains on); with one action dimension (e.g.
-    InvertedPendulum) ERA is a constant std, exp(target - 0.5 ln(2 pi e)).
+    InvertedPendulum) ERA is a constant std, exp(target - 0.5 ln(2 pi e)). The paper's compensation delta is not
+    offered: this Gaussian is not bounded (it is clipped only at the env), so there is no bounding bias to compensate.
+
+    Control arm for ERA's initial noise (``init_entropy_per_dim``; ``model=ppo_matched_std``): a softmax-initialised
+    ERA head starts with every log-std at ``era_entropy_per_dim - 0.5 ln(2 pi e)`` (std 0.40 at 0.5 nats), plain PPO at
+    ``log_std_init`` (std 1); ``init_entropy_per_dim`` sets plain PPO's state-independent log-std to the same start,
+    so the two differ only in the entropy floor.
 
     Steps with a non-finite observation or reward are masked out of the update with a warning (see
     :class:`entreg.rl.ppo.RolloutCollector`), and an update whose gradient is not finite is skipped, so weights
     stay finite. Logged every rollout (TensorBoard x-axis: env steps over all ranks): ``rollout/episode_return``
     and ``rollout/episode_length`` (episodes that ended in the rollout, all ranks), ``train/policy_entropy``,
     ``train/approx_kl``, ``train/clip_fraction``, ``train/policy_loss``, ``train/value_loss``, ``train/std``,
-    ``train/explained_variance``, ``train/masked_steps``, ``perf/steps_per_s``, ``perf/updates_per_s``; every
-    ``eval_every`` rollouts and at the end, ``eval/return``: deterministic actions (the mean), episodes seeded
-    ``eval_seed, eval_seed + 1, ...``. Under DDP the episode and NaN counts and the evaluation cover all ranks,
+    ``train/explained_variance``, ``train/masked_steps``, ``perf/steps_per_s``, ``perf/updates_per_s``, and the
+    policy tags that SACModule logs too: ``policy/std`` (mean std over the rollout's states and dimensions),
+    ``policy/entropy`` and ``policy/gaussian_entropy`` (both the Gaussian's: PPO acts with it); after the rollout
+    that reaches each multiple of ``eval_every`` env steps and at the end, ``eval/return``: deterministic actions
+    (the mean), episodes seeded ``eval_seed, eval_seed + 1, ...``, recorded as ``last_evaluation``
+    (:class:`entreg.rl.envs.Evaluation`). Under DDP the episode and NaN counts and the evaluation cover all ranks,
     the other ``train/`` and ``perf/`` values are rank 0's.
 
     DDP: every rank steps its own ``num_envs`` envs (seeds ``seed + rank * num_envs + i``), gradients are averaged
@@ -94,16 +104,21 @@ class PPOModule(L.LightningModule):
         normalize_advantage: per-minibatch advantage normalisation.
         normalize_obs, normalize_reward, clip_obs, clip_reward: ``VecNormalize``-style normalisation.
         hidden, activation, log_std_init, ortho_init: the networks (:class:`entreg.rl.ppo.GaussianActorCritic`).
+        init_entropy_per_dim: plain PPO only: start the log-std at ``init_entropy_per_dim - 0.5 ln(2 pi e)`` instead
+            of ``log_std_init`` (the policy's initial entropy in nats per action dimension: ERA's control arm).
         era_entropy_per_dim, era_log_std_min, era_log_std_max: PPO+ERA (None: plain PPO).
         optimizer: factory ``params -> Optimizer``; default Adam(lr=3e-4, eps=1e-5).
-        total_timesteps: stop after this many env steps over all ranks (None: the trainer's limits decide).
-        rollouts_per_epoch: rollouts per Lightning epoch (checkpoints are written at epoch ends).
-        eval_every, eval_episodes, eval_seed: evaluation period in rollouts (0: only at the end of
-            ``total_timesteps``), episodes and their first seed.
+        total_steps: stop after this many env steps over all ranks (None: the trainer's limits decide).
+        steps_per_epoch: env steps per Lightning epoch (checkpoints are written at epoch ends), rounded up to whole
+            rollouts (None: one rollout).
+        eval_every, eval_episodes, eval_seed: evaluation period in env steps (0: only at the end of
+            ``total_steps``), episodes and their first seed.
         seed: seed of the initial weights, the envs and the action noise (a run is reproducible from it).
+        total_timesteps, rollouts_per_epoch: deprecated names of ``total_steps`` and (in rollouts) of
+            ``steps_per_epoch``, as SACModule counts (None: unused).
 
     Example:
-        >>> module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=2, eval_every=2)
+        >>> module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=2, eval_every=128)
         >>> trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                     enable_model_summary=False)
         >>> trainer.fit(module)
@@ -135,21 +150,34 @@ class PPOModule(L.LightningModule):
         hidden: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
         log_std_init: float = 0.0,
+        init_entropy_per_dim: float | None = None,
         ortho_init: bool = True,
         era_entropy_per_dim: float | None = None,
         era_log_std_min: float = -8.0,
         era_log_std_max: float = 0.0,
         optimizer: OptimizerFactory | None = None,
-        total_timesteps: int | None = None,
-        rollouts_per_epoch: int = 1,
-        eval_every: int = 10,
+        total_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        eval_every: int = 20480,
         eval_episodes: int = 5,
         eval_seed: int = 10_000,
         seed: int = 0,
+        total_timesteps: int | None = None,
+        rollouts_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
+        if total_timesteps is not None:  # the old name, given explicitly, wins over the new name's default
+            warnings.warn("PPOModule: total_timesteps is deprecated, use total_steps", DeprecationWarning, stacklevel=2)
+            total_steps = total_timesteps
         _check_positive(num_envs=num_envs, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
-        _check_positive(rollouts_per_epoch=rollouts_per_epoch, eval_episodes=eval_episodes, clip_range=clip_range)
+        _check_positive(eval_episodes=eval_episodes, clip_range=clip_range)
+        for name, value in {"steps_per_epoch": steps_per_epoch, "rollouts_per_epoch": rollouts_per_epoch}.items():
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if init_entropy_per_dim is not None:
+            if era_entropy_per_dim is not None:
+                raise ValueError("init_entropy_per_dim sets plain PPO's initial std: ERA sets its own (era_*)")
+            log_std_init = init_entropy_per_dim - HALF_LOG_2PI_E
         if batch_size > n_steps * num_envs:
             raise ValueError(f"batch_size ({batch_size}) must be <= n_steps * num_envs ({n_steps * num_envs})")
         if not (0.0 <= gamma <= 1.0 and 0.0 <= gae_lambda <= 1.0):
@@ -163,13 +191,14 @@ class PPOModule(L.LightningModule):
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
         if ent_coef < 0 or vf_coef < 0 or eval_every < 0:
             raise ValueError(f"ent_coef, vf_coef and eval_every must be >= 0, got {ent_coef}, {vf_coef}, {eval_every}")
-        if total_timesteps is not None and total_timesteps < 1:
-            raise ValueError(f"total_timesteps must be >= 1 or None, got {total_timesteps}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps}")
         if era_entropy_per_dim is not None and ent_coef != 0:
             raise ValueError(
                 f"ERA fixes the policy entropy, so the entropy bonus must be off: ent_coef=0, got {ent_coef}"
             )
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "total_timesteps"])
+        self.hparams.total_steps = total_steps
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         obs_space, action_space = env_spaces(env_id, **(env_kwargs or {}))
@@ -189,14 +218,15 @@ class PPOModule(L.LightningModule):
         self.updates = 0  # optimizer steps
         self.skipped_updates = 0
         self.eval_seconds = 0.0  # wall time spent in evaluations
+        self.last_evaluation: Evaluation | None = None  # the latest evaluation (for entreg.callbacks.LearningCurve)
         self.collector: RolloutCollector | None = None
         self.generator = torch.Generator()
         self._resume: dict[str, Any] | None = None
 
     @property
     def training_progress(self) -> tuple[int, int | None, str]:
-        """(env steps done over all ranks, of ``total_timesteps``, "env steps"): what entreg's progress bar shows."""
-        return self.env_steps, self.hparams.total_timesteps, "env steps"
+        """(env steps done over all ranks, of ``total_steps``, "env steps"): what entreg's progress bar shows."""
+        return self.env_steps, self.hparams.total_steps, "env steps"
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -234,7 +264,17 @@ class PPOModule(L.LightningModule):
             self.collector = None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Rollouts(self.hparams.rollouts_per_epoch), batch_size=None)
+        return DataLoader(_Rollouts(self.rollouts_per_epoch()), batch_size=None)
+
+    def rollouts_per_epoch(self) -> int:
+        """Rollouts per Lightning epoch: the fewest whole rollouts (over all ranks) that cover ``steps_per_epoch``."""
+        h = self.hparams
+        if h.rollouts_per_epoch is not None:
+            return h.rollouts_per_epoch
+        if h.steps_per_epoch is None:
+            return 1
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return math.ceil(h.steps_per_epoch / (h.n_steps * h.num_envs * world))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, eps=1e-5, foreach=True)
@@ -263,10 +303,12 @@ class PPOModule(L.LightningModule):
             "perf/updates_per_s": stats["train/updates"] / max(now - update_start, 1e-9),
         }
         metrics |= self._episode_metrics(rollout)
-        done = h.total_timesteps is not None and self.env_steps >= h.total_timesteps
-        if done or (h.eval_every and self.rollouts % h.eval_every == 0):
+        done = h.total_steps is not None and self.env_steps >= h.total_steps
+        crossed = h.eval_every and self.env_steps // h.eval_every > (self.env_steps - steps) // h.eval_every
+        if done or crossed:
             eval_start = time.perf_counter()
-            metrics["eval/return"] = self.evaluate()
+            self.last_evaluation = self.evaluate()
+            metrics["eval/return"] = self.last_evaluation.mean_return
             self.eval_seconds += time.perf_counter() - eval_start
         self.log("step", float(self.env_steps), on_step=True, on_epoch=False)
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -378,9 +420,14 @@ class PPOModule(L.LightningModule):
         residual = masked_mean((returns - values - masked_mean(returns - values, valid)).square(), valid)
         spread = masked_mean((returns - masked_mean(returns, valid)).square(), valid)
         stats = {f"train/{k}": v / max(updates, 1) for k, v in sums.items()}
+        entropy = float(masked_mean(self.policy.entropy(log_std), valid))
+        std = float(masked_mean(log_std.exp().mean(-1), valid))
         stats |= {
-            "train/policy_entropy": float(masked_mean(self.policy.entropy(log_std), valid)),
-            "train/std": float(masked_mean(log_std.exp().mean(-1), valid)),
+            "train/policy_entropy": entropy,
+            "train/std": std,
+            "policy/std": std,
+            "policy/entropy": entropy,
+            "policy/gaussian_entropy": entropy,
             "train/explained_variance": float(1 - residual / spread) if spread > 0 else float("nan"),
             "train/updates": float(updates),
             "train/skipped_updates": float(self.skipped_updates),
@@ -414,20 +461,25 @@ class PPOModule(L.LightningModule):
             return mean
         return mean + log_std.exp() * torch.randn(mean.shape, generator=self.generator).to(mean)
 
-    def evaluate(self) -> float:
-        """Mean return of ``eval_episodes`` deterministic episodes seeded ``eval_seed + k``, split over ranks
-        (:func:`entreg.rl.envs.evaluate`)."""
+    def evaluate(self, episodes: int | None = None, seed: int | None = None) -> Evaluation:
+        """Deterministic episodes seeded ``eval_seed + k`` (defaults from the hyperparameters), split over ranks
+        (:func:`entreg.rl.envs.evaluate`), as an :class:`entreg.rl.envs.Evaluation` at the current env step (every
+        rank gets all the returns)."""
         h = self.hparams
+        episodes, seed = episodes or h.eval_episodes, h.eval_seed if seed is None else seed
         world = self.trainer.world_size if self._trainer is not None else 1
-        per_rank = math.ceil(h.eval_episodes / world)
-        mine = range(self.global_rank * per_rank, min((self.global_rank + 1) * per_rank, h.eval_episodes))
+        per_rank = math.ceil(episodes / world)
+        mine = range(self.global_rank * per_rank, min((self.global_rank + 1) * per_rank, episodes))
         was_training = self.policy.training
         self.policy.eval()
-        returns = [run_episodes(self.act, h.env_id, 1, h.eval_seed + k, **(h.env_kwargs or {}))[0] for k in mine]
+        returns = [run_episodes(self.act, h.env_id, 1, seed + k, **(h.env_kwargs or {}))[0] for k in mine]
         self.policy.train(was_training)
-        local = torch.tensor([sum(returns), len(returns)], dtype=torch.float64)
-        total = self._gather(local.to(self.device)).sum(0).cpu() if world > 1 else local
-        return float(total[0] / total[1])
+        if world > 1:  # every rank's returns in episode order (NaN pads the ranks with fewer episodes)
+            local = torch.full((per_rank,), math.nan, dtype=torch.float64)
+            local[: len(returns)] = torch.tensor(returns, dtype=torch.float64)
+            gathered = self._gather(local.to(self.device)).cpu().flatten()
+            returns = [float(r) for r in gathered if not math.isnan(r)]
+        return Evaluation(self.env_steps, seed, tuple(returns))
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -17,11 +17,14 @@ from entreg.loggers import log_metrics
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.buffer import ReplayBuffer
-from entreg.rl.envs import evaluate, get_env_state, make_env, set_env_state
+from entreg.rl.envs import Evaluation, evaluate, get_env_state, make_env, set_env_state
 from entreg.rl.policies import Squash
 from entreg.rl.sac import SAC
 
 __all__ = ["SACModule"]
+
+# the tags both RL agents log for their policy, from SAC's update statistics
+POLICY_TAGS = {"policy/std": "std", "policy/entropy": "policy_entropy", "policy/gaussian_entropy": "gaussian_entropy"}
 
 
 class SACModule(L.LightningModule):
@@ -53,11 +56,15 @@ class SACModule(L.LightningModule):
     ``log_every_n_steps``): ``rollout/episode_return`` and ``rollout/episode_length`` at each episode end;
     every ``log_every`` env steps the means since the last log of ``train/critic_loss``, ``train/actor_loss``,
     ``train/q``, ``train/policy_entropy`` (-log pi of the sampled actions: the entropy the temperature
-    controls), ``train/gaussian_entropy`` (before squashing: ERA's constrained quantity), ``train/alpha``,
-    ``train/target_entropy``, ``train/skipped_transitions``, ``perf/updates_per_s`` and ``perf/steps_per_s``
-    (training wall time, evaluation excluded); ``eval/return`` every ``eval_every`` env steps and at the end:
-    the mean return of ``eval_episodes`` deterministic episodes (the action tanh(mean)) seeded
-    ``eval_seed, eval_seed + 1, ...``. The latest values are also in ``trainer.callback_metrics``.
+    controls), ``train/gaussian_entropy`` (before squashing: ERA's constrained quantity), ``train/std``,
+    ``train/alpha``, ``train/target_entropy``, ``train/era_delta`` (ERA), ``train/skipped_transitions``,
+    ``perf/updates_per_s`` and ``perf/steps_per_s`` (training wall time, evaluation excluded), and the policy tags
+    that PPOModule logs too: ``policy/std`` (the Gaussian's mean std over the minibatches' states and dimensions),
+    ``policy/entropy`` (= ``train/policy_entropy``, the acting policy's) and ``policy/gaussian_entropy``;
+    ``eval/return`` every ``eval_every`` env steps and at the end: the mean return of ``eval_episodes``
+    deterministic episodes (the action tanh(mean)) seeded ``eval_seed, eval_seed + 1, ...``, whose record
+    (:class:`entreg.rl.envs.Evaluation`) is ``last_evaluation`` (:class:`entreg.callbacks.LearningCurve` collects
+    them). The latest values are also in ``trainer.callback_metrics``.
 
     Checkpoints hold the weights (actor, critics, target critics, log alpha), the optimizers, the counters, the
     noise generator, the replay buffer (``save_buffer``) and, for MuJoCo envs, the env's exact simulator state,
@@ -212,6 +219,7 @@ class SACModule(L.LightningModule):
         self.episodes = 0
         self.skipped_transitions = 0
         self.eval_seconds = 0.0  # wall time spent in the periodic evaluations
+        self.last_evaluation: Evaluation | None = None  # the latest evaluation (for entreg.callbacks.LearningCurve)
         self.env: Any = None
         self.buffer: ReplayBuffer | None = None
         self.generator: torch.Generator | None = None
@@ -314,7 +322,8 @@ class SACModule(L.LightningModule):
             metrics |= self._window_metrics()
         if done or (h.eval_every and self.env_steps % h.eval_every == 0):
             eval_start = time.perf_counter()
-            metrics["eval/return"] = float(np.mean(self.evaluate()))
+            self.last_evaluation = self.evaluate()
+            metrics["eval/return"] = self.last_evaluation.mean_return
             self.eval_seconds += time.perf_counter() - eval_start
         if metrics:
             self._emit(metrics)
@@ -347,6 +356,7 @@ class SACModule(L.LightningModule):
         if w["stats"]:
             means = torch.stack([torch.stack(list(s.values())) for s in w["stats"]]).mean(0).tolist()
             metrics |= {f"train/{k}": v for k, v in zip(w["stats"][0], means, strict=True)}
+            metrics |= {tag: metrics[f"train/{key}"] for tag, key in POLICY_TAGS.items()}
             metrics["perf/updates_per_s"] = w["updates"] / max(w["time"], 1e-9)
         self._new_window()
         return metrics
@@ -367,9 +377,11 @@ class SACModule(L.LightningModule):
         scaled = self.action_low + (a.astype(np.float64) + 1.0) * 0.5 * (self.action_high - self.action_low)
         return scaled.reshape((*np.shape(obs)[:-1], self.action_dim))
 
-    def evaluate(self, episodes: int | None = None, seed: int | None = None) -> list[float]:
-        """Returns of deterministic episodes seeded ``eval_seed + k`` (defaults from the hyperparameters)."""
+    def evaluate(self, episodes: int | None = None, seed: int | None = None) -> Evaluation:
+        """Deterministic episodes seeded ``eval_seed + k`` (defaults from the hyperparameters), as an
+        :class:`entreg.rl.envs.Evaluation` at the current env step."""
         h = self.hparams
+        seed = h.eval_seed if seed is None else seed
         actor = self.sac.actor
         was_training = actor.training
         actor.eval()
@@ -378,13 +390,8 @@ class SACModule(L.LightningModule):
             return torch.from_numpy(self.act(obs.to(self.device), deterministic=True))
 
         try:
-            return evaluate(
-                act,
-                h.env_id,
-                episodes or h.eval_episodes,
-                h.eval_seed if seed is None else seed,
-                **(h.env_kwargs or {}),
-            )
+            returns = evaluate(act, h.env_id, episodes or h.eval_episodes, seed, **(h.env_kwargs or {}))
+            return Evaluation(self.env_steps, seed, tuple(returns))
         finally:
             actor.train(was_training)
 

@@ -8,6 +8,7 @@ parity benchmark). The Lightning modules are :class:`entreg.modules.sac.SACModul
 from entreg.policy_gradient import clipped_surrogate_loss, value_loss
 from entreg.rl.buffer import ReplayBatch, ReplayBuffer
 from entreg.rl.envs import (
+    Evaluation,
     env_spaces,
     evaluate,
     get_env_state,
@@ -21,9 +22,11 @@ from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.policies import GaussianActor
 from entreg.rl.ppo import GaussianActorCritic, RolloutCollector
 from entreg.rl.sac import SAC, QEnsemble
+from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm
 
 __all__ = [
     "SAC",
+    "Evaluation",
     "GaussianActor",
     "GaussianActorCritic",
     "QEnsemble",
@@ -31,11 +34,14 @@ __all__ = [
     "ReplayBuffer",
     "RolloutCollector",
     "RunningMeanStd",
+    "bootstrap_ci",
     "clipped_surrogate_loss",
+    "difference_ci",
     "env_spaces",
     "evaluate",
     "gae",
     "get_env_state",
+    "iqm",
     "make_env",
     "make_vector_env",
     "require_gymnasium",

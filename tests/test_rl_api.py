@@ -1,0 +1,151 @@
+"""One RL API for SAC and PPO: run length, evaluation and checkpoint periods in env steps with the same names, the
+same evaluation record and policy tags, the LearningCurve callback, the env config group, the PPO control arm."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import entreg.configs
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from entreg.callbacks import LearningCurve
+from entreg.distributions import HALF_LOG_2PI_E
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("mujoco")
+
+from entreg.modules.ppo import PPOModule
+from entreg.modules.sac import SACModule
+from entreg.rl.envs import Evaluation
+
+CONFIG_DIR = Path(entreg.configs.__file__).parent
+RL_MODELS = sorted(
+    p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem.startswith(("sac", "ppo"))
+)  # every RL agent config
+ENVS = sorted(p.stem for p in (CONFIG_DIR / "env").glob("*.yaml"))
+COMMON = {"total_steps": 256, "eval_every": 128, "steps_per_epoch": 128, "eval_episodes": 2, "seed": 0}
+
+
+def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    options = {"max_epochs": -1, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    options |= {"enable_model_summary": False, "accelerator": "cpu", "default_root_dir": tmp_path}
+    return L.Trainer(**(options | kwargs))
+
+
+def agents() -> dict[str, L.LightningModule]:
+    """SAC and PPO on InvertedPendulum with the same run length, periods and evaluation settings."""
+    sac = SACModule("InvertedPendulum-v5", learning_starts=64, batch_size=16, hidden=(8, 8), log_every=64, **COMMON)
+    ppo = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=1, hidden=(8, 8), **COMMON)
+    return {"sac": sac, "ppo": ppo}
+
+
+@pytest.mark.parametrize("name", ["sac", "ppo"])
+def test_both_agents_count_in_env_steps_and_record_the_same_curve(name, tmp_path):
+    module = agents()[name]
+    curve = LearningCurve(path=tmp_path / "curve.json")
+    fit = trainer(tmp_path, callbacks=[curve])
+    fit.fit(module)
+    assert module.env_steps == 256 and fit.current_epoch == 2  # steps_per_epoch 128: two epochs
+    assert [point["step"] for point in curve.points] == [128, 256]
+    record = module.evaluate()
+    assert isinstance(record, Evaluation) and record.step == 256 and record.seed == 10_000 and len(record) == 2
+    assert record.returns == tuple(curve.points[-1]["returns"])  # deterministic: the same episodes again
+    assert curve.final() == curve.points[-1]["mean"] == pytest.approx(float(fit.callback_metrics["eval/return"]))
+    assert curve.auc() == pytest.approx((curve.points[0]["mean"] + curve.points[1]["mean"]) / 2)
+    for tag in ("policy/std", "policy/entropy", "policy/gaussian_entropy", "eval/return", "perf/steps_per_s"):
+        assert math.isfinite(float(fit.callback_metrics[tag])), tag
+        assert tag.startswith(("eval", "perf")) or math.isfinite(curve.points[-1][tag])
+    assert (tmp_path / "curve.json").is_file()
+    restored = LearningCurve()
+    restored.load_state_dict(curve.state_dict())
+    assert restored.points == curve.points
+
+
+def test_learning_curve_refuses_a_module_without_evaluations(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with pytest.raises(TypeError, match="last_evaluation"):
+        trainer(tmp_path, max_steps=1, callbacks=[LearningCurve()]).fit(BoringModel())
+
+
+def test_ppo_evaluates_after_the_rollout_that_reaches_each_multiple_and_keeps_the_old_names(tmp_path):
+    module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=64, n_epochs=1, total_steps=320, eval_every=100)
+    curve = LearningCurve()
+    trainer(tmp_path, callbacks=[curve]).fit(module)
+    assert [p["step"] for p in curve.points] == [128, 256, 320]  # crosses 100, 200 (and 300: at the end, 320)
+    assert module.rollouts_per_epoch() == 1
+    assert PPOModule("InvertedPendulum-v5", n_steps=64, steps_per_epoch=130).rollouts_per_epoch() == 3
+    with pytest.warns(DeprecationWarning, match="total_steps"):
+        old = PPOModule("InvertedPendulum-v5", n_steps=64, total_timesteps=128, rollouts_per_epoch=2)
+    assert old.hparams.total_steps == 128 and old.rollouts_per_epoch() == 2
+
+
+def test_ppo_matched_std_starts_at_eras_initial_entropy_without_its_floor(compose_train):
+    from hydra.utils import instantiate
+
+    matched = compose_train("model=ppo_matched_std", "~backbone").model
+    era = compose_train("model=ppo_era", "~backbone").model
+    assert matched.init_entropy_per_dim == era.era_entropy_per_dim and matched.era_entropy_per_dim is None
+    plain, floor = (instantiate(cfg, env_id="Hopper-v5", _convert_="all").policy for cfg in (matched, era))
+    obs = torch.randn(16, 11)
+    _, log_std = plain.policy(obs)
+    _, era_log_std = floor.policy(obs)
+    torch.testing.assert_close(log_std, torch.full_like(log_std, 0.5 - HALF_LOG_2PI_E))  # std 0.40
+    torch.testing.assert_close(log_std, era_log_std, atol=0.02, rtol=0)  # ERA's softmax head starts near uniform
+    torch.testing.assert_close(plain.entropy(log_std), floor.entropy(era_log_std))  # the same entropy: 3 x 0.5
+    assert plain.log_std.requires_grad and floor.log_std is None  # a free parameter: no floor
+    with pytest.raises(ValueError, match="init_entropy_per_dim"):
+        PPOModule("Hopper-v5", init_entropy_per_dim=0.5, era_entropy_per_dim=0.5)
+
+
+@pytest.mark.parametrize("model", RL_MODELS)
+def test_env_group_composes_with_every_rl_model(model, compose_train):
+    for env in ENVS:
+        cfg = compose_train(f"model={model}", f"env={env}")
+        env_id = OmegaConf.load(CONFIG_DIR / "env" / f"{env}.yaml").model.env_id
+        assert cfg.model.env_id == env_id and cfg.get("data") is None and cfg.get("backbone") is None, env
+        assert cfg.test is False and cfg.trainer.max_epochs == -1 and cfg.task_name == env
+    cfg = compose_train(f"model={model}", "env=invertedpendulum", "model.hidden=[8,8]")
+    from hydra.utils import instantiate
+
+    module = instantiate(cfg.model, _convert_="all")
+    assert module.hparams.total_steps == cfg.model.total_steps and module.hparams.eval_every == cfg.model.eval_every
+
+
+@pytest.mark.parametrize("experiment", ["hopper_sac", "walker2d_ppo_era", "invertedpendulum_sac"])
+def test_experiment_names_are_aliases_of_model_plus_env(experiment, compose_train):
+    env, algo = experiment.split("_", 1)
+    alias = compose_train(f"experiment={experiment}")
+    direct = compose_train(f"model={algo}", f"env={env}")
+    budget = {"total_steps", "steps_per_epoch", "eval_every"}  # invertedpendulum_sac keeps its shorter run
+    assert {k: v for k, v in alias.model.items() if k not in budget} == {
+        k: v for k, v in direct.model.items() if k not in budget
+    }
+    assert alias.get("data") is None and alias.test is False and alias.task_name == experiment
+
+
+def test_iqm_and_its_bootstrap_interval():
+    from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm
+
+    assert iqm([5.0, 1.0, 3.0]) == 3.0  # fewer than 4 seeds: the plain mean
+    assert iqm([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 1000.0]) == pytest.approx(4.5)  # drops 2 per end: 3, 4, 5, 6
+    values = [100.0, 120.0, 90.0, 110.0, 105.0]
+    low, high = bootstrap_ci(values, seed=1)
+    assert low < iqm(values) < high and (low, high) == bootstrap_ci(values, seed=1)  # seeded: repeats exactly
+    assert 90.0 <= low and high <= 120.0
+    narrow = bootstrap_ci(values, level=0.5, seed=1)
+    assert low <= narrow[0] <= narrow[1] <= high
+    assert bootstrap_ci([7.0]) == (7.0, 7.0)
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+        bootstrap_ci(values, level=1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        iqm([])
+    better = [v + 50.0 for v in values]
+    low, high = difference_ci(better, values, seed=1)
+    assert 0.0 < low <= 50.0 <= high  # a clear gain: the interval excludes 0
+    low, high = difference_ci([101.0, 99.0, 100.0], [100.0, 102.0, 98.0], seed=1)
+    assert low < 0.0 < high  # within noise
