@@ -13,7 +13,7 @@ demo: setup
 	$(ENTREG_VENV)/bin/entreg-train
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(ENTREG_VENV)/bin/ruff check entreg tests scripts
