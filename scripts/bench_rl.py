@@ -1,49 +1,66 @@
-"""Continuous control on MuJoCo: entreg's SAC, PPO and their ERA variants against Stable-Baselines3.
+"""Continuous control (MuJoCo, DeepMind Control): entreg's SAC, PPO and their ERA variants and control arms, against
+Stable-Baselines3. The script composes configs, runs them and prints tables; the learning curve is the package's
+(:class:`entreg.callbacks.LearningCurve`), the statistics too (:mod:`entreg.rl.statistics`).
 
-Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` for ``--budget`` env steps with seeds
-``0..--seeds-1``; seeds are the outer loop, envs the middle one and arms the inner one, so the implementations
-alternate and a stopped run still covers every arm. Every ``--eval-every`` steps and at the end, the policy is
-evaluated on ``--eval-episodes`` deterministic episodes seeded 10000, 10001, ... (:func:`entreg.rl.envs.evaluate`,
-the same for every arm). Each finished (env, arm, seed, budget) is appended to ``results/bench_rl.json`` at once
-and skipped when the script runs again, so a benchmark can span sessions (``--fresh`` starts over).
+Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` (configs/env names such as ``hopper``,
+or env ids) for ``--budget`` env steps with seeds ``0..--seeds-1``; seeds are the outer loop, envs the middle one and
+arms the inner one, so the arms alternate and a stopped run still covers every arm. Every ``--eval-every`` steps and
+at the end, the policy is evaluated on ``--eval-episodes`` deterministic episodes seeded 10000, 10001, ... (the same
+for every arm). Each finished (env, arm, seed, budget, eval period) is appended to ``results/bench_rl.json`` at once,
+under a file lock, and skipped when the script runs again: a benchmark resumes where it stopped and can be spread
+over sessions, machines and copies of the script (``--fresh`` starts over).
 
-Arms (``ARMS``: name -> function(env_id, seed, budget, eval_every, eval_episodes) -> run dict):
+Arms:
 
-* ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer 1e6, batch 256,
-  tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
-* ``entreg_sac``: :class:`entreg.modules.sac.SACModule` with its defaults, which are SB3's;
-* ``entreg_sac_era``: the same with ``era_entropy_per_dim=0.25`` (ERA's released SAC: truncated Gaussian, no
-  entropy terms), everything else equal;
-* ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs,
-  lr 3e-4, clip 0.2, GAE 0.95, 64-64 tanh, no entropy bonus) in ``VecNormalize`` (observations and rewards, clip
-  10: RL-Zoo's ``normalize: true`` for MuJoCo); evaluated on normalised observations with frozen statistics;
-* ``entreg_ppo``: :class:`entreg.modules.ppo.PPOModule` with its defaults, which are the above;
-* ``entreg_ppo_era``: the same with ``era_entropy_per_dim=0.5`` (PPO+ERA: state-dependent std, no bonus).
+* entreg's, each the config ``entreg-train model=<config> env=<env>`` composes (``MODEL_CONFIGS``), with the run
+  length and evaluation grid of the arguments: ``entreg_sac`` (model=sac: SB3's defaults), ``entreg_sac_era``
+  (model=sac_era), ``entreg_sac_authors`` and ``entreg_sac_era_authors`` (ERA's released agent without and with
+  ERA), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era`` (model=ppo_era)
+  and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does, no floor; the
+  control arm that separates ERA's entropy floor from its initial noise). A suffix ``@<nats>`` sets the arm's target
+  per action dimension (ERA's ``era_entropy_per_dim``, the matched arm's ``init_entropy_per_dim``), e.g.
+  ``entreg_ppo_era@-0.5``; ``--targets`` adds every target arm (``TARGET_ARMS``) once per value. Without a suffix the
+  target is the config's.
+* the baselines (``ARMS``): ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer
+  1e6, batch 256, tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
+  ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs, lr 3e-4,
+  clip 0.2, GAE 0.95, 64-64 tanh, no entropy bonus) in ``VecNormalize`` (observations and rewards, clip 10);
+  evaluated on normalised observations with frozen statistics.
 
 PPO arms train in whole rollouts of 2048 steps, so their ``--budget`` and ``--eval-every`` must be multiples of
 2048 (e.g. ``--budget 204800 --eval-every 20480``).
 
-A run dict holds the eval curve ``[[step, mean return], ...]``, ``train_s`` (training wall time, evaluations
-excluded), ``updates`` and ``updates_per_s``. The table gives per (env, budget, arm) the final return and the
-area under the curve (mean eval return over the evaluation points, so it rewards learning early) as mean +- sample
-std over seeds, the training time, the speed (SAC: updates/s; PPO: env steps/s, updates included) and its ratio to
-SB3's arm of the same algorithm paired by seed. Several copies of the script may run at once on different
-``--envs`` or ``--arms``: each finished run is appended to the results file under a lock.
+A run record holds the eval curve ``[[step, mean return], ...]``, for entreg's arms the LearningCurve points (every
+episode's return, ``policy/std``, ``policy/entropy``, ``policy/gaussian_entropy`` at each evaluation), ``train_s``
+(training wall time, evaluations excluded), ``updates`` and ``updates_per_s``. The first table gives per (env,
+budget, eval period, arm) the final return and the area under the curve (mean eval return over the evaluation
+points: it rewards learning early) as interquartile mean with a 95% percentile-bootstrap interval over seeds and as
+mean ± sample std, the policy's std at the first and last evaluation, the training time, the speed (SAC: updates/s;
+PPO: env steps/s, updates included) and its ratio to SB3's arm paired by seed. The second compares each ERA arm with
+its controls (``CONTROLS``, same target suffix): the bootstrap interval of the IQM difference, final and AUC, and a
+verdict: helps (interval above 0), hurts (below), within noise (across 0), with fewer than ``MIN_SEEDS`` seeds none.
+With 3 seeds these intervals are optimistic (a bootstrap over 3 values); read them with the spreads.
 
 Part ``speed``: the two SAC implementations interleaved (ABBA) on ``--speed-env`` with the default networks,
 timing ``--speed-steps`` training steps (one update each) after the 100 random warm-up steps, so start-up costs are
 left out for both (Lightning's per-step loop is timed); ``--repeats`` times each, median ratio entreg/SB3. Both
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
-whenever a neighbour is busy).
+whenever a neighbour is busy). Part ``table`` only prints the tables of the results file.
 
-Run (the README's table; two copies on different envs use both cores):
-    python scripts/bench_rl.py --envs Hopper-v5 HalfCheetah-v5 --budget 20000 --eval-every 5000 --seeds 3
-    python scripts/bench_rl.py --envs Hopper-v5 HalfCheetah-v5 --budget 204800 --eval-every 20480 --seeds 3 \
-        --arms sb3_ppo entreg_ppo entreg_ppo_era
+Run:
+    python scripts/bench_rl.py --envs hopper halfcheetah --budget 20000 --eval-every 5000 --seeds 3
+    python scripts/bench_rl.py --envs hopper halfcheetah ant --budget 204800 --eval-every 20480 --seeds 3 \
+        --arms sb3_ppo entreg_ppo entreg_ppo_era entreg_ppo_matched_std
+    python scripts/bench_rl.py --envs hopper walker2d --budget 1e6 --eval-every 20480 --seeds 3 \
+        --arms entreg_ppo_era entreg_ppo_matched_std --targets -1 -0.5 0 0.25       # ERA's target sweep
+    python scripts/bench_rl.py --envs dmc_cheetah_run --budget 1e5 --eval-every 10000 --seeds 3 \
+        --arms entreg_sac_authors entreg_sac_era_authors                            # needs entreg[dmc]
+    python scripts/bench_rl.py --part table
     python scripts/bench_rl.py --part speed
     python scripts/bench_rl.py --quick          # tiny settings: checks that the script works (< ~2 minutes)
 
-Nothing is downloaded; gymnasium[mujoco] and stable-baselines3 come with ``pip install "entreg[rl]"``.
+Nothing is downloaded; gymnasium[mujoco] and stable-baselines3 come with ``pip install "entreg[rl]"``, DeepMind
+Control with ``pip install "entreg[dmc]"``.
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import functools
 import json
 import math
 import platform
@@ -60,17 +78,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import entreg.configs
 import numpy as np
 import torch
 from benchkit import ForeignCpu, quiet_libraries, results_path, shown
 
+from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm
+
+CONFIG_DIR = Path(entreg.configs.__file__).parent
 EVAL_SEED = 10_000
 ArmFn = Callable[[str, int, int, int, int], dict[str, Any]]
-ARMS: dict[str, ArmFn] = {}
+ARMS: dict[str, ArmFn] = {}  # the Stable-Baselines3 baselines; entreg's arms are configs (MODEL_CONFIGS)
 
 
 def register_arm(name: str) -> Callable[[ArmFn], ArmFn]:
-    """Add an arm ``fn(env_id, seed, budget, eval_every, eval_episodes) -> run dict`` to ``ARMS``."""
+    """Add a baseline arm ``fn(env_id, seed, budget, eval_every, eval_episodes) -> run dict`` to ``ARMS``."""
 
     def add(fn: ArmFn) -> ArmFn:
         ARMS[name] = fn
@@ -104,31 +126,19 @@ def learn_sb3(model: Any, act: Callable[[torch.Tensor], torch.Tensor], env_id: s
     return curve, train_s
 
 
-def fit_entreg(module: Any, budget: int, eval_every: int) -> tuple[list[list[float]], float]:
-    """Train an entreg module on the CPU, collecting its own evaluations (logged at the same points and seeds as
-    the other arms'): (curve, train seconds, evaluations excluded)."""
+def fit_entreg(module: Any) -> tuple[list[dict[str, Any]], float]:
+    """Train an entreg module on the CPU with :class:`entreg.callbacks.LearningCurve` collecting its evaluations
+    (at the same points and seeds as the other arms'): (curve points, train seconds, evaluations excluded)."""
     import lightning as L
 
-    points = set(eval_points(budget, eval_every))
-    curve: list[list[float]] = []
+    from entreg.callbacks import LearningCurve
 
-    class Curve(L.Callback):
-        def on_train_batch_end(self, trainer: L.Trainer, module: Any, *args: Any) -> None:
-            if module.env_steps in points:
-                curve.append([module.env_steps, float(trainer.callback_metrics["eval/return"])])
-
-    trainer = L.Trainer(
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[Curve()],
-    )
+    curve = LearningCurve()
+    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(max_epochs=-1, enable_model_summary=False, accelerator="cpu", callbacks=[curve], **options)
     start = time.perf_counter()
     trainer.fit(module)
-    return curve, time.perf_counter() - start - module.eval_seconds
+    return curve.points, time.perf_counter() - start - module.eval_seconds
 
 
 def run_dict(curve: list[list[float]], train_s: float, updates: int, work: int) -> dict[str, Any]:
@@ -151,43 +161,14 @@ def sb3_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes:
     return run_dict(curve, train_s, model._n_updates, model._n_updates)
 
 
-def _entreg_sac(
-    env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
-) -> dict[str, Any]:
-    from entreg.modules.sac import SACModule
-
-    module = SACModule(
-        env_id,
-        total_steps=budget,
-        eval_every=eval_every,
-        eval_episodes=eval_episodes,
-        eval_seed=EVAL_SEED,
-        steps_per_epoch=budget,
-        seed=seed,
-        **kwargs,
-    )
-    curve, train_s = fit_entreg(module, budget, eval_every)
-    return run_dict(curve, train_s, module.updates, module.updates)
-
-
-@register_arm("entreg_sac")
-def entreg_sac(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    return _entreg_sac(env_id, seed, budget, eval_every, eval_episodes)
-
-
-@register_arm("entreg_sac_era")
-def entreg_sac_era(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    return _entreg_sac(env_id, seed, budget, eval_every, eval_episodes, era_entropy_per_dim=0.25)
-
-
 PPO_ROLLOUT = 2048  # SB3's and PPOModule's default n_steps, one env
 
 
-def check_ppo_budget(budget: int, eval_every: int) -> None:
-    if budget % PPO_ROLLOUT or eval_every % PPO_ROLLOUT:
+def check_ppo_budget(budget: int, eval_every: int, rollout: int = PPO_ROLLOUT) -> None:
+    if budget % rollout or eval_every % rollout:
         raise ValueError(
-            f"PPO arms train in rollouts of {PPO_ROLLOUT} steps: --budget ({budget}) and --eval-every "
-            f"({eval_every}) must be multiples of {PPO_ROLLOUT}"
+            f"PPO arms train in rollouts of {rollout} steps: --budget ({budget}) and --eval-every "
+            f"({eval_every}) must be multiples of {rollout}"
         )
 
 
@@ -209,33 +190,88 @@ def sb3_ppo(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes:
     return run_dict(curve, train_s, model._n_updates, budget)
 
 
-def _entreg_ppo(
-    env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int, **kwargs: Any
-) -> dict[str, Any]:
-    from entreg.modules.ppo import PPOModule
+# entreg's arms: the model config each composes (configs/model/<name>.yaml) with the env's (configs/env/)
+MODEL_CONFIGS = {
+    "entreg_sac": "sac",
+    "entreg_sac_era": "sac_era",
+    "entreg_sac_authors": "sac_authors",
+    "entreg_sac_era_authors": "sac_era_authors",
+    "entreg_ppo": "ppo",
+    "entreg_ppo_era": "ppo_era",
+    "entreg_ppo_matched_std": "ppo_matched_std",
+}
+# the key that an arm's "@<nats>" suffix sets: ERA's target, or the matched control's initial entropy per dimension
+TARGET_KEYS = ("era_entropy_per_dim", "init_entropy_per_dim")
+# the arms whose config has a target (TARGET_KEYS): --targets runs them once per value
+TARGET_ARMS = ("entreg_sac_era", "entreg_sac_era_authors", "entreg_ppo_era", "entreg_ppo_matched_std")
+MIN_SEEDS = 3  # per arm, for a verdict
+# per ERA arm, its control arms (the same suffix): the comparisons table says whether ERA helps, hurts or is noise
+CONTROLS = {
+    "entreg_ppo_era": ("entreg_ppo_matched_std", "entreg_ppo"),
+    "entreg_sac_era": ("entreg_sac",),
+    "entreg_sac_era_authors": ("entreg_sac_authors",),
+}
 
-    check_ppo_budget(budget, eval_every)
-    module = PPOModule(
-        env_id,
-        total_timesteps=budget,
-        eval_every=eval_every // PPO_ROLLOUT,
-        eval_episodes=eval_episodes,
-        eval_seed=EVAL_SEED,
-        seed=seed,
-        **kwargs,
-    )
-    curve, train_s = fit_entreg(module, budget, eval_every)
-    return run_dict(curve, train_s, module.updates, budget)
+
+def split_arm(arm: str) -> tuple[str, float | None]:
+    """``"entreg_ppo_era@-0.5"`` -> ``("entreg_ppo_era", -0.5)``; no suffix: the config's own target."""
+    base, _, target = arm.partition("@")
+    return base, float(target) if target else None
 
 
-@register_arm("entreg_ppo")
-def entreg_ppo(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    return _entreg_ppo(env_id, seed, budget, eval_every, eval_episodes)
+def env_configs() -> dict[str, str]:
+    """env id -> the name of its config in configs/env/ (``"Hopper-v5"`` -> ``"hopper"``)."""
+    from omegaconf import OmegaConf
+
+    return {OmegaConf.load(path).model.env_id: path.stem for path in sorted((CONFIG_DIR / "env").glob("*.yaml"))}
 
 
-@register_arm("entreg_ppo_era")
-def entreg_ppo_era(env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    return _entreg_ppo(env_id, seed, budget, eval_every, eval_episodes, era_entropy_per_dim=0.5)
+def resolve_env(name: str) -> str:
+    """An env given by config name (``hopper``) or id (``Hopper-v5``) -> its id (results are keyed by id)."""
+    configs = env_configs()
+    by_name = {stem: env_id for env_id, stem in configs.items()}
+    if name in configs or name in by_name:
+        return by_name.get(name, name)
+    raise ValueError(f"unknown env {name!r}: configs/env/ has {sorted(by_name)} ({', '.join(configs)})")
+
+
+def compose_model(arm: str, env_id: str, overrides: list[str]) -> Any:
+    """The model config ``entreg-train model=<arm's config> env=<env's config> <overrides>`` would build, with the
+    arm's ``@<nats>`` suffix on its target key."""
+    from hydra import compose, initialize_config_module
+
+    base, target = split_arm(arm)
+    with initialize_config_module("entreg.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={MODEL_CONFIGS[base]}", f"env={env_configs()[env_id]}", *overrides])
+    if target is not None:
+        keys = [k for k in TARGET_KEYS if cfg.model.get(k) is not None]
+        if not keys:
+            raise ValueError(f"{arm}: model={MODEL_CONFIGS[base]} has no target to set ({' or '.join(TARGET_KEYS)})")
+        cfg.model[keys[0]] = target
+    return cfg.model
+
+
+def entreg_arm(arm: str, env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
+    """One run of an entreg arm: its composed config, run length and evaluation grid from the arguments."""
+    from hydra.utils import instantiate
+
+    overrides = [f"seed={seed}", f"model.total_steps={budget}", f"model.steps_per_epoch={budget}"]
+    overrides += [
+        f"model.eval_every={eval_every}",
+        f"model.eval_episodes={eval_episodes}",
+        f"model.eval_seed={EVAL_SEED}",
+    ]
+    cfg = compose_model(arm, env_id, overrides)
+    if "n_steps" in cfg:  # PPO: evaluations after whole rollouts, on SB3's grid
+        check_ppo_budget(budget, eval_every, cfg.n_steps * cfg.num_envs)
+    module = instantiate(cfg, _convert_="all")
+    points, train_s = fit_entreg(module)
+    work = module.updates if "n_steps" not in cfg else budget
+    return run_dict([[p["step"], p["mean"]] for p in points], train_s, module.updates, work) | {"points": points}
+
+
+def is_arm(arm: str) -> bool:
+    return arm in ARMS or split_arm(arm)[0] in MODEL_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -288,26 +324,77 @@ def algorithm(arm: str) -> str:
     return arm.split("_")[1]
 
 
+def final_and_auc(run: dict[str, Any]) -> tuple[float, float]:
+    """A run's last evaluation and the mean of all its evaluations (the area under its curve)."""
+    returns = [point[1] for point in run["curve"]]
+    return returns[-1], float(np.mean(returns))
+
+
+def interval(values: list[float]) -> str:
+    """``IQM [95% bootstrap CI]`` over seeds."""
+    low, high = bootstrap_ci(values)
+    return f"{iqm(values):.0f} [{low:.0f}, {high:.0f}]"
+
+
+def policy_std(runs: list[dict[str, Any]]) -> str:
+    """The policy's mean std at the first and the last evaluation, averaged over seeds (runs from before the
+    LearningCurve callback have none)."""
+    curves = [r["points"] for r in runs if r.get("points")]
+    if not curves:
+        return "-"
+    first, last = (statistics.mean(c[i].get("policy/std", math.nan) for c in curves) for i in (0, -1))
+    return f"{first:.2f} → {last:.2f}"
+
+
 def summary(runs: list[dict[str, Any]]) -> str:
-    groups: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    """Per (env, steps, eval period) and arm: final and AUC return as IQM [95% bootstrap CI] and mean ± std over
+    seeds, the policy's std, time and speed; then, per ERA arm and control arm present, the bootstrap CI of the
+    difference of IQMs and whether ERA helps (CI above 0), hurts (below) or is within noise."""
+    groups: dict[tuple[str, int, int], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         group = (run["env"], run["budget"], eval_period(run))
         groups.setdefault(group, {}).setdefault(run["arm"], []).append(run)
-    lines = ["| env | steps | eval every | arm | seeds | final return | AUC return | train s | speed | speed vs SB3 |"]
-    lines.append("|---" * 10 + "|")
+    lines = ["| env | steps | eval every | arm | seeds | final IQM [95% CI] | final mean ± std | AUC IQM [95% CI] | "
+             "AUC mean ± std | policy std first → last | train s | speed | speed vs SB3 |"]  # fmt: skip
+    lines.append("|---" * 13 + "|")
+    comparisons = [
+        "| env | steps | ERA arm | control | seeds | final: Δ IQM [95% CI] | AUC: Δ IQM [95% CI] | verdict |"
+    ]
+    comparisons.append("|---" * 8 + "|")
     for (env, budget, every), arms in sorted(groups.items()):
         for arm, rs in sorted(arms.items()):
             baseline = {r["seed"]: r["updates_per_s"] for r in arms.get(f"sb3_{algorithm(arm)}", [])}
-            final = [r["curve"][-1][1] for r in rs]
-            auc = [float(np.mean([c[1] for c in r["curve"]])) for r in rs]
+            final, auc = (list(v) for v in zip(*map(final_and_auc, rs), strict=True))
             ratios = [r["updates_per_s"] / baseline[r["seed"]] for r in rs if r["seed"] in baseline]
             ratio = f"{statistics.median(ratios):.2f}" if ratios and not arm.startswith("sb3") else "-"
             lines.append(
-                f"| {env} | {budget:g} | {every:g} | {arm} | {len(rs)} | {spread(final)} | {spread(auc)} | "
+                f"| {env} | {budget:g} | {every:g} | {arm} | {len(rs)} | {interval(final)} | {spread(final)} | "
+                f"{interval(auc)} | {spread(auc)} | {policy_std(rs)} | "
                 f"{statistics.mean(r['train_s'] for r in rs):.0f} | "
                 f"{statistics.mean(r['updates_per_s'] for r in rs):.1f} | {ratio} |"
             )
-    return "\n".join(lines)
+            base, target = split_arm(arm)
+            for control in CONTROLS.get(base, ()):
+                control = control if target is None or control == "entreg_ppo" else f"{control}@{target:g}"
+                if control in arms:
+                    comparisons.append(compare(env, budget, arm, rs, control, arms[control]))
+    return "\n".join([*lines, "", *comparisons])
+
+
+def compare(env: str, budget: int, arm: str, runs: list[dict[str, Any]], control: str,
+            controls: list[dict[str, Any]]) -> str:  # fmt: skip
+    """A comparisons-table row: ERA arm minus control arm, final and AUC (IQM over seeds, bootstrap CI)."""
+    cells, verdicts = [], set()
+    for index in (0, 1):  # final, AUC
+        ours, theirs = ([final_and_auc(r)[index] for r in rs] for rs in (runs, controls))
+        low, high = difference_ci(ours, theirs)
+        cells.append(f"{iqm(ours) - iqm(theirs):+.0f} [{low:+.0f}, {high:+.0f}]")
+        verdicts.add("helps" if low > 0 else "hurts" if high < 0 else "within noise")
+    verdict = verdicts.pop() if len(verdicts) == 1 else "mixed (final vs AUC)"
+    if min(len(runs), len(controls)) < MIN_SEEDS:
+        verdict = f"fewer than {MIN_SEEDS} seeds"
+    seeds = f"{len(runs)} vs {len(controls)}"
+    return f"| {env} | {budget:g} | {arm} | {control} | {seeds} | {cells[0]} | {cells[1]} | {verdict} |"
 
 
 # ----------------------------------------------------------------------------------------------- speed
@@ -371,11 +458,18 @@ def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["quality", "speed", "both"], default="quality")
-    parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
+    parser.add_argument("--part", choices=["quality", "speed", "both", "table"], default="quality")
+    parser.add_argument("--envs", nargs="+", default=["hopper", "halfcheetah"], help="configs/env names or env ids")
     parser.add_argument(
-        "--arms", nargs="+", default=["sb3_sac", "entreg_sac", "entreg_sac_era"], help=f"of {sorted(ARMS)}"
+        "--arms",
+        nargs="+",
+        default=["sb3_sac", "entreg_sac", "entreg_sac_era"],
+        help=f"of {sorted([*ARMS, *MODEL_CONFIGS])}; entreg arms take a target suffix, e.g. entreg_ppo_era@-0.5",
     )
+    parser.add_argument(
+        "--targets", nargs="+", type=float, default=None,
+        help="nats per action dimension: every arm with a target (ERA, matched std) runs once per value (@suffix)",
+    )  # fmt: skip
     parser.add_argument("--budget", type=float, default=1e5, help="env steps per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-every", type=int, default=5000)
@@ -397,9 +491,17 @@ def main() -> None:
             1,
         )
         args.speed_steps, args.repeats = 100, 2
-    unknown = set(args.arms) - set(ARMS)
+    if args.targets is not None:
+        with_target = [arm for arm in args.arms if arm in TARGET_ARMS]
+        args.arms = [a for a in args.arms if a not in with_target]
+        args.arms += [f"{a}@{t:g}" for t in args.targets for a in with_target]
+    unknown = [arm for arm in args.arms if not is_arm(arm)]
     if unknown:
-        parser.error(f"unknown arms {sorted(unknown)}; known: {sorted(ARMS)}")
+        parser.error(f"unknown arms {unknown}; known: {sorted([*ARMS, *MODEL_CONFIGS])} (entreg arms with @<nats>)")
+    try:
+        envs = [resolve_env(env) for env in args.envs]
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     quiet_libraries("non-finite", "LeafSpec")
     out = args.out or results_path(__file__, "bench_rl_quick" if args.quick else None)
@@ -413,15 +515,18 @@ def main() -> None:
         "machine": platform.machine(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if args.part == "table":
+        print(summary(results["runs"]))
     if args.part in ("quality", "both"):
         done = {key(r) for r in results["runs"]}
         for seed in range(args.seeds):
-            for env_id in args.envs:
+            for env_id in envs:
                 for arm in args.arms:
                     if (env_id, arm, seed, budget, args.eval_every) in done:
                         continue
                     print(f"{env_id} {arm} seed {seed} ({budget} steps)", flush=True)
-                    run = ARMS[arm](env_id, seed, budget, args.eval_every, args.eval_episodes)
+                    run_arm = ARMS.get(arm, functools.partial(entreg_arm, arm))
+                    run = run_arm(env_id, seed, budget, args.eval_every, args.eval_episodes)
                     run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, "eval_every": args.eval_every}
                     run |= meta
                     print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)
