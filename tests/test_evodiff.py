@@ -37,6 +37,11 @@ def test_from_config_swaps_into_a_pipeline_config_and_round_trips(tmp_path):
         0.03,
     )
     assert evo.config.bounded_zeta is False and evo.config.balance is True
+    # another scheduler's config: the last step chosen by the grid; an EVODiff config keeps its own
+    assert evo.config.final_step == "auto"
+    assert (
+        EVODiffScheduler.from_config(EVODiffScheduler(final_step="dpmsolver").config).config.final_step == "dpmsolver"
+    )
     evo.save_config(tmp_path)
     again = EVODiffScheduler.from_pretrained(tmp_path)
     assert {k: v for k, v in again.config.items() if not k.startswith("_")} == {
@@ -185,6 +190,8 @@ def test_final_step_advice_fires_only_where_the_other_choice_is_more_accurate(gr
     rmse_ordinary = float((ordinary_last - converged).pow(2).mean().sqrt())
     assert [RECOMMEND_ORDINARY in w for w in reference_warns] == ([True] if better == "dpmsolver" else [])
     assert [RECOMMEND_REFERENCE in w for w in ordinary_warns] == ([True] if better == "evodiff" else [])
+    auto_last, auto_warns = exact_run(grid, final_step="auto")  # takes the better one, silently
+    assert auto_warns == [] and torch.equal(auto_last, ordinary_last if better == "dpmsolver" else reference_last)
     if better == "dpmsolver":
         assert rmse_ordinary < rmse_reference / 1.5
     elif better == "evodiff":

@@ -99,7 +99,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import Tensor
 
-__all__ = ["EVODiffScheduler", "evodiff_config"]
+__all__ = ["EVODiffScheduler", "evodiff_config", "is_flow_matching_config"]
 
 CLIP = 2.0  # bound of every least-squares coefficient
 TEMPERATURE = 0.25  # r~ = clip(sigmoid(|b| * TEMPERATURE) * r, ...)
@@ -143,6 +143,13 @@ CANNOT_SERVE = {
 }
 
 
+def is_flow_matching_config(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler config is a flow-matching scheduler's (:data:`FLOW_MATCH_SCHEDULERS` by ``_class_name``;
+    in memory, without it: a ``shift`` and no ``beta_schedule``)."""
+    name = config.get("_class_name")
+    return name in FLOW_MATCH_SCHEDULERS or (name is None and "shift" in config and "beta_schedule" not in config)
+
+
 def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`EVODiffScheduler` config for a pipeline's scheduler config (what ``from_config`` applies).
 
@@ -164,19 +171,18 @@ def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     config = dict(config)
     name = config.get("_class_name")
-    flow_keys = name is None and "shift" in config and "beta_schedule" not in config  # a FlowMatch* config in memory
+    flow_keys = is_flow_matching_config(config)
     if (name is None and not flow_keys) or name in VP_SCHEDULERS:
-        return config
-    if name in FLOW_MATCH_SCHEDULERS or flow_keys:
+        return {"final_step": "auto", **config}  # another scheduler's config: the last step chosen by the grid
+    if flow_keys:
         if config.get("invert_sigmas"):
             raise ValueError(
                 f"EVODiffScheduler cannot serve a {name} with invert_sigmas=True (the model's time runs from noise at "
                 "sigma = 0, as in Mochi); flow matching with noise at sigma = 1 only"
             )
         mapped = {k: v for k, v in config.items() if k in FLOW_MATCH_KEYS or k.startswith("_")}
-        defaults = set(config.get("_use_default_values", ())) - set(FLOW_MATCH_KEYS)
-        mapped["_use_default_values"] = sorted(defaults & set(mapped))
-        return {**mapped, "prediction_type": "flow_prediction", "use_flow_sigmas": False,
+        mapped["_use_default_values"] = []  # every mapped key is passed, FlowMatchEuler's defaults included
+        return {**mapped, "prediction_type": "flow_prediction", "use_flow_sigmas": False, "final_step": "auto",
                 "flow_shift": float(config.get("shift", 1.0)), "final_sigmas_type": "zero"}  # fmt: skip
     reason = CANNOT_SERVE.get(name, "not a DDPM-family (VP) or flow-matching scheduler")
     raise ValueError(
@@ -266,14 +272,16 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         balance: balance the previous prediction by its least-squares coefficient (``b``); False: b = 1.
         adaptive_ratio: rescale the step ratio ``r`` by ``sigmoid(|b|/4)``; False: DPM-Solver++'s ``r``.
         corrector: apply the corrector with the next evaluation.
-        final_step: ``"evodiff"`` (the reference's last step) or ``"dpmsolver"`` (the same update as the
-            other steps). Which is better depends on the grid's last step (exact mixtures, README), and a
-            warning names the other where it was measured better: ``"dpmsolver"`` where the reference's
-            factor ``1 - sqrt(s_t s_0)`` is below 0.9 and the last step is at most twice the previous one in
-            logSNR (diffusers' trailing/linspace/leading spacing, a logSNR grid stopping at 0.3, FLUX's grid:
-            1.9-14x lower RMSE); ``"evodiff"`` where the last step is longer than that (EDM-style time-uniform or
-            quadratic grids, ``final_sigmas_type="sigma_min"``, SD3's grid: ``"dpmsolver"`` extrapolates over it,
-            1.6-20x higher RMSE). Elsewhere (logSNR, Karras and EDM grids) they are within 0.5-1.9x of each other.
+        final_step: ``"evodiff"`` (the reference's last step), ``"dpmsolver"`` (the same update as the
+            other steps) or ``"auto"`` (the one measured better for the grid's last step, below; what
+            :meth:`from_config` sets for another scheduler's config). Which is better depends on the grid's last
+            step (exact mixtures, README), and a warning names the other where it was measured better:
+            ``"dpmsolver"`` where the reference's factor ``1 - sqrt(s_t s_0)`` is below 0.9 and the last step is at
+            most twice the previous one in logSNR (diffusers' trailing/linspace/leading spacing, a logSNR grid
+            stopping at 0.3, FLUX's grid: 1.9-14x lower RMSE); ``"evodiff"`` where the last step is longer than that
+            (EDM-style time-uniform or quadratic grids, ``final_sigmas_type="sigma_min"``, SD3's grid:
+            ``"dpmsolver"`` extrapolates over it, 1.6-20x higher RMSE). Elsewhere (logSNR, Karras and EDM grids) they
+            are within 0.5-1.9x of each other and ``"auto"`` takes ``"evodiff"``.
         bounded_zeta: keep ``zeta >= sigmoid(-1/2)`` on grids of more than 20 steps (our correction;
             False: the reference, which can diverge there).
         per_channel: least-squares coefficients per sample and channel (the reference); False: per sample.
@@ -306,8 +314,8 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         shift_terminal: float | None = None,
         **kwargs,
     ) -> None:
-        if final_step not in ("evodiff", "dpmsolver"):
-            raise ValueError(f"final_step must be 'evodiff' or 'dpmsolver', got {final_step!r}")
+        if final_step not in ("evodiff", "dpmsolver", "auto"):
+            raise ValueError(f"final_step must be 'evodiff', 'dpmsolver' or 'auto', got {final_step!r}")
         if max_step_ratio is not None and not max_step_ratio > 0:
             raise ValueError(f"max_step_ratio must be None or a number > 0, got {max_step_ratio!r}")
         if kwargs.get("solver_order", 2) != 2:
@@ -439,25 +447,36 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         ``(1 - sigma) sample + sigma noise``; VP: ``alpha sample + sigma noise``): :meth:`add_noise`."""
         return self.add_noise(sample, noise, timestep)
 
-    def _advise_final_step(self, s_t: float, s_prev: float, r: float) -> None:
-        """Warn where the other ``final_step`` was measured more accurate for this grid's last step (from ``s_prev``
-        to the smallest positive level ``s_t``; ``r``: logSNR ratio of the step before to this one)."""
+    def _final_step(self, s_t: float, s_prev: float, r: float) -> str:
+        """The last step's rule (into the smallest positive level ``s_t`` from ``s_prev``; ``r``: logSNR ratio of
+        the step before to this one): ``final_step``, or for ``"auto"`` the one measured more accurate on such a grid.
+        Warns where a fixed choice is the one measured less accurate."""
         factor = 1 - math.sqrt(s_t * s_prev)
-        if self.config.final_step == "evodiff" and factor < 1 - SHRINK_WARNING and r >= LONG_LAST_STEP:
+        if r < LONG_LAST_STEP:
+            better = "evodiff"
+        elif factor < 1 - SHRINK_WARNING:
+            better = "dpmsolver"
+        else:
+            better = None  # within 0.5-1.9x of each other
+        chosen = self.config.final_step
+        if chosen == "auto":
+            return better or "evodiff"
+        if better == "dpmsolver" and chosen == "evodiff":
             warnings.warn(
                 f"EVODiff's last step multiplies the sample by 1 - sqrt(s_t s_0) = {factor:.3f}: the reference tuned "
                 f"it in absolute EDM noise units for grids ending near 0.002, and this grid ends at {s_t:.3g}; "
                 "final_step='dpmsolver' makes the last step an ordinary one (1.9-14x lower RMSE on such grids, see the "
-                "README's EVODiff benchmark)",
+                "README's EVODiff benchmark; final_step='auto' chooses by the grid)",
                 stacklevel=4,
             )
-        elif self.config.final_step == "dpmsolver" and r < LONG_LAST_STEP:
+        elif better == "evodiff" and chosen == "dpmsolver":
             warnings.warn(
                 f"final_step='dpmsolver' on a grid whose last step is {1 / r:.1f}x the previous one in logSNR: the "
                 "ordinary second-order step extrapolates over it (1.6-20x the RMSE of the reference's last step on "
                 "such grids, see the README's EVODiff benchmark); final_step='evodiff' (the default) is made for it",
                 stacklevel=4,
             )
+        return chosen
 
     # --- the update: EDM units (noise level s = sigma / alpha), folded into the sample's coordinates -----
 
@@ -505,9 +524,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         (d1_prev, d1_prev_norm), s_prev2 = self._history[-2], self._levels[-2]
         step = alpha_t * 0.5 * s_t * h
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)  # infinite after a level with alpha = 0
-        if final:
-            self._advise_final_step(s_t, s_prev, r)
-        if final and self.config.final_step == "evodiff":
+        if final and self._final_step(s_t, s_prev, r) == "evodiff":
             c = 1 - 0.5 * math.sqrt(rho) if rho < 0.5 else 1 - 0.5 * math.sqrt(rho - 0.5)
             shrunk = x_euler * (1 - math.sqrt(s_t * s_prev))
             return torch.add(torch.add(shrunk, d0, alpha=step), d1_prev, alpha=-step * c)
