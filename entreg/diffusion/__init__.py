@@ -1,5 +1,6 @@
-"""Diffusion: the EVODiff scheduler, the exactly solvable Gaussian mixture, sample-quality metrics and the solver
-evaluation of the sampler benchmarks (:mod:`entreg.diffusion.evaluation`).
+"""Diffusion: the EVODiff scheduler, the exactly solvable Gaussian mixture, sample-quality metrics, the solver
+evaluation of the sampler benchmarks (:mod:`entreg.diffusion.evaluation`) and sampling with diffusers pipelines
+(:mod:`entreg.diffusion.pipelines`).
 
 Names are imported on first use, so importing the package does not import diffusers.
 """
@@ -12,6 +13,11 @@ from typing import Any
 _LAZY = {
     "EVODiffScheduler": "entreg.diffusion.evodiff",
     "evodiff_config": "entreg.diffusion.evodiff",
+    "is_flow_matching_config": "entreg.diffusion.evodiff",
+    "load_pipeline": "entreg.diffusion.pipelines",
+    "pipeline_scheduler": "entreg.diffusion.pipelines",
+    "read_prompts": "entreg.diffusion.pipelines",
+    "sample_pipeline": "entreg.diffusion.pipelines",
     "GaussianMixture": "entreg.diffusion.gmm",
     "scheduler_alpha_sigma": "entreg.diffusion.gmm",
     "vp_alpha_sigma": "entreg.diffusion.gmm",

@@ -1,11 +1,12 @@
-"""Tiny randomly initialised SD3 and FLUX pipelines, saved in the diffusers format, for tests, benchmarks in tiny
-mode and smoke runs without downloads.
+"""Tiny randomly initialised SD3, FLUX and Stable Diffusion (1.x-class UNet) pipelines, saved in the diffusers
+format, for tests, benchmarks in tiny mode and smoke runs without downloads.
 
 The components are the real classes at their smallest working sizes (as in diffusers' own tests): a one-layer
-``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, a one-block ``AutoencoderKL``, tiny CLIP (and, for FLUX,
-T5) text encoders from ``transformers`` configs and tokenizers over a vocabulary of a few words written here.
-SD3 is saved without its T5 encoder (the pipeline then uses zero T5 embeddings). Needs ``transformers``
-(``pip install "entreg[t2i]"``).
+``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` or a two-block ``UNet2DConditionModel``, a one-block
+``AutoencoderKL``, tiny CLIP (and, for FLUX, T5) text encoders from ``transformers`` configs and tokenizers over a
+vocabulary of a few words written here. SD3 is saved without its T5 encoder (the pipeline then uses zero T5
+embeddings); SD with SD 1.5's scheduler config (``PNDMScheduler``, scaled-linear betas) and no safety checker. Needs
+``transformers`` (``pip install "entreg[t2i]"``).
 
 Example:
     >>> import tempfile
@@ -69,8 +70,9 @@ def _vae(latent_channels: int):
 
 
 def save_tiny_pipeline(directory: str | Path, kind: str = "sd3", seed: int = 0, shift: float = 3.0) -> Path:
-    """Build a tiny random ``kind`` ("sd3" or "flux") pipeline (seeded) and ``save_pretrained`` it into
-    ``directory``; returns the directory. ``shift`` is the scheduler's (FLUX: dynamic shifting, as FLUX.1)."""
+    """Build a tiny random ``kind`` ("sd3", "flux" or "sd") pipeline (seeded) and ``save_pretrained`` it into
+    ``directory``; returns the directory. ``shift`` is the flow scheduler's (FLUX: dynamic shifting, as FLUX.1; not
+    used by "sd")."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     directory = Path(directory)
@@ -110,7 +112,25 @@ def save_tiny_pipeline(directory: str | Path, kind: str = "sd3", seed: int = 0, 
                 text_encoder=CLIPTextModel(_clip_config(vocab, 32)), tokenizer=tokenizer, text_encoder_2=t5,
                 tokenizer_2=t5_tokenizer,
             )  # fmt: skip
+        elif kind == "sd":
+            from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+            from transformers import CLIPTextModel
+
+            unet = UNet2DConditionModel(
+                sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(4, 8),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                attention_head_dim=2, norm_num_groups=2,
+            )  # fmt: skip
+            scheduler = PNDMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                set_alpha_to_one=False, steps_offset=1,
+            )  # fmt: skip
+            pipeline = StableDiffusionPipeline(
+                vae=_vae(4), text_encoder=CLIPTextModel(_clip_config(vocab, 32)), tokenizer=tokenizer, unet=unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
         else:
-            raise ValueError(f"kind must be 'sd3' or 'flux', got {kind!r}")
+            raise ValueError(f"kind must be 'sd3', 'flux' or 'sd', got {kind!r}")
         pipeline.save_pretrained(directory)
     return directory
