@@ -8,6 +8,7 @@ from pathlib import Path
 
 import entreg.configs
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -149,3 +150,25 @@ def test_iqm_and_its_bootstrap_interval():
     assert 0.0 < low <= 50.0 <= high  # a clear gain: the interval excludes 0
     low, high = difference_ci([101.0, 99.0, 100.0], [100.0, 102.0, 98.0], seed=1)
     assert low < 0.0 < high  # within noise
+
+
+@pytest.mark.parametrize("env", [name for name in ENVS if name.startswith("dmc_")])
+def test_dm_control_env_configs_train_the_authors_agent(env, compose_train, tmp_path):
+    """Every DeepMind Control env config (extra entreg[dmc]) gives a flat observation and bounded actions, and
+    model=sac_era_authors composed with it trains (a few updates) and evaluates a whole 1000-step episode."""
+    pytest.importorskip("shimmy")
+    from hydra.utils import instantiate
+
+    from entreg.rl.envs import env_spaces
+
+    cfg = compose_train("model=sac_era_authors", f"env={env}").model
+    observations, actions = env_spaces(cfg.env_id)
+    assert len(observations.shape) == 1 and np.isfinite(actions.low).all() and np.isfinite(actions.high).all()
+    module = instantiate(
+        cfg, total_steps=48, learning_starts=32, batch_size=8, hidden=[8, 8], eval_every=0, eval_episodes=1,
+        _convert_="all",
+    )  # fmt: skip
+    trainer(tmp_path).fit(module)
+    assert module.updates == 2 * (48 - 32)  # the authors' 2 updates per env step
+    assert module.last_evaluation.step == 48 and np.isfinite(module.last_evaluation.mean_return)
+    assert 0.0 <= module.last_evaluation.mean_return <= 1000.0  # DMC rewards are in [0, 1] per step
