@@ -45,7 +45,9 @@ Part ``speed``: the two SAC implementations interleaved (ABBA) on ``--speed-env`
 timing ``--speed-steps`` training steps (one update each) after the 100 random warm-up steps, so start-up costs are
 left out for both (Lightning's per-step loop is timed); ``--repeats`` times each, median ratio entreg/SB3. Both
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
-whenever a neighbour is busy). Part ``table`` only prints the tables of the results file.
+whenever a neighbour is busy). Part ``table`` only prints the tables of the results file, and per (env, budget)
+the policy's std and entropy (nats, all dimensions) at every evaluation of every entreg arm: how much noise each
+arm kept over training.
 
 Run:
     python scripts/bench_rl.py --envs hopper halfcheetah --budget 20000 --eval-every 5000 --seeds 3
@@ -381,6 +383,33 @@ def summary(runs: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", *comparisons])
 
 
+def noise_curves(runs: list[dict[str, Any]]) -> str:
+    """Per (env, steps, eval period): the policy's std and entropy (``policy/std``, ``policy/entropy``, mean over
+    seeds) at every evaluation of every entreg arm with LearningCurve points, one row per evaluation step."""
+    groups: dict[tuple[str, int, int], dict[str, list[list[dict[str, Any]]]]] = {}
+    for run in runs:
+        if run.get("points"):
+            group = (run["env"], run["budget"], eval_period(run))
+            groups.setdefault(group, {}).setdefault(run["arm"], []).append(run["points"])
+    blocks = []
+    for (env, budget, every), arms in sorted(groups.items()):
+        names = sorted(arms)
+        title = f"policy std / entropy over training, {env}, {budget:g} steps, eval every {every:g} (mean over seeds)"
+        lines = [title, ""]
+        lines += ["| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        steps = sorted({point["step"] for curves in arms.values() for curve in curves for point in curve})
+        for step in steps:
+            cells = []
+            for name in names:
+                at = [p for curve in arms[name] for p in curve if p["step"] == step]
+                std, entropy = (statistics.mean(p.get(tag, math.nan) for p in at) if at else math.nan
+                                for tag in ("policy/std", "policy/entropy"))  # fmt: skip
+                cells.append(f"{std:.2f} / {entropy:.2f}")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def compare(env: str, budget: int, arm: str, runs: list[dict[str, Any]], control: str,
             controls: list[dict[str, Any]]) -> str:  # fmt: skip
     """A comparisons-table row: ERA arm minus control arm, final and AUC (IQM over seeds, bootstrap CI)."""
@@ -516,7 +545,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.part == "table":
-        print(summary(results["runs"]))
+        print(summary(results["runs"]), noise_curves(results["runs"]), sep="\n\n")
     if args.part in ("quality", "both"):
         done = {key(r) for r in results["runs"]}
         for seed in range(args.seeds):
