@@ -506,8 +506,15 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     """Load the DiffusionModule checkpoint ``cfg.ckpt_path``, draw ``cfg.n`` samples with ``cfg.sampler`` in
     ``cfg.num_inference_steps`` steps; write ``samples.png`` and ``metrics.json`` to ``cfg.paths.output_dir`` and
     the image and metrics (``sample/*``) to ``cfg.logger`` (TensorBoard there by default); print and return the
-    metrics (against ``cfg.data``'s validation split when a data config is given)."""
+    metrics (against ``cfg.data``'s validation split when a data config is given). With ``cfg.pipeline`` (a diffusers
+    pipeline directory) it samples the pipeline instead (:func:`sample_pipeline_dir`)."""
+    if cfg.get("pipeline") is not None:
+        return sample_pipeline_dir(cfg)
     require_positive_ints(cfg, "n", "num_inference_steps", "nrow")
+    if cfg.sampler.scheduler is None:
+        raise ValueError(
+            "sampler.scheduler=null (a pipeline's own scheduler) needs pipeline=<a diffusers pipeline dir>"
+        )
     ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
     require_kind(ckpt_path, ["diffusion"], "entreg-sample ckpt_path")
 
@@ -560,6 +567,79 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     paths["checkpoint"] = str(ckpt_path)
     title = f"entreg-sample {cfg.sampler.scheduler} on {ckpt_path}"
     print_table(title, ["metric", "value"], list(metrics.items()), paths)
+    return metrics
+
+
+def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
+    """Sample the diffusers pipeline in the directory ``cfg.pipeline`` (``from_pretrained``, no downloads): one image
+    per prompt of ``cfg.prompts`` (a text file, one prompt a line, or a list) and seed of ``cfg.seeds``, in
+    ``cfg.num_inference_steps`` steps of ``cfg.sampler`` built from the pipeline's scheduler config
+    (:func:`entreg.diffusion.pipelines.pipeline_scheduler`; ``sampler.scheduler=null``: its own scheduler), with
+    ``cfg.guidance_scale``, ``cfg.height``, ``cfg.width`` (null: the pipeline's defaults). Writes the images
+    (``images/<prompt index>_<seed>.png``), their grid ``samples.png`` (also to TensorBoard) and ``metrics.json``
+    (seconds per image, NFE = model calls per image); prints and returns the metrics."""
+    require_positive_ints(cfg, "num_inference_steps", "nrow")
+    seeds = list(cfg.get("seeds") or [])
+    if not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise ValueError(f"seeds must be a list of integers, e.g. seeds=[0,1], got {cfg.get('seeds')!r}")
+    if cfg.get("prompts") is None:
+        raise ValueError(
+            "entreg-sample pipeline=... needs prompts=<a text file, one prompt a line> or prompts='[a cat]'"
+        )
+
+    import statistics
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from omegaconf import OmegaConf
+    from torchvision.utils import save_image
+
+    from entreg.diffusion.pipelines import load_pipeline, pipeline_scheduler, read_prompts, sample_pipeline
+    from entreg.images import sample_grid
+
+    prompts = cfg.prompts if isinstance(cfg.prompts, str) else OmegaConf.to_container(cfg.prompts)
+    prompts = read_prompts(prompts)
+    pipeline = load_pipeline(cfg.pipeline, cfg.get("torch_dtype")).to(cfg.device)
+    pipeline.set_progress_bar_config(disable=True)
+    options = OmegaConf.to_container(cfg.sampler.options) if cfg.sampler.get("options") else {}
+    scheduler = pipeline_scheduler(pipeline, cfg.sampler.scheduler, **options)
+    images, records = sample_pipeline(
+        pipeline, prompts, seeds, cfg.num_inference_steps, scheduler=scheduler, guidance_scale=cfg.guidance_scale,
+        height=cfg.height, width=cfg.width,
+    )  # fmt: skip
+    output_dir = Path(str(cfg.paths.output_dir))
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    for k, (image, record) in enumerate(zip(images, records, strict=True)):
+        record["file"] = f"images/{k // len(seeds):03d}_{record['seed']}.png"
+        save_image(image, output_dir / record["file"])
+    grid = sample_grid(images, cfg.nrow)
+    save_image(grid, output_dir / "samples.png")
+    seconds = [r["seconds"] for r in records]
+    metrics = {
+        "images": len(records), "num_inference_steps": cfg.num_inference_steps,
+        "nfe": statistics.mean(r["nfe"] for r in records), "seconds_per_image": statistics.mean(seconds),
+        "seconds_per_image_median": statistics.median(seconds),
+    }  # fmt: skip
+    paths = {"images": str(output_dir / "images"), "samples": str(output_dir / "samples.png")}
+    sampler = type(scheduler).__name__
+    paths["metrics"] = str(
+        write_metrics(
+            output_dir,
+            {
+                "pipeline": str(cfg.pipeline),
+                "scheduler": sampler,
+                "scheduler_config": json.loads(scheduler.to_json_string()),
+            }
+            | metrics
+            | {"per_image": records},
+        )
+    )
+    for logger in instantiate_group(cfg.get("logger")):
+        logger.log_metrics({f"sample/{name}": float(value) for name, value in metrics.items()}, step=0)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image("sample/samples", grid, 0)
+        logger.finalize("success")
+        paths |= logger_dirs([logger])
+    print_table(f"entreg-sample {sampler} on {cfg.pipeline}", ["metric", "value"], list(metrics.items()), paths)
     return metrics
 
 
