@@ -9,9 +9,9 @@ from typing import Any
 
 import lightning as L
 
-__all__ = ["POLICY_TAGS", "LearningCurve"]
+from entreg.rl.envs import POLICY_TAGS
 
-POLICY_TAGS = ("policy/std", "policy/entropy", "policy/gaussian_entropy")
+__all__ = ["LearningCurve"]
 
 
 class LearningCurve(L.Callback):

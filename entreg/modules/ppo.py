@@ -19,7 +19,7 @@ from entreg.distributions import HALF_LOG_2PI_E, gaussian_log_prob
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss, masked_mean, value_loss
-from entreg.rl.envs import Evaluation, env_spaces, make_vector_env
+from entreg.rl.envs import POLICY_TAGS, Evaluation, env_spaces, make_vector_env
 from entreg.rl.envs import evaluate as run_episodes
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
@@ -425,13 +425,11 @@ class PPOModule(L.LightningModule):
         stats |= {
             "train/policy_entropy": entropy,
             "train/std": std,
-            "policy/std": std,
-            "policy/entropy": entropy,
-            "policy/gaussian_entropy": entropy,
             "train/explained_variance": float(1 - residual / spread) if spread > 0 else float("nan"),
             "train/updates": float(updates),
             "train/skipped_updates": float(self.skipped_updates),
         }
+        stats |= dict(zip(POLICY_TAGS, (std, entropy, entropy), strict=True))  # PPO acts with its Gaussian
         return stats
 
     def _episode_metrics(self, rollout: Rollout) -> dict[str, float]:

@@ -17,14 +17,14 @@ from entreg.loggers import log_metrics
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.buffer import ReplayBuffer
-from entreg.rl.envs import Evaluation, evaluate, get_env_state, make_env, set_env_state
+from entreg.rl.envs import POLICY_TAGS, Evaluation, evaluate, get_env_state, make_env, set_env_state
 from entreg.rl.policies import Squash
 from entreg.rl.sac import SAC
 
 __all__ = ["SACModule"]
 
-# the tags both RL agents log for their policy, from SAC's update statistics
-POLICY_TAGS = {"policy/std": "std", "policy/entropy": "policy_entropy", "policy/gaussian_entropy": "gaussian_entropy"}
+# the update statistics behind the policy tags both RL agents log (entreg.rl.envs.POLICY_TAGS)
+POLICY_STATS = dict(zip(POLICY_TAGS, ("std", "policy_entropy", "gaussian_entropy"), strict=True))
 
 
 class SACModule(L.LightningModule):
@@ -356,7 +356,7 @@ class SACModule(L.LightningModule):
         if w["stats"]:
             means = torch.stack([torch.stack(list(s.values())) for s in w["stats"]]).mean(0).tolist()
             metrics |= {f"train/{k}": v for k, v in zip(w["stats"][0], means, strict=True)}
-            metrics |= {tag: metrics[f"train/{key}"] for tag, key in POLICY_TAGS.items()}
+            metrics |= {tag: metrics[f"train/{key}"] for tag, key in POLICY_STATS.items()}
             metrics["perf/updates_per_s"] = w["updates"] / max(w["time"], 1e-9)
         self._new_window()
         return metrics

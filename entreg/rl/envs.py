@@ -39,6 +39,7 @@ from torch import Tensor
 __all__ = [
     "DM_CONTROL_PREFIX",
     "MUJOCO_IDS",
+    "POLICY_TAGS",
     "Evaluation",
     "env_spaces",
     "evaluate",
@@ -51,6 +52,9 @@ __all__ = [
 
 MUJOCO_IDS = ("InvertedPendulum-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "Ant-v5", "Humanoid-v5")
 DM_CONTROL_PREFIX = "dm_control/"  # shimmy's DeepMind Control ids, e.g. dm_control/cheetah-run-v0
+# what both agents (SACModule, PPOModule) log about their policy's noise: the Gaussian's mean std over states and
+# dimensions, the acting policy's entropy, the Gaussian's entropy before any bounding (ERA's constrained quantity)
+POLICY_TAGS = ("policy/std", "policy/entropy", "policy/gaussian_entropy")
 
 
 @dataclass(frozen=True)
