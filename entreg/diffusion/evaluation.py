@@ -228,10 +228,12 @@ FLOW_SOLVERS: dict[str, tuple[type, dict[str, Any]]] = {
     "FlowMatchEuler": (FlowMatchEulerDiscreteScheduler, {}),
     "DPM++2M": (DPMSolverMultistepScheduler, {"solver_order": 2}),
     "UniPC": (UniPCMultistepScheduler, {}),
-    "EVODiff": (EVODiffScheduler, {}),
+    # the last step chosen by the grid (what from_config sets), the reference's last step, the ordinary one
+    "EVODiff": (EVODiffScheduler, {"final_step": "auto"}),
+    "EVODiff-e": (EVODiffScheduler, {"final_step": "evodiff"}),
     "EVODiff-f": (EVODiffScheduler, {"final_step": "dpmsolver"}),
     # the reference's steps: without max_step_ratio (undefined on a grid starting at sigma = 1)
-    "EVODiff-r": (EVODiffScheduler, {"max_step_ratio": None}),
+    "EVODiff-r": (EVODiffScheduler, {"max_step_ratio": None, "final_step": "evodiff"}),
     "EVODiff-rf": (EVODiffScheduler, {"max_step_ratio": None, "final_step": "dpmsolver"}),
 }
 FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
@@ -255,7 +257,7 @@ class FlowGrid:
     pipeline_sigmas: bool = False
     mu: float | None = None
     hand_set: bool = False
-    solvers: tuple[str, ...] = ("FlowMatchEuler", "DPM++2M", "UniPC", "EVODiff", "EVODiff-f")
+    solvers: tuple[str, ...] = ("FlowMatchEuler", "DPM++2M", "UniPC", "EVODiff", "EVODiff-e", "EVODiff-f")
 
     @property
     def pipeline_config(self) -> dict[str, Any]:
@@ -318,7 +320,9 @@ FLOW_GRIDS: dict[str, FlowGrid] = {
     "SD3": FlowGrid({"shift": 3.0}),
     "FLUX": FlowGrid(FLUX_CONFIG, pipeline_sigmas=True, mu=1.15),
     "SD3-hand": FlowGrid(
-        {"shift": 3.0}, hand_set=True, solvers=("DPM++2M", "EVODiff", "EVODiff-f", "EVODiff-r", "EVODiff-rf")
+        {"shift": 3.0},
+        hand_set=True,
+        solvers=("DPM++2M", "EVODiff", "EVODiff-e", "EVODiff-f", "EVODiff-r", "EVODiff-rf"),
     ),
 }
 
