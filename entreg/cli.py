@@ -572,16 +572,19 @@ def sample(cfg: DictConfig) -> dict[str, float]:
 
 def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
     """Sample the diffusers pipeline in the directory ``cfg.pipeline`` (``from_pretrained``, no downloads): one image
-    per prompt of ``cfg.prompts`` (a text file, one prompt a line, or a list) and seed of ``cfg.seeds``, in
+    per prompt of ``cfg.prompts`` (a text file, one prompt a line, or a list) and seed of ``cfg.seeds`` (a list, or
+    a count n: seeds 0 to n - 1), in
     ``cfg.num_inference_steps`` steps of ``cfg.sampler`` built from the pipeline's scheduler config
     (:func:`entreg.diffusion.pipelines.pipeline_scheduler`; ``sampler.scheduler=null``: its own scheduler), with
     ``cfg.guidance_scale``, ``cfg.height``, ``cfg.width`` (null: the pipeline's defaults). Writes the images
     (``images/<prompt index>_<seed>.png``), their grid ``samples.png`` (also to TensorBoard) and ``metrics.json``
     (seconds per image, NFE = model calls per image); prints and returns the metrics."""
     require_positive_ints(cfg, "num_inference_steps", "nrow")
-    seeds = list(cfg.get("seeds") or [])
-    if not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
-        raise ValueError(f"seeds must be a list of integers, e.g. seeds=[0,1], got {cfg.get('seeds')!r}")
+    seeds = cfg.get("seeds")
+    seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0 else seeds
+    if not seeds or isinstance(seeds, (str, int)) or not all(type(seed) is int for seed in seeds):
+        raise ValueError(f"seeds must be a count >= 1 (seeds 0..n-1) or a list of integers, got {cfg.get('seeds')!r}")
+    seeds = list(seeds)
     if cfg.get("prompts") is None:
         raise ValueError(
             "entreg-sample pipeline=... needs prompts=<a text file, one prompt a line> or prompts='[a cat]'"

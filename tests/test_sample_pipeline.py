@@ -61,9 +61,9 @@ def test_entreg_sample_pipeline_takes_a_prompt_list_and_the_pipelines_own_schedu
 
     cfg = compose_sample(
         f"pipeline={sd_path}", "prompts=[a cat]", "sampler.scheduler=null", "num_inference_steps=2", "height=8",
-        "width=8", f"paths.output_dir={tmp_path}", "logger=none",
+        "width=8", f"paths.output_dir={tmp_path}", "logger=none", "seeds=2",
     )  # fmt: skip
-    assert sample(cfg)["images"] == 1
+    assert sample(cfg)["images"] == 2  # seeds=2: seeds 0 and 1
     assert json.loads((tmp_path / "metrics.json").read_text())["scheduler"] == "PNDMScheduler"
 
 
@@ -71,7 +71,9 @@ def test_entreg_sample_pipeline_takes_a_prompt_list_and_the_pipelines_own_schedu
     ("overrides", "error", "message"),
     [
         (["prompts=null"], ValueError, "needs prompts="),
-        (["seeds=[]"], ValueError, "seeds must be a list of integers"),
+        (["seeds=[]"], ValueError, "seeds must be a count >= 1"),
+        (["seeds=0"], ValueError, "seeds must be a count >= 1"),
+        (["seeds=[1.5]"], ValueError, "or a list of integers"),
         (["num_inference_steps=0"], ValueError, "num_inference_steps must be an integer >= 1"),
         (["pipeline=/nonexistent/dir"], FileNotFoundError, "not a diffusers pipeline directory"),
         (["prompts=/nonexistent/prompts.txt"], FileNotFoundError, "one prompt a line"),
