@@ -131,3 +131,40 @@ def test_read_prompts_from_a_file_or_a_list(tmp_path):
         read_prompts([])
     with pytest.raises(FileNotFoundError, match="one prompt a line"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_img2img_starts_where_flow_match_euler_does(pipe):
+    """SD3's img2img pipeline (set_begin_index, scale_noise at the first kept timestep): EVODiff noises the image as
+    FlowMatchEuler does, then calls the model at the same timesteps, once each."""
+    if pipe.kind != "sd3":
+        pytest.skip("the SD3 img2img pipeline")
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    i2i = StableDiffusion3Img2ImgPipeline.from_pipe(pipe)
+    config = pipe.scheduler.config
+    flow_match, evodiff = FlowMatchEulerDiscreteScheduler.from_config(config), EVODiffScheduler.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    sample, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for scheduler in (flow_match, evodiff):
+        scheduler.set_timesteps(10)
+        scheduler.set_begin_index(4)
+    t = flow_match.timesteps[4:5]
+    torch.testing.assert_close(evodiff.scale_noise(sample, t, noise), flow_match.scale_noise(sample, t, noise))
+    image = torch.rand(1, 3, 16, 16, generator=g)
+    seen = {}
+    for scheduler in (FlowMatchEulerDiscreteScheduler.from_config(config), EVODiffScheduler.from_config(config)):
+        i2i.scheduler, calls = scheduler, []
+        handle = i2i.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs, calls=calls: calls.append(float(kwargs["timestep"].flatten()[0])),
+            with_kwargs=True,
+        )
+        try:
+            latents = i2i(
+                "a cat", image=image, strength=0.6, num_inference_steps=10, output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            ).images  # fmt: skip
+        finally:
+            handle.remove()
+        seen[type(scheduler).__name__] = calls
+        assert torch.isfinite(latents).all()
+    assert len(seen["EVODiffScheduler"]) == 6 and seen["EVODiffScheduler"] == seen["FlowMatchEulerDiscreteScheduler"]

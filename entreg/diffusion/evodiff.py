@@ -41,15 +41,18 @@ values for N steps), flow noise as :class:`~diffusers.FlowMatchEulerDiscreteSche
 before the shift; the shift or ``mu`` applied and the final 0 appended). ``use_flow_sigmas=True`` (set by hand)
 keeps DPM-Solver's own flow grid (first level ``1 - 1/1000`` before the shift) and integer timesteps.
 
-Flow-matching grids, what we found (README: "EVODiff on flow-matching pipelines"): their first level is at or next
-to ``sigma = 1`` (``alpha = 0``, logSNR -inf), so the first step is 4.5-6x longer in logSNR than the second
-(DPM-Solver's shift-3 grid; infinitely longer on FlowMatchEuler's grid, which starts at 1). The reference's
-second-order terms assume logSNR steps that do not shrink (``r <= 1`` on each of its grids): its corrector weights
-the newest difference by ``r`` (``B = r (D_t - b D_0) / h``, the derivative only for ``r = 1``) and its balance
-prior ``sqrt((s_t/s_0)/(s_0/s_1))`` is 7 there. The second step then overshoots (on an exact 2-D mixture, 10 steps:
-0.22 RMSE from the ODE solution after it against DPM-Solver++'s 0.0011), and a grid starting at 1 gave a division by
-zero. Hence ``max_step_ratio`` (below) and DDIM in the sigma-ratio form from ``alpha = 0``. The last step of
-shift-3 grids ends far above the reference's 0.002 (``final_step`` and its warning).
+Flow-matching grids, what we found (README: "EVODiff in text-to-image pipelines"): their first level is at or next
+to ``sigma = 1`` (``alpha = 0``, logSNR -inf), so the first step is 5.4-5.9x longer in logSNR than the second
+(DPM-Solver's shift-3 grid at 5-20 steps; infinitely longer on FlowMatchEuler's grid, which starts at 1). The
+reference's second-order terms assume logSNR steps that do not shrink (``r <= 1`` on each of its grids): its
+corrector weights the newest difference by ``r`` (``B = r (D_t - b D_0) / h``, the derivative only for ``r = 1``)
+and its balance prior ``sqrt((s_t/s_0)/(s_0/s_1))`` is 7 there. The second step then overshoots (on an exact 2-D
+mixture, 10 steps: 0.22 RMSE from the ODE solution after it against DPM-Solver++'s 0.0011), and a grid starting at 1
+gave a division by zero. Hence ``max_step_ratio`` (below) and DDIM in the sigma-ratio form from ``alpha = 0``. The
+last positive level of DPM-Solver's and FLUX's flow grids is far above the reference's 0.002 (0.14-0.44 at 5-20
+steps), where its last step's shrink hurts; that of FlowMatchEuler's static-shift grid (SD3) is 0.0089 after a long
+last step, where it helps: ``final_step="auto"`` (what ``from_config`` sets) chooses by the grid. With both, EVODiff
+is at par with DPM-Solver++ 2M at NFE 5-8 on flow grids and worse from NFE 10 (exact mixtures, README).
 
 Differences from the reference, all documented options:
 
