@@ -11,9 +11,12 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from entreg.diffusion.evaluation import (
+    FLOW_GRIDS,
     SOLVERS,
+    converged_flow_solution,
     converged_solution,
     exact_mixture_errors,
+    flow_mixture_errors,
     network_model,
     rmse,
     run_solver,
@@ -157,3 +160,38 @@ def test_entreg_diffusion_exports_the_evaluation_on_first_use():
             assert name in entreg.diffusion.__all__ and getattr(entreg.diffusion, name) is getattr(module, name)
     code = "import sys, entreg.diffusion; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("grid", ["SD3", "FLUX", "SD3-hand"])
+def test_flow_grids_give_every_solver_the_pipelines_grid_and_neutral_evodiff_is_dpm_solver_there(mixture, grid):
+    """On each flow grid (SD3's and FLUX's from sigma = 1, DPM-Solver's by hand) the harness runs every solver on the
+    same levels, one model call each; with its coefficients neutral EVODiff (from the pipeline's config) equals
+    DPM-Solver++ 2M (the grid written into diffusers' scheduler) there, the first step from alpha = 0 included."""
+    flow_grid, model = FLOW_GRIDS[grid], mixture.velocity_model()
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    neutral = flow_grid.scheduler("EVODiff-f")
+    neutral.register_to_config(balance=False, adaptive_ratio=False, corrector=False)
+    ours = run_solver(neutral, model, noise, 6, set_timesteps=flow_grid.set_timesteps)
+    dpm = flow_grid.scheduler("DPM++2M")
+    theirs = run_solver(dpm, model, noise, 6, set_timesteps=flow_grid.set_timesteps)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dpm.sigmas.double(), neutral.sigmas.double(), atol=1e-6, rtol=0)
+    if not flow_grid.hand_set:
+        assert float(neutral.sigmas[0]) == 1.0 and torch.equal(neutral.sigmas.double(), flow_grid.sigmas(6))
+
+
+def test_flow_mixture_errors_converge_and_rank_the_solvers_as_the_readme_says(mixture):
+    """The converged flow solution converges; on SD3's grid at NFE 5 EVODiff (the reference's last step, chosen by
+    final_step='auto') beats the pipeline's Euler, which beats DPM-Solver++ 2M extrapolating over the long last step
+    (README: EVODiff in text-to-image pipelines)."""
+    model = mixture.velocity_model()
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = converged_flow_solution(model, noise, 400)
+    assert reference.dtype == torch.float64 and rmse(reference, converged_flow_solution(model, noise, 200)) < 2e-3
+    out = flow_mixture_errors(mixture, 300, 0, [5, 20], {"SD3": FLOW_GRIDS["SD3"]}, reference_steps=400)
+    assert out["seed"] == 0 and out["reference_halving_rmse"] < 2e-3
+    runs = {key: value["rmse"] for key, value in out["runs"].items()}
+    assert set(runs) == {f"{s}|SD3|{n}" for s in FLOW_GRIDS["SD3"].solvers for n in (5, 20)}
+    assert runs["EVODiff|SD3|5"] < runs["FlowMatchEuler|SD3|5"] < runs["DPM++2M|SD3|5"]
+    assert runs["EVODiff|SD3|5"] == runs["EVODiff-e|SD3|5"]  # auto takes the reference's last step on this grid
+    assert all(runs[f"{s}|SD3|20"] < runs[f"{s}|SD3|5"] for s in ("FlowMatchEuler", "EVODiff", "DPM++2M"))
