@@ -168,3 +168,35 @@ def test_img2img_starts_where_flow_match_euler_does(pipe):
         seen[type(scheduler).__name__] = calls
         assert torch.isfinite(latents).all()
     assert len(seen["EVODiffScheduler"]) == 6 and seen["EVODiffScheduler"] == seen["FlowMatchEulerDiscreteScheduler"]
+
+
+SD_FAMILY = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config"),
+    [
+        ("PNDMScheduler", {**SD_FAMILY, "skip_prk_steps": True, "set_alpha_to_one": False}),  # SD 1.5
+        ("DDIMScheduler", {**SD_FAMILY, "prediction_type": "v_prediction", "clip_sample": False}),  # SD 2.1 (768)
+        ("EulerDiscreteScheduler", {**SD_FAMILY, "timestep_spacing": "leading", "interpolation_type": "linear"}),  # XL
+        ("EulerAncestralDiscreteScheduler", SD_FAMILY),
+        ("LMSDiscreteScheduler", SD_FAMILY),
+        ("DPMSolverMultistepScheduler", {**SD_FAMILY, "use_karras_sigmas": True}),
+        ("UniPCMultistepScheduler", SD_FAMILY),
+    ],
+)
+def test_sd_family_configs_keep_their_noise_schedule_prediction_and_dpm_solvers_grid(cls_name, config):
+    """The scheduler configs SD 1.x/2.x/XL pipelines ship: EVODiff keeps their betas, prediction type and spacing,
+    and samples on DPM-Solver's grid for them (N timesteps ending at 0), as DPMSolverMultistepScheduler.from_config
+    does."""
+    import diffusers
+
+    shipped = {**getattr(diffusers, cls_name)(**config).config, "_class_name": cls_name}
+    evodiff, dpm = EVODiffScheduler.from_config(shipped), DPMSolverMultistepScheduler.from_config(shipped)
+    for key in ("beta_schedule", "beta_start", "beta_end", "prediction_type", "timestep_spacing", "steps_offset"):
+        assert evodiff.config[key] == dpm.config[key] == config.get(key, dpm.config[key]), key  # the keys set
+    for scheduler in (evodiff, dpm):
+        scheduler.set_timesteps(12)
+    assert torch.equal(evodiff.timesteps, dpm.timesteps) and len(evodiff.timesteps) == 12
+    torch.testing.assert_close(evodiff.sigmas.float(), dpm.sigmas.float())
+    assert evodiff.sigmas[-1] == 0 and evodiff.config.final_step == "auto"
