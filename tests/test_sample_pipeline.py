@@ -48,6 +48,7 @@ def test_entreg_sample_pipeline_writes_images_grid_tensorboard_and_metrics(sd_pa
     pipe = load_pipeline(sd_path)
     scheduler = pipeline_scheduler(pipe, "entreg.diffusion.evodiff.EVODiffScheduler")
     expected, _ = sample_pipeline(pipe, ["a tree"], [5], 3, scheduler, guidance_scale=3.0, height=8, width=8)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # the pipeline's own scheduler is put back
     written = read_image(str(run / files[3])).float() / 255
     assert (written - expected[0]).abs().max() <= 1 / 255 + 1e-6
     assert (run / "samples.png").is_file()

@@ -125,12 +125,14 @@ def sample_pipeline(
     **call_options: Any,
 ) -> tuple[Tensor, list[dict[str, Any]]]:
     """One image per prompt and seed (prompt-major), each by one pipeline call with ``torch.Generator`` seeded by its
-    seed on the CPU (the same image for a seed on any device), with ``scheduler`` set into the pipeline when given.
+    seed on the CPU (the same image for a seed on any device), by ``scheduler`` when given (the pipeline's own
+    scheduler is put back afterwards).
 
     Returns (images (N, 3, H, W) float32 in [0, 1] on the CPU, one record per image: prompt, seed, seconds, nfe =
     the calls of the pipeline's transformer/UNet; classifier-free guidance batches both branches in one call).
     ``guidance_scale``, ``height``, ``width``: None keeps the pipeline's defaults; ``call_options`` go to the
     pipeline call."""
+    shipped = pipeline.scheduler
     if scheduler is not None:
         pipeline.scheduler = scheduler
     options = {"guidance_scale": guidance_scale, "height": height, "width": width}
@@ -156,4 +158,5 @@ def sample_pipeline(
                 records.append({"prompt": prompt, "seed": int(seed), "seconds": seconds, "nfe": calls[0]})
     finally:
         handle.remove()
+        pipeline.scheduler = shipped
     return torch.cat(images), records
