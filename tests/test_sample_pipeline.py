@@ -78,6 +78,7 @@ def test_entreg_sample_pipeline_takes_a_prompt_list_and_the_pipelines_own_schedu
         (["num_inference_steps=0"], ValueError, "num_inference_steps must be an integer >= 1"),
         (["pipeline=/nonexistent/dir"], FileNotFoundError, "not a diffusers pipeline directory"),
         (["prompts=/nonexistent/prompts.txt"], FileNotFoundError, "one prompt a line"),
+        (["sampler.scheduler=diffusers.NoSuchScheduler"], ValueError, "a scheduler is a class or its path"),
     ],
 )
 def test_entreg_sample_pipeline_errors_name_the_key(sd_path, tmp_path, overrides, error, message):

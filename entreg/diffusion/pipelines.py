@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pydoc
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,15 +53,11 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None
     return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
 
 
-def _locate(path: str | type) -> type:
-    if isinstance(path, type):
-        return path
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"a scheduler is a class path such as diffusers.UniPCMultistepScheduler, got {path!r}")
-    return getattr(importlib.import_module(module), name)
+def _scheduler_class(path: str | type) -> type:
+    cls = path if isinstance(path, type) else pydoc.locate(path)
+    if not isinstance(cls, type):
+        raise ValueError(f"a scheduler is a class or its path such as diffusers.UniPCMultistepScheduler, got {path!r}")
+    return cls
 
 
 def pipeline_scheduler(pipeline: Any, scheduler: str | type | None = None, **options: Any) -> Any:
@@ -71,7 +68,7 @@ def pipeline_scheduler(pipeline: Any, scheduler: str | type | None = None, **opt
     one without them (DDIM, Euler, ...) is a ValueError. The same holds for a pipeline whose scheduler was already
     set to a flow-prediction one (e.g. EVODiff from a flow config)."""
     config = {**pipeline.scheduler.config, "_class_name": type(pipeline.scheduler).__name__}
-    cls = type(pipeline.scheduler) if scheduler is None else _locate(scheduler)
+    cls = type(pipeline.scheduler) if scheduler is None else _scheduler_class(scheduler)
     flow_model = is_flow_matching_config(config) or config.get("prediction_type") == "flow_prediction"
     if flow_model and cls.__name__ not in FLOW_NATIVE:
         accepted = inspect.signature(cls.__init__).parameters
