@@ -200,3 +200,18 @@ def test_sd_family_configs_keep_their_noise_schedule_prediction_and_dpm_solvers_
     assert torch.equal(evodiff.timesteps, dpm.timesteps) and len(evodiff.timesteps) == 12
     torch.testing.assert_close(evodiff.sigmas.float(), dpm.sigmas.float())
     assert evodiff.sigmas[-1] == 0 and evodiff.config.final_step == "auto"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"_class_name": "LCMScheduler"}, "consistency-distilled"),
+        ({"_class_name": "TCDScheduler"}, "consistency-distilled"),
+        ({"_class_name": "EDMEulerScheduler"}, "EDM-preconditioned"),
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0, "invert_sigmas": True}, "invert_sigmas"),
+        ({"_class_name": "IPNDMScheduler"}, "EVODiffScheduler\\(\\*\\*keys\\) builds one by hand"),
+    ],
+)
+def test_configs_it_cannot_serve_are_refused_with_the_reason(config, message):
+    with pytest.raises(ValueError, match=message):
+        EVODiffScheduler.from_config(config)
