@@ -24,9 +24,10 @@ pipeline's grid written into them); ``EVODiff`` (``EVODiffScheduler.from_config(
 RMSE per coordinate to the reference, mean ± std over ``--seeds`` seeds (each seed new noise).
 
 Cost (``--part cost``): ``scheduler.step`` alone (precomputed model outputs), per step, EVODiff (the SD3 config,
-``from_config``) over ``DPMSolverMultistepScheduler`` (DPM-Solver's flow keys), on a (4, 16, 64, 64) latent batch
-(SD3's 16 latent channels at 512 x 512; ``--latent-shape``), float32, 20 steps, medians of ``--repeats``
-interleaved repeats; a repeat counts when other processes used under 0.2 cores.
+``from_config``) over ``DPMSolverMultistepScheduler`` (DPM-Solver's flow keys), both on SD3's grid, on 4x4x64x64
+(SD 1.x latents at 512 x 512) and 4x16x64x64 (SD3's 16 channels) latent batches (``--latent-shapes``), float32,
+20 steps, medians of ``--repeats`` interleaved repeats on ``--device``; a repeat counts when other processes used
+under 0.2 cores.
 
 Run (from the repository root):
     PYTHONPATH=. python scripts/bench_samplers_flow.py --part rmse    # the solver errors (deterministic), ~5 min
@@ -84,43 +85,50 @@ def print_rmse(results: dict[str, Any], nfes: tuple[int, ...]) -> None:
 
 
 def step_cost(args: argparse.Namespace) -> dict[str, Any]:
-    """Median time of scheduler.step per step (no model), EVODiff vs DPM++2M on SD3's flow grid, interleaved."""
+    """Per latent shape, the median time of scheduler.step per step (no model), EVODiff vs DPM++2M on SD3's flow
+    grid, interleaved repeats on ``args.device``."""
     grid = FLOW_GRIDS["SD3"]
     makers = {"EVODiff": lambda: grid.scheduler("EVODiff"), "DPM++2M": lambda: grid.scheduler("DPM++2M")}
-    shape = tuple(args.latent_shape)
-    g = torch.Generator().manual_seed(0)
-    outputs = [torch.randn(shape, generator=g) for _ in range(args.steps)]
-    noise = torch.randn(shape, generator=g)
-    foreign, repeats, clean = ForeignCpu(), [], []
-    for repeat in range(args.repeats):
-        here, start = {}, foreign.snapshot()
-        for name in list(makers) if repeat % 2 == 0 else list(makers)[::-1]:
-            scheduler = makers[name]()
-            grid.set_timesteps(scheduler, args.steps)
-            x = noise
-            t0 = time.perf_counter()
-            for t, o in zip(scheduler.timesteps, outputs, strict=True):
-                x = scheduler.step(o, t, x).prev_sample
-            here[name] = (time.perf_counter() - t0) / args.steps
-        busy = foreign.cores(start, foreign.snapshot())
-        repeats.append(here)
-        clean.append(busy is None or busy < 0.2)
-    used, noisy = clean_or_all(repeats, clean, args.repeats)
-    ratios = [r["EVODiff"] / r["DPM++2M"] for r in used]
-    ms = {name: 1e3 * statistics.median(r[name] for r in used) for name in makers}
-    out = {
-        "latent_shape": shape,
-        "ms_per_step": ms,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min_max": (min(ratios), max(ratios)),
-        "clean_repeats": sum(clean),
-        "noisy": noisy,
-    }
-    print(
-        f"  latents {'x'.join(map(str, shape))}: EVODiff {ms['EVODiff']:.3f} ms/step, DPM++2M {ms['DPM++2M']:.3f} "
-        f"ms/step, ratio {out['ratio_median']:.3f} ({sum(clean)} clean repeats{', NOISY' if noisy else ''})",
-        flush=True,
-    )
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {}
+    for label in args.latent_shapes:
+        shape = tuple(int(n) for n in label.split("x"))
+        g = torch.Generator().manual_seed(0)
+        outputs = [torch.randn(shape, generator=g).to(device) for _ in range(args.steps)]
+        noise = torch.randn(shape, generator=g).to(device)
+        foreign, repeats, clean = ForeignCpu(), [], []
+        for repeat in range(args.repeats):
+            here, start = {}, foreign.snapshot()
+            for name in list(makers) if repeat % 2 == 0 else list(makers)[::-1]:
+                scheduler = makers[name]()
+                grid.set_timesteps(scheduler, args.steps, device)
+                x = noise
+                sync()
+                t0 = time.perf_counter()
+                for t, o in zip(scheduler.timesteps, outputs, strict=True):
+                    x = scheduler.step(o, t, x).prev_sample
+                sync()
+                here[name] = (time.perf_counter() - t0) / args.steps
+            busy = foreign.cores(start, foreign.snapshot())
+            repeats.append(here)
+            clean.append(busy is None or busy < 0.2)
+        used, noisy = clean_or_all(repeats, clean, args.repeats)
+        ratios = [r["EVODiff"] / r["DPM++2M"] for r in used]
+        ms = {name: 1e3 * statistics.median(r[name] for r in used) for name in makers}
+        out[label] = {
+            "device": str(device),
+            "ms_per_step": ms,
+            "ratio_median": statistics.median(ratios),
+            "ratio_min_max": (min(ratios), max(ratios)),
+            "clean_repeats": sum(clean),
+            "noisy": noisy,
+        }
+        print(
+            f"  latents {label} on {device}: EVODiff {ms['EVODiff']:.3f} ms/step, DPM++2M {ms['DPM++2M']:.3f} ms/step, "
+            f"ratio {out[label]['ratio_median']:.3f} ({sum(clean)} clean repeats{', NOISY' if noisy else ''})",
+            flush=True,
+        )
     return out
 
 
@@ -132,14 +140,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ref-steps", type=int, default=None, help="reference solver levels (default 2000)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of the step cost (default 15)")
     parser.add_argument("--steps", type=int, default=20, help="steps of each timed run")
-    parser.add_argument("--latent-shape", type=int, nargs="+", default=None, help="default 4 16 64 64")
+    parser.add_argument(
+        "--latent-shapes", nargs="+", default=None, help="latent batches BxCxHxW (default 4x4x64x64 4x16x64x64)"
+    )
+    parser.add_argument("--device", default="cpu", help="where the cost part steps (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=results_path(__file__))
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.ref_steps = args.ref_steps or (200 if args.quick else 2000)
     args.repeats = args.repeats or (2 if args.quick else 15)
-    args.latent_shape = args.latent_shape or ([2, 4, 8, 8] if args.quick else [4, 16, 64, 64])
+    args.latent_shapes = args.latent_shapes or (["2x4x8x8"] if args.quick else ["4x4x64x64", "4x16x64x64"])
     args.nfes = (5, 10) if args.quick else NFES
     args.samples = {"2-D": 200, "64-D": 50} if args.quick else {"2-D": 4000, "64-D": 2000}
     torch.set_num_threads(args.threads)
