@@ -127,3 +127,24 @@ def test_exact_epsilon_drives_a_scheduler_to_the_mixture():
     truth = gmm.sample(2000, torch.Generator().manual_seed(1))
     assert abs(float(gmm.log_prob(x).mean() - gmm.log_prob(truth).mean())) < 0.15
     assert math.isfinite(float(x.abs().max()))
+
+
+@pytest.mark.parametrize("sigma", [0.2, 0.6, 0.95])
+def test_velocity_is_the_conditional_mean_of_eps_minus_x0(sigma):
+    """Flow matching (x_t = (1 - sigma) x_0 + sigma eps): the residual eps - x_0 - v(x_t) is orthogonal to functions
+    of x_t (1 and x_t) up to Monte Carlo error, as the conditional mean E[eps - x_0 | x_t] must be; a velocity off
+    by 5% fails it."""
+    gmm, g = GaussianMixture.preset("2d"), torch.Generator().manual_seed(0)
+    x0 = gmm.sample(200_000, generator=g)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    target = eps - x0
+    residual = target - gmm.velocity(x_t, sigma)
+    assert (residual.mean(0).abs() < 4 * residual.std(0) / math.sqrt(len(x_t))).all()
+    assert ((residual * x_t).mean(0).abs() < 4 * (residual * x_t).std(0) / math.sqrt(len(x_t))).all()
+    wrong = target - 1.05 * gmm.velocity(x_t, sigma)
+    assert ((wrong * x_t).mean(0).abs() > 4 * (wrong * x_t).std(0) / math.sqrt(len(x_t))).any()
+    model = gmm.velocity_model()  # the pipeline's call: t = 1000 sigma, any float dtype back
+    out = model(x_t[:5].float(), torch.tensor(1000.0 * sigma))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), gmm.velocity(x_t[:5].float(), sigma), atol=1e-6, rtol=0)
