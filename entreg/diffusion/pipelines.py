@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import json
 import pydoc
 import time
 from collections.abc import Sequence
@@ -31,26 +30,12 @@ import torch
 from torch import Tensor
 
 from entreg.diffusion.evodiff import is_flow_matching_config
+from entreg.nn.pretrained import load_pipeline
 
 __all__ = ["load_pipeline", "pipeline_scheduler", "read_prompts", "sample_pipeline"]
 
 # flow-matching schedulers that take a FlowMatchEuler config as it is (EVODiff maps it in its from_config)
 FLOW_NATIVE = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "EVODiffScheduler")
-
-
-def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None) -> Any:
-    """``DiffusionPipeline.from_pretrained(path)`` of a local pipeline directory, without downloads; components saved
-    as ``null`` are passed as None."""
-    from diffusers import DiffusionPipeline
-
-    path = Path(path).expanduser()
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    index = json.loads(index_file.read_text())
-    absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
-    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
 
 
 def _scheduler_class(path: str | type) -> type:

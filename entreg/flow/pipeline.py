@@ -30,7 +30,6 @@ Example (a tiny random SD3 pipeline, :func:`entreg.flow.tiny_pipeline.save_tiny_
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,19 +107,12 @@ def _check_flow_matching(pipeline: Any, where: str) -> None:
 
 
 def load_flow_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None) -> Any:
-    """``DiffusionPipeline.from_pretrained(path)`` of a local pipeline directory (components saved as ``null``,
-    e.g. SD3 without its T5 encoder, are passed as None), checked to be a supported flow-matching pipeline."""
-    from diffusers import DiffusionPipeline
+    """:func:`entreg.nn.pretrained.load_pipeline` (a local directory, components saved as ``null``, e.g. SD3 without
+    its T5 encoder, passed as None), checked to be a supported flow-matching pipeline."""
+    from entreg.nn.pretrained import load_pipeline
 
-    path = Path(path).expanduser()
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    index = json.loads(index_file.read_text())
-    absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
-    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-    pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **absent)
-    _check_flow_matching(pipeline, str(path))
+    pipeline = load_pipeline(path, torch_dtype)
+    _check_flow_matching(pipeline, str(Path(path).expanduser()))
     return pipeline
 
 

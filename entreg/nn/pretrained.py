@@ -1,5 +1,6 @@
 """Pretrained classifiers from local weight files: any timm model, torchvision's classification models, and
-(in :mod:`entreg.nn.robustbench`) RobustBench's CIFAR corruption models, each with its preprocessing.
+(in :mod:`entreg.nn.robustbench`) RobustBench's CIFAR corruption models, each with its preprocessing; and local
+diffusers pipeline directories (:func:`load_pipeline`).
 
 Every builder returns ``(net, DataConfig)``: the network with the file's weights, in eval mode, and the
 preprocessing it was trained with (input size, resize and crop, interpolation, mean and std). Nothing is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ __all__ = [
     "NormalizedClassifier",
     "WeightsError",
     "check_state_dict",
+    "load_pipeline",
     "read_weights_file",
     "timm_model",
     "torchvision_model",
@@ -491,3 +494,18 @@ def torchvision_model(
     crop = preset.crop_size[0]
     data = DataConfig((3, crop, crop), preset.mean, preset.std, preset.resize_size[0], preset.interpolation.value)
     return net, data
+
+
+def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None) -> Any:
+    """``DiffusionPipeline.from_pretrained(path)`` of a local pipeline directory, without downloads; components saved
+    as ``null`` are passed as None."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(path).expanduser()
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
+    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
