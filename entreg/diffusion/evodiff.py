@@ -106,7 +106,6 @@ __all__ = ["EVODiffScheduler", "evodiff_config", "is_flow_matching_config"]
 
 CLIP = 2.0  # bound of every least-squares coefficient
 TEMPERATURE = 0.25  # r~ = clip(sigmoid(|b| * TEMPERATURE) * r, ...)
-RATIO_BOUNDS = (0.25, 1.5)
 ZETA_SHIFT = 0.5
 MANY_STEPS = 20  # above this many steps the reference changes its zeta rule
 # final-step advice (measured on exact mixtures, README): the reference's last step hurts where it shrinks the sample
@@ -194,17 +193,54 @@ def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def reduced_dims(x: Tensor, per_channel: bool) -> tuple[int, ...]:
+    """The dims an inner product reduces: all after the first (per sample) or, ``per_channel``, dims >= 2 of 4-D and
+    larger (B, C, ...) samples and the token axis of 3-D (B, tokens, features) ones."""
+    if not per_channel or x.ndim < 3:
+        return tuple(range(1, x.ndim))
+    if x.ndim == 3:
+        return (1,)
+    return tuple(range(2, x.ndim))
+
+
+def _rows(x: Tensor, per_channel: bool) -> tuple[tuple[int, ...], int] | None:
+    """(the kept leading shape, the number of reduced dims) where the reduced dims are the trailing ones, so that
+    ``x`` is a (rows, n) matrix of the vectors an inner product takes; None for packed 3-D latents per channel."""
+    dims = reduced_dims(x, per_channel)
+    if not dims or dims[-1] != x.ndim - 1:
+        return None
+    return x.shape[: dims[0]], len(dims)
+
+
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
-    """<a, b> per sample (all dims after the first reduced) or, ``per_channel``, per sample and channel: dims >= 2
-    reduced for 4-D and larger (B, C, ...) samples, the token axis for 3-D (B, tokens, features) ones; shaped to
-    broadcast against ``a``."""
-    if not per_channel or a.ndim < 3:
-        dims = tuple(range(1, a.ndim))
-    elif a.ndim == 3:
-        dims = (1,)
-    else:
-        dims = tuple(range(2, a.ndim))
-    return (a * b).sum(dim=dims, keepdim=True)
+    """<a, b> per sample or, ``per_channel``, per sample and channel (:func:`reduced_dims`), shaped to broadcast
+    against ``a``. One pass over ``a`` and ``b``: a batched (1, n) by (n, 1) matrix product of their rows, instead of
+    ``(a * b).sum``'s product latent and second pass (which packed 3-D latents per channel keep)."""
+    rows = _rows(a, per_channel)
+    if rows is None:
+        return (a * b).sum(dim=reduced_dims(a, per_channel), keepdim=True)
+    keep, reduced = rows
+    n = math.prod(keep)
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(keep + (1,) * reduced)
+
+
+def squared_norm(a: Tensor, per_channel: bool) -> Tensor:
+    """<a, a> (as :func:`inner`) in one pass over ``a``: the squared 2-norm."""
+    return torch.linalg.vector_norm(a, dim=reduced_dims(a, per_channel), keepdim=True).square_()
+
+
+def pair_gram(pair: Tensor, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """<u, u>, <u, v>, <v, v> (as :func:`inner`) of the two latents ``pair = (u, v)`` stacked on a new first dim (a
+    contiguous tensor), in one pass over both: per sample (and channel) the (2, n) matrix of their vectors times its
+    transpose, one batched matrix product."""
+    u, v = pair
+    rows = _rows(u, per_channel)
+    if rows is None:
+        return squared_norm(u, per_channel), inner(u, v, per_channel), squared_norm(v, per_channel)
+    keep, reduced = rows
+    stacked = pair.view(2, math.prod(keep), -1).transpose(0, 1)  # (rows, 2, n)
+    gram = torch.bmm(stacked, stacked.transpose(1, 2)).view(*keep, 4, *(1,) * reduced)
+    return gram.select(len(keep), 0), gram.select(len(keep), 1), gram.select(len(keep), 3)
 
 
 def clipped_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -214,31 +250,29 @@ def clipped_ratio(num: Tensor, den: Tensor) -> Tensor:
     return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp_(-CLIP, CLIP)
 
 
-def minus_scaled(a: Tensor, b: Tensor, coef: Tensor | float) -> Tensor:
-    """a - coef b in one pass (``coef`` a broadcastable tensor or a number)."""
+def minus_scaled(a: Tensor, b: Tensor, coef: Tensor | float, out: Tensor | None = None) -> Tensor:
+    """a - coef b in one pass (``coef`` a broadcastable tensor or a number), into ``out`` if given."""
     if isinstance(coef, Tensor):
-        return torch.addcmul(a, coef, b, value=-1.0)
-    return torch.add(a, b, alpha=-coef)
+        return torch.addcmul(a, coef, b, value=-1.0, out=out)
+    return torch.add(a, b, alpha=-coef, out=out)
 
 
 def projection(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
     """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2] (0 where b = 0)."""
-    return clipped_ratio(inner(a, b, per_channel), inner(b, b, per_channel))
+    return clipped_ratio(inner(a, b, per_channel), squared_norm(b, per_channel))
 
 
 @dataclass
 class _Pending:
     """A predictor step waiting for its corrector: everything the corrector reuses (x^E in the
-    scheduler's coordinates, the rest in EDM units; inner products cached)."""
+    scheduler's coordinates, the rest in EDM units)."""
 
     x_euler: Tensor  # x^E
-    d1: Tensor  # D_0 - b_1 D_1
-    d1_norm: Tensor  # <d1, d1>
+    pair: Tensor  # (d1, f) stacked: d1 = D_0 - b_1 D_1; f, the corrector's, written there for one pair_gram
     d_prev: Tensor  # D_0 (the latest evaluation before the step)
-    d_prev_norm: Tensor  # <D_0, D_0>
     d_prev2: Tensor  # D_1
     r: float
-    r_tilde: Tensor
+    gain: Tensor  # s_t h / (2 r~), the predictor's weight of d1 (times alpha_t)
     h: float
     s_t: float
     s_prev: float
@@ -507,24 +541,41 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         position = (s_t + s_min) / (s_max + s_min)
         return 0.5 * (1.0 - position * position)
 
-    def _balance(self, cross: Tensor | None, d_old_norm: Tensor | None, w: float, base: float) -> Tensor | float:
-        """b = (1 - w) base + w <D_new, D_old> / <D_old, D_old> (clipped; ``cross`` = <D_new, D_old>), or 1
-        without balancing."""
+    def _balance(self, fit: Tensor | None, w: float, base: float) -> Tensor | float:
+        """b = (1 - w) base + w fit, ``fit`` = <D_new, D_old> / <D_old, D_old> (clipped; one per step, shared by the
+        corrector and the predictor), or 1 without balancing."""
         if not self.config.balance:
             return 1.0
-        return clipped_ratio(cross, d_old_norm).mul_(w).add_((1 - w) * base)
+        return fit.mul(w).add_((1 - w) * base)
 
-    def _predict(self, x: Tensor, now: _Level, nxt: _Level, final: bool, cross: Tensor | None) -> Tensor:
+    def _data_prediction(self, model_output: Tensor, x: Tensor, now: _Level) -> Tensor:
+        """D from the model output at level ``now``: in one pass for flow (``x - sigma v``) and epsilon
+        (``(x - sigma eps) / alpha``) predictions, with the grid's alpha and sigma; the others, thresholding and learned
+        variances through :meth:`convert_model_output`."""
+        c = self.config
+        if not c.thresholding and c.prediction_type == "flow_prediction":
+            return torch.add(x, model_output, alpha=-now.sigma)
+        if (
+            not c.thresholding
+            and c.prediction_type == "epsilon"
+            and c.variance_type not in ("learned", "learned_range")
+        ):
+            return torch.add(x, model_output, alpha=-now.sigma).div_(now.alpha)
+        return self.convert_model_output(model_output, sample=x)
+
+    def _predict(self, x: Tensor, now: _Level, nxt: _Level, final: bool, fit: Tensor | None) -> Tensor:
         """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs;
-        ``cross`` = <D_0, D_1>."""
+        ``fit`` = <D_0, D_1> / <D_1, D_1>, clipped."""
         s_prev, alpha_t, s_t = now.s, nxt.alpha, nxt.s
-        d0, d0_norm = self._history[-1]
+        d0 = self._history[-1][0]
         rho, h = s_t / s_prev, 1.0 / s_t - 1.0 / s_prev
-        # x^E = (sigma_t / sigma_0) x + alpha_t s_t h D_0: DDIM in the sample's coordinates (from alpha_0 = 0 too)
-        x_euler = torch.add(x * (nxt.sigma / now.sigma), d0, alpha=alpha_t * s_t * h)
+        # x^E = (sigma_t / sigma_0) x + alpha_t s_t h D_0: DDIM in the sample's coordinates (from alpha_0 = 0 too);
+        # on flow noise (alpha = 1 - sigma) the weights add up to 1, and x^E is one lerp from x to D_0
+        ddim = alpha_t * s_t * h
+        x_euler = torch.lerp(x, d0, ddim) if self.flow else torch.add(x * (nxt.sigma / now.sigma), d0, alpha=ddim)
         if len(self._history) < 2:  # the first step: DDIM (DPM-Solver++(1))
             return x_euler
-        (d1_prev, d1_prev_norm), s_prev2 = self._history[-2], self._levels[-2]
+        d1_prev, s_prev2 = self._history[-2][0], self._levels[-2]
         step = alpha_t * 0.5 * s_t * h
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)  # infinite after a level with alpha = 0
         if final and self._final_step(s_t, s_prev, r) == "evodiff":
@@ -539,52 +590,52 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
                 "infinite; max_step_ratio (default 2.0) takes DPM-Solver++'s step there, which is DDIM"
             )
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
-        b1 = self._balance(cross, d1_prev_norm, w, base)
-        d1 = minus_scaled(d0, d1_prev, b1)
+        b1 = self._balance(fit, w, base)
+        pair = x.new_empty((2, *x.shape)) if self.config.corrector and not final else None
+        d1 = minus_scaled(d0, d1_prev, b1, out=None if pair is None else pair[0])
         if self.config.adaptive_ratio:
+            # s_t h / (2 r~) with r~ = sigmoid(|b| / 4) r is (1 + exp(-|b| / 4)) s_t h / (2 r); the reference's clip of
+            # r~ to [r / 4, 3 r / 2] never binds, as sigmoid(|b| / 4) is in [1/2, 1)
             b1 = torch.as_tensor(b1, dtype=x.dtype, device=x.device)
-            r_tilde = b1.abs().mul_(TEMPERATURE).sigmoid_().mul_(r).clamp_(RATIO_BOUNDS[0] * r, RATIO_BOUNDS[1] * r)
+            gain = b1.abs().mul_(-TEMPERATURE).exp_().add_(1.0).mul_(0.5 * s_t * h / r)
         else:
-            r_tilde = torch.as_tensor(r, dtype=x.dtype, device=x.device)
-        x_pred = torch.addcmul(x_euler, step / r_tilde, d1)
-        if self.config.corrector and not final:
-            d1_norm = inner(d1, d1, self.config.per_channel)
-            self._pending = _Pending(
-                x_euler, d1, d1_norm, d0, d0_norm, d1_prev, r, r_tilde, h, s_t, s_prev, alpha_t, base, w
-            )
+            gain = torch.tensor(0.5 * s_t * h / r, dtype=x.dtype, device=x.device)
+        x_pred = torch.addcmul(x_euler, gain, d1, value=alpha_t)
+        if pair is not None:
+            self._pending = _Pending(x_euler, pair, d0, d1_prev, r, gain, h, s_t, s_prev, alpha_t, base, w)
         return x_pred
 
-    def _correct(self, p: _Pending, d_new: Tensor, cross: Tensor | None) -> Tensor:
-        """The corrector of the pending predictor with the new evaluation ``d_new`` (``cross`` = <D_t, D_0>).
+    def _correct(self, p: _Pending, d_new: Tensor, fit: Tensor | None) -> Tensor:
+        """The corrector of the pending predictor with the new evaluation ``d_new`` (``fit`` = <D_t, D_0> / <D_0, D_0>,
+        clipped).
 
         With d2 = D_t - b2 D_0, P = r d2 / h, M = d1 / (r h) and f = d2 - d1 / r^2 (so P - M = r f / h), the
         reference's projections reduce to inner products of d1 and f:
         eta* = <P + M, P - M> / |P - M|^2 / 2 = (1 + 2 <d1, f> / (r^2 |f|^2)) / 2 and
         zeta* = <x^P - x^E - s h B / (2 r~), d1> / |d1|^2 / (s h), B = a d1 + b d2."""
         per_channel = self.config.per_channel
-        b2 = self._balance(cross, p.d_prev_norm, p.w, p.base)
+        b2 = self._balance(fit, p.w, p.base)
         d2 = minus_scaled(d_new, p.d_prev, b2)
-        f = torch.add(d2, p.d1, alpha=-1.0 / p.r**2)
-        d1_f, f_f = inner(p.d1, f, per_channel), inner(f, f, per_channel)
-        eta = clipped_ratio(torch.add(f_f, d1_f, alpha=2.0 / p.r**2), f_f).mul_(0.5).abs_().sigmoid_().mul_(0.5)
-        a, b = eta * (-1.0 / p.r), eta.mul(-p.r).add_(p.r)  # B = a d1 + b d2
-        d1_d2 = torch.add(d1_f, p.d1_norm, alpha=1.0 / p.r**2)
-        along = torch.addcmul(p.d1_norm, a, p.d1_norm, value=-1.0).addcmul_(
-            b, d1_d2, value=-1.0
-        )  # <(1-a) d1 - b d2, d1>
-        along = along.mul_(0.5 * p.s_t * p.h / p.r_tilde)
-        zeta_star = clipped_ratio(along, p.d1_norm).div_(p.h * p.s_t)
+        d1 = p.pair[0]
+        torch.add(d2, d1, alpha=-1.0 / p.r**2, out=p.pair[1])  # f
+        d1_norm, d1_f, f_f = pair_gram(p.pair, per_channel)
+        two_eta = clipped_ratio(torch.add(f_f, d1_f, alpha=2.0 / p.r**2), f_f).mul_(0.5).abs_().sigmoid_()
+        a, b = two_eta * (-0.5 / p.r), two_eta.mul(-0.5 * p.r).add_(p.r)  # B = a d1 + b d2: -eta / r, r (1 - eta)
+        d1_d2 = torch.add(d1_f, d1_norm, alpha=1.0 / p.r**2)
+        along = torch.addcmul(d1_norm, a, d1_norm, value=-1.0).addcmul_(b, d1_d2, value=-1.0)  # <(1-a) d1 - b d2, d1>
+        along = along.mul_(p.gain)
+        zeta_star = clipped_ratio(along, d1_norm).div_(p.h * p.s_t)
         if self._bounds[2] > MANY_STEPS:
             ratio, g = p.s_t / p.s_prev, p.d_prev - p.d_prev2  # the slope (D_0 - D_1) / h
-            slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, inner(g, g, per_channel))
+            slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, squared_norm(g, per_channel))
             consistency = torch.sigmoid(slope_coef * (2 - ratio**2))
             zeta = torch.sigmoid(-(zeta_star.abs() - ZETA_SHIFT) * consistency)
             if self.config.bounded_zeta:
                 zeta = zeta.clamp(min=1 / (1 + math.exp(ZETA_SHIFT)))
         else:
             zeta = zeta_star.abs_().sub_(ZETA_SHIFT).sigmoid_()
-        scale = zeta.reciprocal_().mul_(p.alpha_t * 0.5 * p.s_t * p.h)
-        return torch.addcmul(torch.addcmul(p.x_euler, scale * a, p.d1), scale * b, d2)
+        weight = p.alpha_t * 0.5 * p.s_t * p.h  # x = x^E + alpha_t s_t h / (2 zeta) B
+        return torch.addcmul(torch.addcmul(p.x_euler, a / zeta, d1, value=weight), b / zeta, d2, value=weight)
 
     def step(
         self,
@@ -603,16 +654,18 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         k = self.step_index
         dtype = torch.promote_types(sample.dtype, torch.float32)
         x = sample.to(dtype)
-        data = self.convert_model_output(model_output.to(dtype), sample=x)
         if not self._history:  # the first step of this run
             self._bounds = self._grid_bounds(k)
         now, nxt = self._level(k), self._level(k + 1)
-        balance = self.config.balance and self._history
-        cross = inner(data, self._history[-1][0], self.config.per_channel) if balance else None  # <D_t, D_0>
+        data = self._data_prediction(model_output.to(dtype), x, now)
+        fit = None  # <D_t, D_0> / <D_0, D_0>, clipped: the least-squares part of both balance coefficients
+        if self.config.balance and self._history:
+            d0, d0_norm = self._history[-1]
+            fit = clipped_ratio(inner(data, d0, self.config.per_channel), d0_norm)
         if self._pending is not None:
-            x = self._correct(self._pending, data, cross)
+            x = self._correct(self._pending, data, fit)
             self._pending = None
-        norm = inner(data, data, self.config.per_channel) if self.config.balance else None
+        norm = squared_norm(data, self.config.per_channel) if self.config.balance else None
         self._history = [*self._history[-1:], (data, norm)]
         self._levels = [*self._levels[-1:], now.s]
         if nxt.s == 0.0:
@@ -621,7 +674,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             prev = x
         else:
             last_positive = nxt.s == self._bounds[1]
-            prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final, cross)
+            prev = self._predict(x, now, nxt, last_positive and self.config.lower_order_final, fit)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         self._step_index += 1
         prev = prev.to(model_output.dtype)
