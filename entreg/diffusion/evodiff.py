@@ -193,32 +193,33 @@ def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def reduced_dims(x: Tensor, per_channel: bool) -> tuple[int, ...]:
-    """The dims an inner product reduces: all after the first (per sample) or, ``per_channel``, dims >= 2 of 4-D and
-    larger (B, C, ...) samples and the token axis of 3-D (B, tokens, features) ones."""
-    if not per_channel or x.ndim < 3:
-        return tuple(range(1, x.ndim))
-    if x.ndim == 3:
+def reduced_dims(ndim: int, per_channel: bool) -> tuple[int, ...]:
+    """The dims an inner product of ``ndim``-D samples reduces: all after the first (per sample) or, ``per_channel``,
+    dims >= 2 of 4-D and larger (B, C, ...) samples and the token axis of 3-D (B, tokens, features) ones."""
+    if not per_channel or ndim < 3:
+        return tuple(range(1, ndim))
+    if ndim == 3:
         return (1,)
-    return tuple(range(2, x.ndim))
+    return tuple(range(2, ndim))
 
 
-def _rows(x: Tensor, per_channel: bool) -> tuple[tuple[int, ...], int] | None:
-    """(the kept leading shape, the number of reduced dims) where the reduced dims are the trailing ones, so that
-    ``x`` is a (rows, n) matrix of the vectors an inner product takes; None for packed 3-D latents per channel."""
-    dims = reduced_dims(x, per_channel)
-    if not dims or dims[-1] != x.ndim - 1:
+def _rows(shape: torch.Size, per_channel: bool) -> tuple[torch.Size, int] | None:
+    """(the kept leading shape, the number of reduced dims) where the reduced dims are the trailing ones, so that a
+    sample of this shape is a (rows, n) matrix of the vectors an inner product takes; None for packed 3-D latents per
+    channel."""
+    dims = reduced_dims(len(shape), per_channel)
+    if not dims or dims[-1] != len(shape) - 1:
         return None
-    return x.shape[: dims[0]], len(dims)
+    return shape[: dims[0]], len(dims)
 
 
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
     """<a, b> per sample or, ``per_channel``, per sample and channel (:func:`reduced_dims`), shaped to broadcast
     against ``a``. One pass over ``a`` and ``b``: a batched (1, n) by (n, 1) matrix product of their rows, instead of
     ``(a * b).sum``'s product latent and second pass (which packed 3-D latents per channel keep)."""
-    rows = _rows(a, per_channel)
+    rows = _rows(a.shape, per_channel)
     if rows is None:
-        return (a * b).sum(dim=reduced_dims(a, per_channel), keepdim=True)
+        return (a * b).sum(dim=reduced_dims(a.ndim, per_channel), keepdim=True)
     keep, reduced = rows
     n = math.prod(keep)
     return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(keep + (1,) * reduced)
@@ -226,28 +227,28 @@ def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
 
 def squared_norm(a: Tensor, per_channel: bool) -> Tensor:
     """<a, a> (as :func:`inner`) in one pass over ``a``: the squared 2-norm."""
-    return torch.linalg.vector_norm(a, dim=reduced_dims(a, per_channel), keepdim=True).square_()
+    return torch.linalg.vector_norm(a, dim=reduced_dims(a.ndim, per_channel), keepdim=True).square_()
 
 
 def pair_gram(pair: Tensor, per_channel: bool) -> tuple[Tensor, Tensor, Tensor]:
     """<u, u>, <u, v>, <v, v> (as :func:`inner`) of the two latents ``pair = (u, v)`` stacked on a new first dim (a
     contiguous tensor), in one pass over both: per sample (and channel) the (2, n) matrix of their vectors times its
     transpose, one batched matrix product."""
-    u, v = pair
-    rows = _rows(u, per_channel)
+    rows = _rows(pair.shape[1:], per_channel)
     if rows is None:
+        u, v = pair
         return squared_norm(u, per_channel), inner(u, v, per_channel), squared_norm(v, per_channel)
     keep, reduced = rows
     stacked = pair.view(2, math.prod(keep), -1).transpose(0, 1)  # (rows, 2, n)
-    gram = torch.bmm(stacked, stacked.transpose(1, 2)).view(*keep, 4, *(1,) * reduced)
-    return gram.select(len(keep), 0), gram.select(len(keep), 1), gram.select(len(keep), 3)
+    uu, uv, _, vv = torch.bmm(stacked, stacked.mT).view(*keep, 4, *(1,) * reduced).unbind(len(keep))
+    return uu, uv, vv
 
 
-def clipped_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """num / den clipped to [-2, 2] for inner products ``num = <a, b>``, ``den = <b, b>``: 0 where ``den`` is 0
-    (then ``num`` is 0 too; the minimum-norm least-squares coefficient, where the reference divides 0 by 0,
+def clipped_ratio(num: Tensor, den: Tensor, bound: float = CLIP) -> Tensor:
+    """num / den clipped to [-bound, bound] for inner products ``num = <a, b>``, ``den = <b, b>``: 0 where ``den`` is
+    0 (then ``num`` is 0 too; the minimum-norm least-squares coefficient, where the reference divides 0 by 0,
     e.g. when two float32 evaluations are equal on a fine grid)."""
-    return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp_(-CLIP, CLIP)
+    return (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp_(-bound, bound)
 
 
 def minus_scaled(a: Tensor, b: Tensor, coef: Tensor | float, out: Tensor | None = None) -> Tensor:
@@ -270,9 +271,9 @@ class _Pending:
     x_euler: Tensor  # x^E
     pair: Tensor  # (d1, f) stacked: d1 = D_0 - b_1 D_1; f, the corrector's, written there for one pair_gram
     d_prev: Tensor  # D_0 (the latest evaluation before the step)
-    d_prev2: Tensor  # D_1
+    slope_coef: Tensor | None  # the zeta rule's slope coefficient on grids of more than MANY_STEPS steps
     r: float
-    gain: Tensor  # s_t h / (2 r~), the predictor's weight of d1 (times alpha_t)
+    half_inv_r_tilde: Tensor  # 1 / (2 r~)
     h: float
     s_t: float
     s_prev: float
@@ -392,7 +393,9 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         return super()._sigma_to_alpha_sigma_t(sigma)
 
     def _reset_state(self) -> None:
-        self._history: list[tuple[Tensor, Tensor | None]] = []  # the last two data predictions D, <D, D>
+        self._history: list[Tensor] = []  # the last two data predictions D (views of self._data)
+        self._data: Tensor | None = None  # where they are: D_k in [k % 2] of a (2, *sample shape) buffer
+        self._pair: Tensor | None = None  # the pending corrector's (d1, f), in one (2, *sample shape) buffer
         self._levels: list[float] = []  # their noise levels s
         self._pending: _Pending | None = None
         self._bounds: tuple[float, float, int] | None = None
@@ -548,26 +551,26 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             return 1.0
         return fit.mul(w).add_((1 - w) * base)
 
-    def _data_prediction(self, model_output: Tensor, x: Tensor, now: _Level) -> Tensor:
-        """D from the model output at level ``now``: in one pass for flow (``x - sigma v``) and epsilon
-        (``(x - sigma eps) / alpha``) predictions, with the grid's alpha and sigma; the others, thresholding and learned
-        variances through :meth:`convert_model_output`."""
+    def _data_prediction(self, model_output: Tensor, x: Tensor, now: _Level, out: Tensor) -> Tensor:
+        """D from the model output at level ``now``, written into ``out``: in one pass for flow (``x - sigma v``) and
+        epsilon (``(x - sigma eps) / alpha``) predictions, with the grid's alpha and sigma; the others, thresholding
+        and learned variances through :meth:`convert_model_output`."""
         c = self.config
         if not c.thresholding and c.prediction_type == "flow_prediction":
-            return torch.add(x, model_output, alpha=-now.sigma)
+            return torch.add(x, model_output, alpha=-now.sigma, out=out)
         if (
             not c.thresholding
             and c.prediction_type == "epsilon"
             and c.variance_type not in ("learned", "learned_range")
         ):
-            return torch.add(x, model_output, alpha=-now.sigma).div_(now.alpha)
-        return self.convert_model_output(model_output, sample=x)
+            return torch.add(x, model_output, alpha=-now.sigma, out=out).div_(now.alpha)
+        return out.copy_(self.convert_model_output(model_output, sample=x))
 
     def _predict(self, x: Tensor, now: _Level, nxt: _Level, final: bool, fit: Tensor | None) -> Tensor:
         """The sample at the next level from ``x`` (the sample's coordinates), storing the corrector's inputs;
         ``fit`` = <D_0, D_1> / <D_1, D_1>, clipped."""
         s_prev, alpha_t, s_t = now.s, nxt.alpha, nxt.s
-        d0 = self._history[-1][0]
+        d0 = self._history[-1]
         rho, h = s_t / s_prev, 1.0 / s_t - 1.0 / s_prev
         # x^E = (sigma_t / sigma_0) x + alpha_t s_t h D_0: DDIM in the sample's coordinates (from alpha_0 = 0 too);
         # on flow noise (alpha = 1 - sigma) the weights add up to 1, and x^E is one lerp from x to D_0
@@ -575,7 +578,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         x_euler = torch.lerp(x, d0, ddim) if self.flow else torch.add(x * (nxt.sigma / now.sigma), d0, alpha=ddim)
         if len(self._history) < 2:  # the first step: DDIM (DPM-Solver++(1))
             return x_euler
-        d1_prev, s_prev2 = self._history[-2][0], self._levels[-2]
+        d1_prev, s_prev2 = self._history[-2], self._levels[-2]
         step = alpha_t * 0.5 * s_t * h
         r = math.log(s_prev2 / s_prev) / math.log(s_prev / s_t)  # infinite after a level with alpha = 0
         if final and self._final_step(s_t, s_prev, r) == "evodiff":
@@ -591,18 +594,26 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
             )
         base, w = math.sqrt(rho / (s_prev / s_prev2)), self._weight(s_t)
         b1 = self._balance(fit, w, base)
-        pair = x.new_empty((2, *x.shape)) if self.config.corrector and not final else None
+        # d1 goes into the pair buffer, whose previous d1 this step's corrector is done with
+        pair = self._pair if self.config.corrector and not final else None
         d1 = minus_scaled(d0, d1_prev, b1, out=None if pair is None else pair[0])
         if self.config.adaptive_ratio:
-            # s_t h / (2 r~) with r~ = sigmoid(|b| / 4) r is (1 + exp(-|b| / 4)) s_t h / (2 r); the reference's clip of
-            # r~ to [r / 4, 3 r / 2] never binds, as sigmoid(|b| / 4) is in [1/2, 1)
+            # 1 / (2 r~) with r~ = sigmoid(|b| / 4) r is (1 + exp(-|b| / 4)) / (2 r); the reference's clip of r~ to
+            # [r / 4, 3 r / 2] never binds, as sigmoid(|b| / 4) is in [1/2, 1)
             b1 = torch.as_tensor(b1, dtype=x.dtype, device=x.device)
-            gain = b1.abs().mul_(-TEMPERATURE).exp_().add_(1.0).mul_(0.5 * s_t * h / r)
+            half_inv_r_tilde = b1.abs().mul_(-TEMPERATURE).exp_().add_(1.0).mul_(0.5 / r)
         else:
-            gain = torch.tensor(0.5 * s_t * h / r, dtype=x.dtype, device=x.device)
-        x_pred = torch.addcmul(x_euler, gain, d1, value=alpha_t)
+            half_inv_r_tilde = torch.tensor(0.5 / r, dtype=x.dtype, device=x.device)
+        # x^P = x^E + alpha_t s_t h d1 / (2 r~)
+        x_pred = torch.addcmul(x_euler, half_inv_r_tilde, d1, value=alpha_t * s_t * h)
         if pair is not None:
-            self._pending = _Pending(x_euler, pair, d0, d1_prev, r, gain, h, s_t, s_prev, alpha_t, base, w)
+            slope_coef = None  # needs D_1, which the next evaluation overwrites: computed now
+            if self._bounds[2] > MANY_STEPS:
+                g, per_channel = d0 - d1_prev, self.config.per_channel  # the slope (D_0 - D_1) / h
+                slope_coef = clipped_ratio(inner(d0, g, per_channel) * h, squared_norm(g, per_channel))
+            self._pending = _Pending(
+                x_euler, pair, d0, slope_coef, r, half_inv_r_tilde, h, s_t, s_prev, alpha_t, base, w
+            )
         return x_pred
 
     def _correct(self, p: _Pending, d_new: Tensor, fit: Tensor | None) -> Tensor:
@@ -623,12 +634,10 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         a, b = two_eta * (-0.5 / p.r), two_eta.mul(-0.5 * p.r).add_(p.r)  # B = a d1 + b d2: -eta / r, r (1 - eta)
         d1_d2 = torch.add(d1_f, d1_norm, alpha=1.0 / p.r**2)
         along = torch.addcmul(d1_norm, a, d1_norm, value=-1.0).addcmul_(b, d1_d2, value=-1.0)  # <(1-a) d1 - b d2, d1>
-        along = along.mul_(p.gain)
-        zeta_star = clipped_ratio(along, d1_norm).div_(p.h * p.s_t)
+        # zeta* = clip(<...> s h / (2 r~) / |d1|^2, +-2) / (s h): the s h folded into the bound
+        zeta_star = clipped_ratio(along.mul_(p.half_inv_r_tilde), d1_norm, CLIP / (p.h * p.s_t))
         if self._bounds[2] > MANY_STEPS:
-            ratio, g = p.s_t / p.s_prev, p.d_prev - p.d_prev2  # the slope (D_0 - D_1) / h
-            slope_coef = clipped_ratio(inner(p.d_prev, g, per_channel) * p.h, squared_norm(g, per_channel))
-            consistency = torch.sigmoid(slope_coef * (2 - ratio**2))
+            consistency = torch.sigmoid(p.slope_coef * (2 - (p.s_t / p.s_prev) ** 2))
             zeta = torch.sigmoid(-(zeta_star.abs() - ZETA_SHIFT) * consistency)
             if self.config.bounded_zeta:
                 zeta = zeta.clamp(min=1 / (1 + math.exp(ZETA_SHIFT)))
@@ -656,17 +665,19 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         x = sample.to(dtype)
         if not self._history:  # the first step of this run
             self._bounds = self._grid_bounds(k)
+            self._data = x.new_empty((2, *x.shape))
+            self._pair = x.new_empty((2, *x.shape)) if self.config.corrector else None
         now, nxt = self._level(k), self._level(k + 1)
-        data = self._data_prediction(model_output.to(dtype), x, now)
+        # D_t overwrites D_1, two steps old (no longer used), so that D_t and D_0 are one pair
+        data = self._data_prediction(model_output.to(dtype), x, now, out=self._data[k % 2])
         fit = None  # <D_t, D_0> / <D_0, D_0>, clipped: the least-squares part of both balance coefficients
         if self.config.balance and self._history:
-            d0, d0_norm = self._history[-1]
-            fit = clipped_ratio(inner(data, d0, self.config.per_channel), d0_norm)
+            norm_even, cross, norm_odd = pair_gram(self._data, self.config.per_channel)
+            fit = clipped_ratio(cross, norm_odd if k % 2 == 0 else norm_even)
         if self._pending is not None:
             x = self._correct(self._pending, data, fit)
             self._pending = None
-        norm = squared_norm(data, self.config.per_channel) if self.config.balance else None
-        self._history = [*self._history[-1:], (data, norm)]
+        self._history = [*self._history[-1:], data]
         self._levels = [*self._levels[-1:], now.s]
         if nxt.s == 0.0:
             prev = data
