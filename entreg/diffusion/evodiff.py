@@ -680,7 +680,7 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         self._history = [*self._history[-1:], data]
         self._levels = [*self._levels[-1:], now.s]
         if nxt.s == 0.0:
-            prev = data
+            prev = data  # a view of the buffer, which no later step writes (set_timesteps allocates a new one)
         elif nxt.s == now.s:  # a repeated level (e.g. Karras sigmas with final_sigmas_type="sigma_min"): no step
             prev = x
         else:
