@@ -216,7 +216,9 @@ def _rows(shape: torch.Size, per_channel: bool) -> tuple[torch.Size, int] | None
 def inner(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
     """<a, b> per sample or, ``per_channel``, per sample and channel (:func:`reduced_dims`), shaped to broadcast
     against ``a``. One pass over ``a`` and ``b``: a batched (1, n) by (n, 1) matrix product of their rows, instead of
-    ``(a * b).sum``'s product latent and second pass (which packed 3-D latents per channel keep)."""
+    ``(a * b).sum``'s product latent and second pass (which packed 3-D latents per channel keep). It accumulates in
+    the samples' dtype as the sum did (float32: relative errors ~1e-6 instead of ~1e-7, far below what the clipped
+    coefficients resolve); on CUDA with ``torch.backends.cuda.matmul.allow_tf32`` set, in TF32."""
     rows = _rows(a.shape, per_channel)
     if rows is None:
         return (a * b).sum(dim=reduced_dims(a.ndim, per_channel), keepdim=True)
