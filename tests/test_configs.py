@@ -164,8 +164,8 @@ TINY_DATA = {"digits_diffusion": ["data.size=8"]}
 
 def check_rl_run(experiment: str, cfg, metrics: dict[str, float]) -> None:
     """An RL experiment has no data and no test; it uses ERA exactly when its name ends with ``_era``, and then the
-    policy's Gaussian entropy (``policy/gaussian_entropy``, logged by SAC and PPO alike) is ERA's target (per action dimension times the action dimensions); it ran all its
-    env steps and evaluated."""
+    policy's Gaussian entropy (``policy/gaussian_entropy``, logged by SAC and PPO alike) is ERA's target (per action
+    dimension times the action dimensions); it ran all its env steps and evaluated."""
     from entreg.rl.envs import env_spaces
 
     assert cfg.data is None and cfg.test is False
@@ -173,7 +173,8 @@ def check_rl_run(experiment: str, cfg, metrics: dict[str, float]) -> None:
     assert math.isfinite(metrics["eval/return"]) and metrics["step"] == cfg.model.total_steps
     if cfg.model.era_entropy_per_dim is not None:
         _, action_space = env_spaces(cfg.model.env_id)
-        assert metrics["policy/gaussian_entropy"] == pytest.approx(cfg.model.era_entropy_per_dim * action_space.shape[0], abs=1e-4)
+        target = cfg.model.era_entropy_per_dim * action_space.shape[0]
+        assert metrics["policy/gaussian_entropy"] == pytest.approx(target, abs=1e-4)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
