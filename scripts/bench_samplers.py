@@ -58,11 +58,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import ForeignCpu, clean_or_all, environment, mean_std, print_nfe_table, results_path, write_results
+from benchkit import environment, interleaved_step_times, mean_std, print_nfe_table, results_path, write_results
 
 from entreg.diffusion.evaluation import SOLVERS, exact_mixture_errors
 from entreg.diffusion.gmm import GaussianMixture
@@ -131,43 +132,26 @@ def unet_forward_ms(shape: tuple[int, ...]) -> float:
 
 def step_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """Median time of scheduler.step per step (no model), EVODiff vs DPM++2M, side by side per repeat."""
-    foreign = ForeignCpu()
+
+    def ready(name: str) -> Any:
+        scheduler = SOLVERS[name][0](**SOLVERS[name][1])
+        scheduler.set_timesteps(20)
+        return scheduler
+
     out: dict[str, Any] = {}
     for label, shape in (("images 64x3x32x32", (64, 3, 32, 32)), ("latents 4x4x64x64", (4, 4, 64, 64))):
         g = torch.Generator().manual_seed(0)
         outputs = [torch.randn(shape, generator=g) * 0.5 for _ in range(20)]
         noise = torch.randn(shape, generator=g)
-        repeats, clean = [], []
-        for repeat in range(args.repeats):
-            order = ["EVODiff", "DPM++2M"] if repeat % 2 == 0 else ["DPM++2M", "EVODiff"]
-            start = foreign.snapshot()
-            here = {}
-            for name in order:
-                scheduler = SOLVERS[name][0](**SOLVERS[name][1])
-                scheduler.set_timesteps(20)
-                x = noise
-                t0 = time.perf_counter()
-                for t, o in zip(scheduler.timesteps, outputs, strict=True):
-                    x = scheduler.step(o, t, x).prev_sample
-                here[name] = (time.perf_counter() - t0) / 20
-            busy = foreign.cores(start, foreign.snapshot())
-            repeats.append(here)
-            clean.append(busy is None or busy < 0.2)
-        used, noisy = clean_or_all(repeats, clean, args.repeats)
-        ratios = [r["EVODiff"] / r["DPM++2M"] for r in used]
+        timing = interleaved_step_times(
+            {name: partial(ready, name) for name in ("EVODiff", "DPM++2M")}, noise, outputs, args.repeats
+        )
         unet = unet_forward_ms(shape)
-        ms = {name: 1e3 * statistics.median(r[name] for r in used) for name in ("EVODiff", "DPM++2M")}
-        out[label] = {
-            "unet_forward_ms": unet,
-            "ms_per_step": ms,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min_max": (min(ratios), max(ratios)),
-            "clean_repeats": sum(clean),
-            "noisy": noisy,
-        }
+        out[label] = {"unet_forward_ms": unet, **timing}
+        ms, clean, noisy = timing["ms_per_step"], timing["clean_repeats"], timing["noisy"]
         print(
             f"  {label}: EVODiff {ms['EVODiff']:.3f} ms/step, DPM++2M {ms['DPM++2M']:.3f} ms/step, ratio "
-            f"{out[label]['ratio_median']:.3f} ({sum(clean)} clean repeats{', NOISY' if noisy else ''}); one forward "
+            f"{out[label]['ratio_median']:.3f} ({clean} clean repeats{', NOISY' if noisy else ''}); one forward "
             f"of a small UNet2DModel on the same batch: {unet:.0f} ms",
             flush=True,
         )

@@ -41,14 +41,14 @@ file and keeps the other.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import ForeignCpu, clean_or_all, environment, print_nfe_table, results_path, write_results
+from benchkit import environment, interleaved_step_times, print_nfe_table, results_path, write_results
 
 from entreg.diffusion.evaluation import FLOW_GRIDS, flow_mixture_errors
 from entreg.diffusion.gmm import GaussianMixture
@@ -88,45 +88,26 @@ def step_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Per latent shape, the median time of scheduler.step per step (no model), EVODiff vs DPM++2M on SD3's flow
     grid, interleaved repeats on ``args.device``."""
     grid = FLOW_GRIDS["SD3"]
-    makers = {"EVODiff": lambda: grid.scheduler("EVODiff"), "DPM++2M": lambda: grid.scheduler("DPM++2M")}
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def ready(name: str) -> Any:
+        scheduler = grid.scheduler(name)
+        grid.set_timesteps(scheduler, args.steps, device)
+        return scheduler
+
     out: dict[str, Any] = {}
     for label in args.latent_shapes:
         shape = tuple(int(n) for n in label.split("x"))
         g = torch.Generator().manual_seed(0)
         outputs = [torch.randn(shape, generator=g).to(device) for _ in range(args.steps)]
         noise = torch.randn(shape, generator=g).to(device)
-        foreign, repeats, clean = ForeignCpu(), [], []
-        for repeat in range(args.repeats):
-            here, start = {}, foreign.snapshot()
-            for name in list(makers) if repeat % 2 == 0 else list(makers)[::-1]:
-                scheduler = makers[name]()
-                grid.set_timesteps(scheduler, args.steps, device)
-                x = noise
-                sync()
-                t0 = time.perf_counter()
-                for t, o in zip(scheduler.timesteps, outputs, strict=True):
-                    x = scheduler.step(o, t, x).prev_sample
-                sync()
-                here[name] = (time.perf_counter() - t0) / args.steps
-            busy = foreign.cores(start, foreign.snapshot())
-            repeats.append(here)
-            clean.append(busy is None or busy < 0.2)
-        used, noisy = clean_or_all(repeats, clean, args.repeats)
-        ratios = [r["EVODiff"] / r["DPM++2M"] for r in used]
-        ms = {name: 1e3 * statistics.median(r[name] for r in used) for name in makers}
-        out[label] = {
-            "device": str(device),
-            "ms_per_step": ms,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min_max": (min(ratios), max(ratios)),
-            "clean_repeats": sum(clean),
-            "noisy": noisy,
-        }
+        schedulers = {name: partial(ready, name) for name in ("EVODiff", "DPM++2M")}
+        out[label] = {"device": str(device), **interleaved_step_times(schedulers, noise, outputs, args.repeats, sync)}
+        ms, clean, noisy = out[label]["ms_per_step"], out[label]["clean_repeats"], out[label]["noisy"]
         print(
             f"  latents {label} on {device}: EVODiff {ms['EVODiff']:.3f} ms/step, DPM++2M {ms['DPM++2M']:.3f} ms/step, "
-            f"ratio {out[label]['ratio_median']:.3f} ({sum(clean)} clean repeats{', NOISY' if noisy else ''})",
+            f"ratio {out[label]['ratio_median']:.3f} ({clean} clean repeats{', NOISY' if noisy else ''})",
             flush=True,
         )
     return out

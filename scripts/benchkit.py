@@ -119,6 +119,45 @@ def clean_or_all(repeats: Sequence[T], clean: Sequence[bool], wanted: int = MIN_
     return list(repeats), len(kept) < len(repeats)
 
 
+def interleaved_step_times(
+    schedulers: dict[str, Callable[[], Any]],
+    noise: Any,
+    outputs: Sequence[Any],
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Time per ``scheduler.step`` of two schedulers side by side: ``schedulers`` maps a name to a factory returning
+    a scheduler with its timesteps set (one per entry of ``outputs``, the model outputs fed to its steps, from
+    ``noise``). Every repeat steps each scheduler through the whole grid once, in an order reversed every other
+    repeat, and measures the CPU other processes used meanwhile (:class:`ForeignCpu`; clean below 0.2 cores);
+    ``sync`` waits for an accelerator around the timed loop. Returns the median milliseconds per step of each
+    over the clean repeats (:func:`clean_or_all`) and the median and range of the first's time over the second's."""
+    names = list(schedulers)
+    foreign, times, clean = ForeignCpu(), [], []
+    for repeat in range(repeats):
+        here, start = {}, foreign.snapshot()
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            scheduler, x = schedulers[name](), noise
+            sync()
+            t0 = time.perf_counter()
+            for t, output in zip(scheduler.timesteps, outputs, strict=True):
+                x = scheduler.step(output, t, x).prev_sample
+            sync()
+            here[name] = (time.perf_counter() - t0) / len(outputs)
+        busy = foreign.cores(start, foreign.snapshot())
+        times.append(here)
+        clean.append(busy is None or busy < 0.2)
+    used, noisy = clean_or_all(times, clean, repeats)
+    ratios = [r[names[0]] / r[names[1]] for r in used]
+    return {
+        "ms_per_step": {name: 1e3 * statistics.median(r[name] for r in used) for name in names},
+        "ratio_median": statistics.median(ratios),
+        "ratio_min_max": (min(ratios), max(ratios)),
+        "clean_repeats": sum(clean),
+        "noisy": noisy,
+    }
+
+
 def verdict(ok: bool, noisy: bool) -> str:
     """``PASS``/``FAIL`` of a goal, with `` NOISY`` when busy repeats entered the statistics."""
     return ("PASS" if ok else "FAIL") + (" NOISY" if noisy else "")
