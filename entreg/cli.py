@@ -29,6 +29,7 @@ from entreg.checkpoint_kind import require_kind
 
 if TYPE_CHECKING:
     import lightning as L
+    from torch import Tensor
 
 CONFIG_PATH = "pkg://entreg.configs"
 REPORTED_TEST_METRICS = {
@@ -500,6 +501,19 @@ def adapt_benchmark(cfg: DictConfig) -> dict[str, float]:
 
 
 # ---- entreg-sample ---------------------------------------------------------------------------------------------
+def log_samples(cfg: DictConfig, metrics: dict[str, Any], grid: Tensor) -> dict[str, str]:
+    """Log ``metrics`` (as ``sample/<name>``) and the image ``grid`` (TensorBoard ``sample/samples``) to the run's
+    loggers; returns their directories."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    paths: dict[str, str] = {}
+    for logger in instantiate_group(cfg.get("logger")):
+        logger.log_metrics({f"sample/{name}": float(value) for name, value in metrics.items()}, step=0)
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image("sample/samples", grid, 0)
+        logger.finalize("success")
+        paths |= logger_dirs([logger])
+    return paths
 
 
 def sample(cfg: DictConfig) -> dict[str, float]:
@@ -523,7 +537,6 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     import torch
     from hydra.utils import instantiate
-    from lightning.pytorch.loggers import TensorBoardLogger
     from torchvision.utils import save_image
 
     from entreg.images import sample_grid
@@ -558,12 +571,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     paths["metrics"] = str(
         write_metrics(output_dir, {"ckpt_path": str(ckpt_path), "sampler": cfg.sampler.scheduler, **metrics})
     )
-    for logger in instantiate_group(cfg.get("logger")):
-        logger.log_metrics({f"sample/{name}": float(value) for name, value in metrics.items()}, step=0)
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image("sample/samples", grid, 0)
-        logger.finalize("success")
-        paths |= logger_dirs([logger])
+    paths |= log_samples(cfg, metrics, grid)
     paths["checkpoint"] = str(ckpt_path)
     title = f"entreg-sample {cfg.sampler.scheduler} on {ckpt_path}"
     print_table(title, ["metric", "value"], list(metrics.items()), paths)
@@ -592,7 +600,6 @@ def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
 
     import statistics
 
-    from lightning.pytorch.loggers import TensorBoardLogger
     from omegaconf import OmegaConf
     from torchvision.utils import save_image
 
@@ -636,12 +643,7 @@ def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
             | {"per_image": records},
         )
     )
-    for logger in instantiate_group(cfg.get("logger")):
-        logger.log_metrics({f"sample/{name}": float(value) for name, value in metrics.items()}, step=0)
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image("sample/samples", grid, 0)
-        logger.finalize("success")
-        paths |= logger_dirs([logger])
+    paths |= log_samples(cfg, metrics, grid)
     print_table(f"entreg-sample {sampler} on {cfg.pipeline}", ["metric", "value"], list(metrics.items()), paths)
     return metrics
 
