@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import environment, interleaved_step_times, mean_std, print_nfe_table, results_path, write_results
+from benchkit import interleaved_step_times, mean_std, print_nfe_table, results_path, run_parts
 
 from entreg.diffusion.evaluation import SOLVERS, exact_mixture_errors
 from entreg.diffusion.gmm import GaussianMixture
@@ -175,22 +175,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.nfes = (5, 10) if args.quick else NFES
     args.samples = {"2-D": 1000, "64-D": 500} if args.quick else {"2-D": 4000, "64-D": 2000}
     torch.set_num_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    report = environment(benchmark="diffusion samplers on exact Gaussian mixtures", settings=settings)
-    started = time.perf_counter()
-    parts = ("exact", "overhead") if args.part == "both" else (args.part,)
-    if "exact" in parts:
-        print("exact mixtures ...", flush=True)
-        report["exact"] = exact_benchmark(args)
-    if "overhead" in parts:
-        print("step overhead ...", flush=True)
-        report["overhead"] = step_overhead(args)
-    report["seconds"] = time.perf_counter() - started
-    if "exact" in parts:
-        print_exact(report["exact"], args.nfes)
-    write_results(args.out, report, keep=[part for part in ("exact", "overhead") if part not in parts])
-    print(f"\nWrote {args.out} ({report['seconds']:.0f} s)")
-    return report
+    parts = {"exact": ("exact mixtures", exact_benchmark), "overhead": ("step overhead", step_overhead)}
+
+    def show(report: dict[str, Any]) -> None:
+        if "exact" in report:
+            print_exact(report["exact"], args.nfes)
+
+    return run_parts(args, "diffusion samplers on exact Gaussian mixtures", parts, show)
 
 
 if __name__ == "__main__":

@@ -41,14 +41,13 @@ file and keeps the other.
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchkit import environment, interleaved_step_times, print_nfe_table, results_path, write_results
+from benchkit import interleaved_step_times, print_nfe_table, results_path, run_parts
 
 from entreg.diffusion.evaluation import FLOW_GRIDS, flow_mixture_errors
 from entreg.diffusion.gmm import GaussianMixture
@@ -135,22 +134,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.nfes = (5, 10) if args.quick else NFES
     args.samples = {"2-D": 200, "64-D": 50} if args.quick else {"2-D": 4000, "64-D": 2000}
     torch.set_num_threads(args.threads)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    report = environment(benchmark="flow-matching samplers on exact Gaussian mixtures", settings=settings)
-    started = time.perf_counter()
-    parts = ("rmse", "cost") if args.part == "both" else (args.part,)
-    if "rmse" in parts:
-        print("exact mixtures, flow parametrisation ...", flush=True)
-        report["rmse"] = rmse_benchmark(args)
-    if "cost" in parts:
-        print("step cost ...", flush=True)
-        report["cost"] = step_cost(args)
-    report["seconds"] = time.perf_counter() - started
-    if "rmse" in parts:
-        print_rmse(report["rmse"], args.nfes)
-    write_results(args.out, report, keep=[part for part in ("rmse", "cost") if part not in parts])
-    print(f"\nWrote {args.out} ({report['seconds']:.0f} s)")
-    return report
+    parts = {"rmse": ("exact mixtures, flow parametrisation", rmse_benchmark), "cost": ("step cost", step_cost)}
+
+    def show(report: dict[str, Any]) -> None:
+        if "rmse" in report:
+            print_rmse(report["rmse"], args.nfes)
+
+    return run_parts(args, "flow-matching samplers on exact Gaussian mixtures", parts, show)
 
 
 if __name__ == "__main__":

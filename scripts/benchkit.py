@@ -158,6 +158,30 @@ def interleaved_step_times(
     }
 
 
+def run_parts(
+    args: argparse.Namespace,
+    benchmark: str,
+    parts: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]],
+    show: Callable[[dict[str, Any]], None] = lambda report: None,
+) -> dict[str, Any]:
+    """Run the part ``args.part`` names (``"both"``: every part, in order) of a benchmark whose ``parts`` map a name
+    to (what it prints while running, the function of ``args`` giving its results); the report (:func:`environment`
+    with the settings, each part's results, ``seconds``) is passed to ``show`` and written to ``args.out`` keeping
+    the parts not run from the file."""
+    report = environment(benchmark=benchmark, settings={k: v for k, v in vars(args).items() if k != "out"})
+    started = time.perf_counter()
+    chosen = list(parts) if args.part == "both" else [args.part]
+    for name in chosen:
+        message, run = parts[name]
+        print(f"{message} ...", flush=True)
+        report[name] = run(args)
+    report["seconds"] = time.perf_counter() - started
+    show(report)
+    write_results(args.out, report, keep=[name for name in parts if name not in chosen])
+    print(f"\nWrote {args.out} ({report['seconds']:.0f} s)")
+    return report
+
+
 def verdict(ok: bool, noisy: bool) -> str:
     """``PASS``/``FAIL`` of a goal, with `` NOISY`` when busy repeats entered the statistics."""
     return ("PASS" if ok else "FAIL") + (" NOISY" if noisy else "")
