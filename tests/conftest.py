@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -12,6 +13,10 @@ import torch
 from hypothesis import settings
 
 torch.set_num_threads(1)
+# pytest-xdist's workers ignore SIGINT (and so would every subprocess they start); the interrupt tests need the
+# handler a Python process starts with
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 settings.register_profile("entreg", max_examples=60, deadline=None)
 settings.load_profile("entreg")
 
