@@ -526,9 +526,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         return sample_pipeline_dir(cfg)
     require_positive_ints(cfg, "n", "num_inference_steps", "nrow")
     if cfg.sampler.scheduler is None:
-        raise ValueError(
-            "sampler.scheduler=null (a pipeline's own scheduler) needs pipeline=<a diffusers pipeline dir>"
-        )
+        raise ValueError("sampler=pipeline (a pipeline's own scheduler) needs pipeline=<a diffusers pipeline dir>")
     ckpt_path = existing_file(cfg.ckpt_path, "ckpt_path")
     require_kind(ckpt_path, ["diffusion"], "entreg-sample ckpt_path")
 
@@ -583,7 +581,7 @@ def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
     per prompt of ``cfg.prompts`` (a text file, one prompt a line, or a list) and seed of ``cfg.seeds`` (a list, or
     a count n: seeds 0 to n - 1), in
     ``cfg.num_inference_steps`` steps of ``cfg.sampler`` built from the pipeline's scheduler config
-    (:func:`entreg.diffusion.pipelines.pipeline_scheduler`; ``sampler.scheduler=null``: its own scheduler), with
+    (:func:`entreg.diffusion.pipelines.pipeline_scheduler`; ``sampler=pipeline``: its own scheduler), with
     ``cfg.guidance_scale``, ``cfg.height``, ``cfg.width`` (null: the pipeline's defaults). Writes the images
     (``images/<prompt index>_<seed>.png``), their grid ``samples.png`` (also to TensorBoard) and ``metrics.json``
     (seconds per image, NFE = model calls per image); prints and returns the metrics."""

@@ -61,7 +61,7 @@ def test_entreg_sample_pipeline_takes_a_prompt_list_and_the_pipelines_own_schedu
     from entreg.cli import sample
 
     cfg = compose_sample(
-        f"pipeline={sd_path}", "prompts=[a cat]", "sampler.scheduler=null", "num_inference_steps=2", "height=8",
+        f"pipeline={sd_path}", "prompts=[a cat]", "sampler=pipeline", "num_inference_steps=2", "height=8",
         "width=8", f"paths.output_dir={tmp_path}", "logger=none", "seeds=2",
     )  # fmt: skip
     assert sample(cfg)["images"] == 2  # seeds=2: seeds 0 and 1
@@ -93,4 +93,4 @@ def test_checkpoint_mode_refuses_the_pipelines_own_scheduler(tmp_path):
     from entreg.cli import sample
 
     with pytest.raises(ValueError, match="needs pipeline="):
-        sample(compose_sample("ckpt_path=unused", "sampler.scheduler=null", f"paths.output_dir={tmp_path}"))
+        sample(compose_sample("ckpt_path=unused", "sampler=pipeline", f"paths.output_dir={tmp_path}"))
