@@ -215,3 +215,27 @@ def test_sd_family_configs_keep_their_noise_schedule_prediction_and_dpm_solvers_
 def test_configs_it_cannot_serve_are_refused_with_the_reason(config, message):
     with pytest.raises(ValueError, match=message):
         EVODiffScheduler.from_config(config)
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "options"),
+    [
+        ("DEISMultistepScheduler", {}),  # algorithm_type "deis"
+        ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+        ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+        ("SASolverScheduler", {}),
+        ("UniPCMultistepScheduler", {"solver_order": 3}),
+    ],
+)
+def test_a_config_read_from_disk_with_another_solvers_keys_becomes_evodiffs(tmp_path, cls_name, options):
+    """A pipeline directory's scheduler_config.json holds every key (in memory diffusers leaves the defaults out):
+    EVODiff takes the noise schedule and grid from it, not the other solver's order or algorithm."""
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **options).save_config(tmp_path)
+    evodiff = EVODiffScheduler.from_config(cls.load_config(tmp_path))
+    assert (evodiff.config.solver_order, evodiff.config.algorithm_type) == (2, "dpmsolver++")
+    assert evodiff.config.beta_schedule == "scaled_linear" and evodiff.config.final_step == "auto"
+    evodiff.set_timesteps(6)
+    assert len(evodiff.timesteps) == 6 and evodiff.sigmas[-1] == 0

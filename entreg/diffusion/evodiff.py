@@ -174,8 +174,12 @@ def evodiff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     config = dict(config)
     name = config.get("_class_name")
     flow_keys = is_flow_matching_config(config)
+    if name == "EVODiffScheduler":
+        return config
     if (name is None and not flow_keys) or name in VP_SCHEDULERS:
-        return {"final_step": "auto", **config}  # another scheduler's config: the last step chosen by the grid
+        # another scheduler's config: its solver keys (DEIS's algorithm, a third order) are not EVODiff's, the last
+        # step is chosen by the grid
+        return {"final_step": "auto", **config, "solver_order": 2, "algorithm_type": "dpmsolver++"}
     if flow_keys:
         if config.get("invert_sigmas"):
             raise ValueError(
