@@ -601,11 +601,19 @@ def sample_pipeline_dir(cfg: DictConfig) -> dict[str, float]:
     from omegaconf import OmegaConf
     from torchvision.utils import save_image
 
-    from entreg.diffusion.pipelines import load_pipeline, pipeline_scheduler, read_prompts, sample_pipeline
+    from entreg.diffusion.pipelines import (
+        load_pipeline,
+        pipeline_scheduler,
+        read_prompts,
+        sample_pipeline,
+        scheduler_class,
+    )
     from entreg.images import sample_grid
 
     prompts = cfg.prompts if isinstance(cfg.prompts, str) else OmegaConf.to_container(cfg.prompts)
     prompts = read_prompts(prompts)
+    if cfg.sampler.scheduler is not None:
+        scheduler_class(cfg.sampler.scheduler)  # a wrong name fails before the weights are loaded
     pipeline = load_pipeline(cfg.pipeline, cfg.get("torch_dtype")).to(cfg.device)
     pipeline.set_progress_bar_config(disable=True)
     options = OmegaConf.to_container(cfg.sampler.options) if cfg.sampler.get("options") else {}

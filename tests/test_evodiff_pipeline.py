@@ -112,6 +112,8 @@ def test_pipeline_scheduler_gives_dpm_solver_the_flow_keys_of_a_flow_pipeline_an
     if pipe.kind == "sd":  # a VP pipeline: its own config
         assert (dpm.config.prediction_type, dpm.config.use_flow_sigmas) == ("epsilon", False)
         assert pipeline_scheduler(pipe, "diffusers.EulerDiscreteScheduler").config.beta_schedule == "scaled_linear"
+        with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler samples flow-matching models"):
+            pipeline_scheduler(pipe, "diffusers.FlowMatchEulerDiscreteScheduler")
         return
     assert (dpm.config.prediction_type, dpm.config.use_flow_sigmas, dpm.config.flow_shift) == (
         "flow_prediction", True, 3.0,

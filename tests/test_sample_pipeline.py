@@ -79,6 +79,8 @@ def test_entreg_sample_pipeline_takes_a_prompt_list_and_the_pipelines_own_schedu
         (["pipeline=/nonexistent/dir"], FileNotFoundError, "not a diffusers pipeline directory"),
         (["prompts=/nonexistent/prompts.txt"], FileNotFoundError, "one prompt a line"),
         (["sampler.scheduler=diffusers.NoSuchScheduler"], ValueError, "a scheduler is a class or its path"),
+        # the scheduler's name is checked before the (missing) pipeline is loaded
+        (["sampler.scheduler=NoSuch", "pipeline=/nonexistent/dir"], ValueError, "a scheduler is a class or its path"),
     ],
 )
 def test_entreg_sample_pipeline_errors_name_the_key(sd_path, tmp_path, overrides, error, message):
@@ -94,3 +96,16 @@ def test_checkpoint_mode_refuses_the_pipelines_own_scheduler(tmp_path):
 
     with pytest.raises(ValueError, match="needs pipeline="):
         sample(compose_sample("ckpt_path=unused", "sampler=pipeline", f"paths.output_dir={tmp_path}"))
+
+
+def test_a_pipeline_saved_in_float16_loads_with_every_component_in_one_dtype(sd_path, tmp_path):
+    """diffusers loads the UNet in float32 but transformers keeps the text encoder's saved float16: they would not
+    mix. load_pipeline gives every component torch_dtype (float32 by default)."""
+    import torch
+
+    load_pipeline(sd_path).to(torch.float16).save_pretrained(tmp_path / "fp16")
+    for dtype, expected in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        pipe = load_pipeline(tmp_path / "fp16", dtype)
+        assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {expected}
+    images, records = sample_pipeline(load_pipeline(tmp_path / "fp16"), ["a cat"], [0], 2, height=8, width=8)
+    assert images.shape == (1, 3, 8, 8) and bool(torch.isfinite(images).all()) and len(records) == 1

@@ -29,16 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from entreg.diffusion.evodiff import is_flow_matching_config
+from entreg.diffusion.evodiff import FLOW_MATCH_SCHEDULERS, is_flow_matching_config
 from entreg.nn.pretrained import load_pipeline
 
-__all__ = ["load_pipeline", "pipeline_scheduler", "read_prompts", "sample_pipeline"]
+__all__ = ["load_pipeline", "pipeline_scheduler", "read_prompts", "sample_pipeline", "scheduler_class"]
 
 # flow-matching schedulers that take a FlowMatchEuler config as it is (EVODiff maps it in its from_config)
-FLOW_NATIVE = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "EVODiffScheduler")
+FLOW_NATIVE = FLOW_MATCH_SCHEDULERS | {"EVODiffScheduler"}
 
 
-def _scheduler_class(path: str | type) -> type:
+def scheduler_class(path: str | type) -> type:
+    """The scheduler class ``path`` names (e.g. ``diffusers.UniPCMultistepScheduler``), or a ValueError."""
     cls = path if isinstance(path, type) else pydoc.locate(path)
     if not isinstance(cls, type):
         raise ValueError(f"a scheduler is a class or its path such as diffusers.UniPCMultistepScheduler, got {path!r}")
@@ -51,10 +52,16 @@ def pipeline_scheduler(pipeline: Any, scheduler: str | type | None = None, **opt
     with DPM-Solver's flow keys (DPM-Solver, UniPC, DEIS, ...) gets ``use_flow_sigmas=True``,
     ``prediction_type="flow_prediction"``, ``flow_shift`` = the pipeline's shift and its ``use_dynamic_shifting``;
     one without them (DDIM, Euler, ...) is a ValueError. The same holds for a pipeline whose scheduler was already
-    set to a flow-prediction one (e.g. EVODiff from a flow config)."""
+    set to a flow-prediction one (e.g. EVODiff from a flow config). A flow-matching scheduler on a diffusion (VP)
+    pipeline is a ValueError too."""
     config = {**pipeline.scheduler.config, "_class_name": type(pipeline.scheduler).__name__}
-    cls = type(pipeline.scheduler) if scheduler is None else _scheduler_class(scheduler)
+    cls = type(pipeline.scheduler) if scheduler is None else scheduler_class(scheduler)
     flow_model = is_flow_matching_config(config) or config.get("prediction_type") == "flow_prediction"
+    if not flow_model and cls.__name__ in FLOW_MATCH_SCHEDULERS:
+        raise ValueError(
+            f"{cls.__name__} samples flow-matching models and this pipeline's model is a diffusion (VP) model "
+            f"({config['_class_name']}): use a DDPM-family scheduler, e.g. entreg.diffusion.evodiff.EVODiffScheduler"
+        )
     if flow_model and cls.__name__ not in FLOW_NATIVE:
         accepted = inspect.signature(cls.__init__).parameters
         if "use_flow_sigmas" not in accepted:

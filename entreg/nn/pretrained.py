@@ -498,7 +498,8 @@ def torchvision_model(
 
 def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None) -> Any:
     """``DiffusionPipeline.from_pretrained(path)`` of a local pipeline directory, without downloads; components saved
-    as ``null`` are passed as None."""
+    as ``null`` are passed as None. Every component in ``torch_dtype`` (default float32: diffusers would load its
+    models in float32 and transformers the text encoders in their saved dtype, e.g. float16, which do not mix)."""
     from diffusers import DiffusionPipeline
 
     path = Path(path).expanduser()
@@ -507,5 +508,5 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     index = json.loads(index_file.read_text())
     absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
-    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else (torch_dtype or torch.float32)
     return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
