@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -63,15 +65,23 @@ def test_evaluate_is_deterministic_and_depends_on_seed():
         evaluate(act, "InvertedPendulum-v5", episodes=0, seed=0)
 
 
-def test_env_state_round_trip_continues_exactly():
-    _, action_space = env_spaces("Hopper-v5")
+@pytest.mark.parametrize("env_id", ["Hopper-v5", "dm_control/cheetah-run-v0"])
+def test_env_state_round_trip_continues_exactly(env_id):
+    """Through a checkpoint (torch.save, weights-only load): MuJoCo's integration state, the RNG (a legacy
+    RandomState for dm_control tasks), the time limit and episode statistics, dm_control's step counter."""
+    if env_id.startswith("dm_control"):
+        pytest.importorskip("dm_control")
+    _, action_space = env_spaces(env_id)
     rng = np.random.default_rng(0)
     actions = 0.1 * rng.uniform(action_space.low, action_space.high, size=(40, *action_space.shape))
-    env = make_env("Hopper-v5", max_episode_steps=30)
+    env = make_env(env_id, max_episode_steps=30)
     env.reset(seed=1)
     for a in actions[:10]:
         env.step(a)
-    state = get_env_state(env)
+    buffer = io.BytesIO()
+    torch.save(get_env_state(env), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
     rest = []  # up to the 30-step time limit (or a fall): truncation depends on the restored counter
     for a in actions[10:]:
         rest.append(env.step(a))
@@ -80,7 +90,7 @@ def test_env_state_round_trip_continues_exactly():
     env.reset()  # what the reset draws depends on the saved RNG state
     reset_obs = env.reset()[0]
 
-    other = make_env("Hopper-v5", max_episode_steps=30)
+    other = make_env(env_id, max_episode_steps=30)
     set_env_state(other, state)
     for a, (obs, reward, terminated, truncated, _) in zip(actions[10:], rest, strict=False):
         o, r, te, tr, i = other.step(a)

@@ -199,26 +199,59 @@ def _layers(env: Any) -> list[Any]:
     return layers
 
 
+def _simulator(base: Any) -> tuple[Any, Any] | None:
+    """The MuJoCo ``(MjModel, MjData)`` of an unwrapped env: gymnasium's MuJoCo envs, or a DeepMind Control task
+    through shimmy (its physics' raw structs); None for other envs."""
+    if hasattr(base, "model") and hasattr(base, "data"):
+        return base.model, base.data
+    physics = getattr(getattr(base, "_env", None), "physics", None)
+    if physics is not None and hasattr(physics.model, "ptr"):
+        return physics.model.ptr, physics.data.ptr
+    return None
+
+
+def _rng_state(rng: Any) -> Any:
+    """The state of a numpy ``Generator`` (gymnasium) or legacy ``RandomState`` (dm_control's tasks; its key array
+    as a tensor, so that checkpoints hold no numpy arrays)."""
+    if hasattr(rng, "bit_generator"):
+        return copy.deepcopy(rng.bit_generator.state)
+    name, keys, position, has_gauss, cached = rng.get_state()
+    return {"legacy": [name, torch.from_numpy(keys.copy()), int(position), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(rng: Any, state: Any) -> None:
+    if "legacy" in state:
+        name, keys, position, has_gauss, cached = state["legacy"]
+        rng.set_state((name, keys.numpy(), position, has_gauss, cached))
+    else:
+        rng.bit_generator.state = copy.deepcopy(state)
+
+
 def get_env_state(env: Any) -> dict[str, Any] | None:
     """The exact state of a (wrapped) MuJoCo env: the full simulator integration state (``mj_getState``), the
-    env's numpy RNG, the time-limit step counter and the episode-statistics counters. None for other envs."""
+    env's numpy RNG, the time-limit step counter and the episode-statistics counters; for a DeepMind Control task
+    also its task RNG and step counter. None for other envs."""
     base = env.unwrapped
-    if not (hasattr(base, "model") and hasattr(base, "data")):
+    simulator = _simulator(base)
+    if simulator is None:
         return None
     import mujoco
 
     spec = mujoco.mjtState.mjSTATE_INTEGRATION
-    sim = np.empty(mujoco.mj_stateSize(base.model, spec))
-    mujoco.mj_getState(base.model, base.data, sim, spec)
+    sim = np.empty(mujoco.mj_stateSize(simulator[0], spec))
+    mujoco.mj_getState(*simulator, sim, spec)
     layers = _layers(env)
-    return {
+    state = {
         "mujoco": torch.from_numpy(sim),
-        "np_random": copy.deepcopy(base.np_random.bit_generator.state),
+        "np_random": _rng_state(base.np_random),
         "elapsed_steps": [int(w._elapsed_steps or 0) for w in layers if hasattr(w, "_elapsed_steps")],
         "episode_stats": [
             (float(w.episode_returns), int(w.episode_lengths)) for w in layers if hasattr(w, "episode_returns")
         ],
     }
+    if not hasattr(base, "model"):  # dm_control (its task's RNG is np_random): the episode's step count
+        state["dm_control"] = {"step_count": base._env._step_count, "reset_next_step": base._env._reset_next_step}
+    return state
 
 
 def set_env_state(env: Any, state: dict[str, Any]) -> None:
@@ -228,8 +261,13 @@ def set_env_state(env: Any, state: dict[str, Any]) -> None:
 
     env.reset()
     base = env.unwrapped
-    mujoco.mj_setState(base.model, base.data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
-    base.np_random.bit_generator.state = copy.deepcopy(state["np_random"])
+    model, data = _simulator(base)
+    mujoco.mj_setState(model, data, state["mujoco"].numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+    _set_rng_state(base.np_random, state["np_random"])
+    if "dm_control" in state:
+        control, saved = base._env, state["dm_control"]
+        control._step_count, control._reset_next_step = saved["step_count"], saved["reset_next_step"]
+        control.physics.forward()  # the derived quantities dm_control's next step starts from
     layers = _layers(env)
     limits = [w for w in layers if hasattr(w, "_elapsed_steps")]
     stats = [w for w in layers if hasattr(w, "episode_returns")]
