@@ -80,9 +80,14 @@ def test_ppo_evaluates_after_the_rollout_that_reaches_each_multiple_and_keeps_th
     assert [p["step"] for p in curve.points] == [128, 256, 320]  # crosses 100, 200 (and 300: at the end, 320)
     assert module.rollouts_per_epoch() == 1
     assert PPOModule("InvertedPendulum-v5", n_steps=64, steps_per_epoch=130).rollouts_per_epoch() == 3
-    with pytest.warns(DeprecationWarning, match="total_steps"):
+    with pytest.warns(DeprecationWarning) as warned:
         old = PPOModule("InvertedPendulum-v5", n_steps=64, total_timesteps=128, rollouts_per_epoch=2)
+    assert {str(w.message).split(" is ")[0] for w in warned} == {
+        "PPOModule: total_timesteps", "PPOModule: rollouts_per_epoch",
+    }  # fmt: skip
     assert old.hparams.total_steps == 128 and old.rollouts_per_epoch() == 2
+    with pytest.raises(ValueError, match="not both"):
+        PPOModule("InvertedPendulum-v5", n_steps=64, steps_per_epoch=128, rollouts_per_epoch=2)
 
 
 def test_ppo_matched_std_starts_at_eras_initial_entropy_without_its_floor(compose_train):

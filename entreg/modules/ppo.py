@@ -171,6 +171,14 @@ class PPOModule(L.LightningModule):
             total_steps = total_timesteps
         _check_positive(num_envs=num_envs, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs)
         _check_positive(eval_episodes=eval_episodes, clip_range=clip_range)
+        if rollouts_per_epoch is not None:
+            if steps_per_epoch is not None:
+                raise ValueError("give steps_per_epoch (env steps) or its deprecated form rollouts_per_epoch, not both")
+            warnings.warn(
+                "PPOModule: rollouts_per_epoch is deprecated, use steps_per_epoch (env steps)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         for name, value in {"steps_per_epoch": steps_per_epoch, "rollouts_per_epoch": rollouts_per_epoch}.items():
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
