@@ -545,7 +545,9 @@ class EVODiffScheduler(DPMSolverMultistepScheduler):
         return positive[0], positive[-1], len(positive) - 1
 
     def _weight(self, s_t: float) -> float:
-        """w = (1 - t~^2) / 2 with t~ = (s_t + s_min) / (s_max + s_min) (0 where s_max is infinite)."""
+        """w = (1 - t~^2) / 2 with t~ = (s_t + s_min) / (s_max + s_min). On flow grids s_max is infinite (sigma = 1)
+        or in the thousands (DPM-Solver's flow grid), so t~ is 0 or nearly and w = 1/2 at every step: the weight's
+        schedule only acts on VP/EDM grids."""
         s_max, s_min, _ = self._bounds
         position = (s_t + s_min) / (s_max + s_min)
         return 0.5 * (1.0 - position * position)
