@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from entreg.diffusion import GaussianMixture
-from entreg.diffusion.evodiff import EVODiffScheduler, projection
+from entreg.diffusion.evodiff import EVODiffScheduler, clipped_ratio, inner, pair_gram, reduced_dims, squared_norm
 
 NEUTRAL = {"balance": False, "adaptive_ratio": False, "corrector": False, "final_step": "dpmsolver"}
 
@@ -88,7 +88,12 @@ def test_one_model_evaluation_per_step_and_float64_is_kept():
     assert out.dtype == torch.float64
 
 
-def test_projection_is_the_clipped_least_squares_coefficient_per_channel():
+def projection(a: torch.Tensor, b: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """The least-squares coefficient of a on b as the step computes it: <a, b> / <b, b> clipped to [-2, 2]."""
+    return clipped_ratio(inner(a, b, per_channel), squared_norm(b, per_channel))
+
+
+def test_the_least_squares_coefficient_is_clipped_per_channel():
     b = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     a = b * torch.tensor([0.5, -1.0, 7.0], dtype=torch.float64)[None, :, None, None]
     torch.testing.assert_close(projection(a, b, True).flatten(), torch.tensor([0.5, -1.0, 2.0] * 2).double())
@@ -96,6 +101,25 @@ def test_projection_is_the_clipped_least_squares_coefficient_per_channel():
     expected = (a * b).sum((1, 2, 3)) / (b * b).sum((1, 2, 3))
     torch.testing.assert_close(per_sample.flatten(), expected.clamp(-2, 2))
     assert projection(a, torch.zeros_like(b), True).eq(0).all()  # b = 0: the minimum-norm coefficient, not NaN
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 6, 6), (2, 16, 6), (1, 4, 2, 3, 3)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_inner_products_by_matrix_product_equal_the_plain_sums(shape, per_channel):
+    """inner and pair_gram (batched matrix products) against (a * b).sum over reduced_dims, shaped to broadcast:
+    vectors, images, packed 3-D latents (reduced over the token axis per channel) and 5-D video latents."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    dims = reduced_dims(len(shape), per_channel)
+
+    def plain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x * y).sum(dim=dims, keepdim=True)
+
+    torch.testing.assert_close(inner(u, v, per_channel), plain(u, v))
+    wanted = (plain(u, u), plain(u, v), plain(v, v))
+    for got, want in zip(pair_gram(torch.stack([u, v]), per_channel), wanted, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize(

@@ -264,11 +264,6 @@ def minus_scaled(a: Tensor, b: Tensor, coef: Tensor | float, out: Tensor | None 
     return torch.add(a, b, alpha=-coef, out=out)
 
 
-def projection(a: Tensor, b: Tensor, per_channel: bool) -> Tensor:
-    """The least-squares coefficient of ``a`` on ``b``, <a, b> / <b, b>, clipped to [-2, 2] (0 where b = 0)."""
-    return clipped_ratio(inner(a, b, per_channel), squared_norm(b, per_channel))
-
-
 @dataclass
 class _Pending:
     """A predictor step waiting for its corrector: everything the corrector reuses (x^E in the
