@@ -20,7 +20,8 @@ class LearningCurve(L.Callback):
     After every training step it reads the module's ``last_evaluation`` (an :class:`entreg.rl.envs.Evaluation`, set
     at each multiple of the module's ``eval_every`` env steps and at the end of ``total_steps``) and, when it is new,
     appends a point: env ``step``, evaluation ``seed``, ``mean`` return, every episode's ``returns``, and the latest
-    logged ``policy/std``, ``policy/entropy`` and ``policy/gaussian_entropy`` (how much noise the policy had then).
+    logged ``policy/std``, ``policy/entropy`` and ``policy/gaussian_entropy`` (how much noise the policy had then;
+    a tag the agent has not logged yet is left out).
     The points are in :attr:`points`, survive checkpoints (``state_dict``), and with ``path`` are written there as
     JSON after every new point (rank 0).
 
@@ -56,7 +57,7 @@ class LearningCurve(L.Callback):
             return
         point = record.as_dict()
         metrics = trainer.callback_metrics
-        point |= {tag: float(metrics[tag]) if tag in metrics else math.nan for tag in POLICY_TAGS}
+        point |= {tag: float(metrics[tag]) for tag in POLICY_TAGS if tag in metrics}  # strict JSON: no NaN
         self.points.append(point)
         if self.path is not None and trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
