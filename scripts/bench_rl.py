@@ -85,7 +85,7 @@ import numpy as np
 import torch
 from benchkit import ForeignCpu, quiet_libraries, results_path, shown
 
-from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm
+from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm, verdict
 
 CONFIG_DIR = Path(entreg.configs.__file__).parent
 EVAL_SEED = 10_000
@@ -413,17 +413,15 @@ def noise_curves(runs: list[dict[str, Any]]) -> str:
 def compare(env: str, budget: int, arm: str, runs: list[dict[str, Any]], control: str,
             controls: list[dict[str, Any]]) -> str:  # fmt: skip
     """A comparisons-table row: ERA arm minus control arm, final and AUC (IQM over seeds, bootstrap CI)."""
-    cells, verdicts = [], set()
+    cells, intervals = [], []
     for index in (0, 1):  # final, AUC
         ours, theirs = ([final_and_auc(r)[index] for r in rs] for rs in (runs, controls))
         low, high = difference_ci(ours, theirs)
         cells.append(f"{iqm(ours) - iqm(theirs):+.0f} [{low:+.0f}, {high:+.0f}]")
-        verdicts.add("helps" if low > 0 else "hurts" if high < 0 else "within noise")
-    verdict = verdicts.pop() if len(verdicts) == 1 else "mixed (final vs AUC)"
-    if min(len(runs), len(controls)) < MIN_SEEDS:
-        verdict = f"fewer than {MIN_SEEDS} seeds"
+        intervals.append((low, high))
+    reading = verdict(intervals, min(len(runs), len(controls)), MIN_SEEDS)
     seeds = f"{len(runs)} vs {len(controls)}"
-    return f"| {env} | {budget:g} | {arm} | {control} | {seeds} | {cells[0]} | {cells[1]} | {verdict} |"
+    return f"| {env} | {budget:g} | {arm} | {control} | {seeds} | {cells[0]} | {cells[1]} | {reading} |"
 
 
 # ----------------------------------------------------------------------------------------------- speed

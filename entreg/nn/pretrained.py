@@ -509,4 +509,4 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | str | None = None
     index = json.loads(index_file.read_text())
     absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else (torch_dtype or torch.float32)
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **absent)  # offline-ok

@@ -7,6 +7,7 @@ statistical precipice", arXiv 2108.13264): the interquartile mean and a percenti
   replacement (a stratified bootstrap over one task, as ``rliable`` does per task), seeded, so tables repeat.
 * :func:`difference_ci`: the same interval for ``statistic(treatment) - statistic(control)`` (each arm's seeds
   resampled on their own): above 0, the treatment helps; below, it hurts; across 0, within noise.
+* :func:`verdict`: that reading of one or several such intervals (e.g. final return and AUC).
 
 Example:
     >>> iqm([1.0, 2.0, 3.0, 100.0])
@@ -14,6 +15,8 @@ Example:
     >>> low, high = bootstrap_ci([10.0, 12.0, 11.0, 13.0, 9.0], seed=0)
     >>> 9.0 <= low <= 11.0 <= high <= 13.0
     True
+    >>> verdict([(12.0, 40.0), (3.0, 9.0)], seeds=3), verdict([(-5.0, 8.0)], seeds=3), verdict([(1.0, 2.0)], seeds=2)
+    ('helps', 'within noise', 'fewer than 3 seeds')
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "difference_ci", "iqm"]
+__all__ = ["bootstrap_ci", "difference_ci", "iqm", "verdict"]
 
 
 def iqm(values: Sequence[float]) -> float:
@@ -79,3 +82,13 @@ def _interval(
     stats = np.array([statistic([x[d[i]] for x, d in zip(arrays, draws, strict=True)]) for i in range(resamples)])
     tail = (1.0 - level) / 2.0
     return float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail))
+
+
+def verdict(intervals: Sequence[tuple[float, float]], seeds: int, min_seeds: int = 3) -> str:
+    """Whether a treatment helps (every :func:`difference_ci` interval above 0), hurts (below 0) or is within noise
+    (across 0); ``"mixed (final vs AUC)"`` when the intervals disagree; no verdict with fewer than ``min_seeds``
+    seeds in the smaller arm (``seeds``)."""
+    if seeds < min_seeds:
+        return f"fewer than {min_seeds} seeds"
+    readings = {"helps" if low > 0 else "hurts" if high < 0 else "within noise" for low, high in intervals}
+    return readings.pop() if len(readings) == 1 else "mixed (final vs AUC)"
