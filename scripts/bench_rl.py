@@ -8,7 +8,12 @@ arms the inner one, so the arms alternate and a stopped run still covers every a
 at the end, the policy is evaluated on ``--eval-episodes`` deterministic episodes seeded 10000, 10001, ... (the same
 for every arm). Each finished (env, arm, seed, budget, eval period) is appended to ``results/bench_rl.json`` at once,
 under a file lock, and skipped when the script runs again: a benchmark resumes where it stopped and can be spread
-over sessions, machines and copies of the script (``--fresh`` starts over).
+over sessions, machines and copies of the script (``--fresh`` starts over). An unfinished entreg run resumes too: it
+is checkpointed at every evaluation and, on SIGTERM or Ctrl-C, at the current step (``--checkpoints``, default
+``results/bench_rl_runs/<run>/last.ckpt``; :func:`entreg.callbacks.fit_learning_curve`), and the same command
+continues it exactly where it stopped (tested equal to an uninterrupted run); its record counts the ``segments``.
+Copies of the script running at once must be given different runs (envs, arms or seeds): a run in progress is not
+claimed.
 
 Arms:
 
@@ -74,6 +79,7 @@ import functools
 import json
 import math
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -85,6 +91,7 @@ import numpy as np
 import torch
 from benchkit import ForeignCpu, quiet_libraries, results_path, shown
 
+from entreg.callbacks import TrainingInterrupted
 from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm, verdict
 
 CONFIG_DIR = Path(entreg.configs.__file__).parent
@@ -126,21 +133,6 @@ def learn_sb3(model: Any, act: Callable[[torch.Tensor], torch.Tensor], env_id: s
         done = point
         curve.append([point, mean_return(act, env_id, eval_episodes)])
     return curve, train_s
-
-
-def fit_entreg(module: Any) -> tuple[list[dict[str, Any]], float]:
-    """Train an entreg module on the CPU with :class:`entreg.callbacks.LearningCurve` collecting its evaluations
-    (at the same points and seeds as the other arms'): (curve points, train seconds, evaluations excluded)."""
-    import lightning as L
-
-    from entreg.callbacks import LearningCurve
-
-    curve = LearningCurve()
-    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    trainer = L.Trainer(max_epochs=-1, enable_model_summary=False, accelerator="cpu", callbacks=[curve], **options)
-    start = time.perf_counter()
-    trainer.fit(module)
-    return curve.points, time.perf_counter() - start - module.eval_seconds
 
 
 def run_dict(curve: list[list[float]], train_s: float, updates: int, work: int) -> dict[str, Any]:
@@ -253,11 +245,16 @@ def compose_model(arm: str, env_id: str, overrides: list[str]) -> Any:
     return cfg.model
 
 
-def entreg_arm(arm: str, env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int) -> dict[str, Any]:
-    """One run of an entreg arm: its composed config, run length and evaluation grid from the arguments."""
+def entreg_arm(arm: str, env_id: str, seed: int, budget: int, eval_every: int, eval_episodes: int,
+               checkpoints: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """One run of an entreg arm: its composed config, run length and evaluation grid from the arguments, trained on
+    the CPU by :func:`entreg.callbacks.fit_learning_curve`; with ``checkpoints``, resumable from the run's folder
+    there (a checkpoint at every evaluation, and at the current step when the script gets SIGTERM or Ctrl-C)."""
     from hydra.utils import instantiate
 
-    overrides = [f"seed={seed}", f"model.total_steps={budget}", f"model.steps_per_epoch={budget}"]
+    from entreg.callbacks import fit_learning_curve
+
+    overrides = [f"seed={seed}", f"model.total_steps={budget}", f"model.steps_per_epoch={eval_every}"]
     overrides += [
         f"model.eval_every={eval_every}",
         f"model.eval_episodes={eval_episodes}",
@@ -267,9 +264,15 @@ def entreg_arm(arm: str, env_id: str, seed: int, budget: int, eval_every: int, e
     if "n_steps" in cfg:  # PPO: evaluations after whole rollouts, on SB3's grid
         check_ppo_budget(budget, eval_every, cfg.n_steps * cfg.num_envs)
     module = instantiate(cfg, _convert_="all")
-    points, train_s = fit_entreg(module)
+    folder = None if checkpoints is None else checkpoints / run_name(env_id, arm, seed, budget, eval_every)
+    curve, train_s, segments = fit_learning_curve(module, folder)
     work = module.updates if "n_steps" not in cfg else budget
-    return run_dict([[p["step"], p["mean"]] for p in points], train_s, module.updates, work) | {"points": points}
+    return run_dict(curve.curve(), train_s, module.updates, work) | {"points": curve.points, "segments": segments}
+
+
+def run_name(env_id: str, arm: str, seed: int, budget: int, eval_every: int) -> str:
+    """A run's checkpoint folder name, e.g. ``dm_control_cheetah-run-v0__entreg_ppo_era@-0.5__s0__204800__20480``."""
+    return "__".join([env_id.replace("/", "_"), arm, f"s{seed}", str(budget), str(eval_every)])
 
 
 def is_arm(arm: str) -> bool:
@@ -508,6 +511,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings, results to results/bench_rl_quick.json")
     parser.add_argument("--fresh", action="store_true", help="delete the results file first")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--checkpoints", type=Path, default=None,
+        help="folder of the unfinished entreg runs' checkpoints (default: <results file>_runs/, e.g. "
+        "results/bench_rl_runs/)",
+    )  # fmt: skip
+    parser.add_argument("--no-resume", action="store_true", help="no checkpoints: a stopped run starts over")
     args = parser.parse_args()
     if args.quick:
         args.envs, args.budget, args.seeds, args.eval_every, args.eval_episodes = (
@@ -532,8 +541,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_libraries("non-finite", "LeafSpec")
     out = args.out or results_path(__file__, "bench_rl_quick" if args.quick else None)
+    checkpoints = None if args.no_resume else args.checkpoints or out.with_name(f"{out.stem}_runs")
     if args.fresh:
         out.unlink(missing_ok=True)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     results = load(out)
     budget = int(args.budget)
     meta = {
@@ -552,8 +564,11 @@ def main() -> None:
                     if (env_id, arm, seed, budget, args.eval_every) in done:
                         continue
                     print(f"{env_id} {arm} seed {seed} ({budget} steps)", flush=True)
-                    run_arm = ARMS.get(arm, functools.partial(entreg_arm, arm))
-                    run = run_arm(env_id, seed, budget, args.eval_every, args.eval_episodes)
+                    run_arm = ARMS.get(arm) or functools.partial(entreg_arm, arm, checkpoints=checkpoints)
+                    try:
+                        run = run_arm(env_id, seed, budget, args.eval_every, args.eval_episodes)
+                    except TrainingInterrupted as stop:
+                        raise SystemExit(f"stopped; run the same command again to resume ({stop})") from None
                     run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, "eval_every": args.eval_every}
                     run |= meta
                     print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)

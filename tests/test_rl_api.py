@@ -66,6 +66,43 @@ def test_both_agents_count_in_env_steps_and_record_the_same_curve(name, tmp_path
     assert restored.points == curve.points
 
 
+class StopAt(L.Callback):
+    """Stops a fit after training batch ``at``: with Ctrl-C (InterruptCheckpoint saves that step), or as a crash
+    (only the checkpoint of the last epoch end is left, as after SIGKILL)."""
+
+    def __init__(self, at: int, how: str) -> None:
+        self.at, self.how, self.batches = at, how, 0
+
+    def on_train_batch_end(self, *args) -> None:
+        self.batches += 1
+        if self.batches == self.at:
+            if self.how == "sigint":
+                import signal
+
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise RuntimeError("crash")
+
+
+@pytest.mark.parametrize("how", ["sigint", "crash"])
+@pytest.mark.parametrize(("name", "at"), [("sac", 200), ("ppo", 3)])
+def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_path):
+    """A run stopped mid-epoch (SAC at env step 200 of 256, epochs of 128; PPO after its 3rd of 4 rollouts) and
+    fitted again from its folder ends with the uninterrupted run's curve and weights; the folder is then gone."""
+    from entreg.callbacks import TrainingInterrupted, fit_learning_curve
+
+    full, full_seconds, segments = fit_learning_curve(uninterrupted := agents()[name])
+    assert segments == 1 and full_seconds > 0 and [p["step"] for p in full.points] == [128, 256]
+    folder = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted if how == "sigint" else RuntimeError):
+        fit_learning_curve(agents()[name], folder, callbacks=[StopAt(at, how)])
+    assert (folder / "last.ckpt").is_file()
+    curve, seconds, segments = fit_learning_curve(resumed := agents()[name], folder)
+    assert segments == 2 and seconds > 0 and not folder.exists()
+    assert curve.points == full.points
+    torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
+
+
 def test_learning_curve_refuses_a_module_without_evaluations(tmp_path):
     from lightning.pytorch.demos.boring_classes import BoringModel
 

@@ -5,7 +5,7 @@ from entreg.callbacks.compute_budget import ComputeBudget
 from entreg.callbacks.entropy_controller import EntropyController
 from entreg.callbacks.entropy_monitor import EntropyMonitor
 from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint, TrainingInterrupted
-from entreg.callbacks.learning_curve import LearningCurve
+from entreg.callbacks.learning_curve import LearningCurve, fit_learning_curve
 from entreg.callbacks.progress_bar import ProgressBar
 from entreg.callbacks.test_time_adaptation import TestTimeAdaptation
 
@@ -18,4 +18,5 @@ __all__ = [
     "ProgressBar",
     "TestTimeAdaptation",
     "TrainingInterrupted",
+    "fit_learning_curve",
 ]

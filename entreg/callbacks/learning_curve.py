@@ -1,17 +1,24 @@
-"""The learning curve of an RL agent (SACModule, PPOModule): every periodic evaluation with the policy's noise."""
+"""The learning curve of an RL agent (SACModule, PPOModule): every periodic evaluation with the policy's noise, and
+a fit that collects it and resumes where it was stopped."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from entreg.rl.envs import POLICY_TAGS
 
-__all__ = ["LearningCurve"]
+__all__ = ["LearningCurve", "fit_learning_curve"]
 
 
 class LearningCurve(L.Callback):
@@ -80,3 +87,71 @@ class LearningCurve(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [dict(point) for point in state_dict["points"]]
+
+
+class TrainClock(L.Callback):
+    """Wall time of a fit without the agent's evaluations (its ``eval_seconds``), summed over resumed segments:
+    the time so far is in the checkpoint, and :attr:`segments` counts the fits that made it."""
+
+    def __init__(self) -> None:
+        self.before, self.segments = 0.0, 0
+        self._start = self._eval_start = 0.0
+        self._module: L.LightningModule | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._module, self._start, self._eval_start = pl_module, time.perf_counter(), pl_module.eval_seconds
+        self.segments += 1
+
+    def seconds(self) -> float:
+        if self._module is None:
+            return self.before
+        evaluations = self._module.eval_seconds - self._eval_start
+        return self.before + time.perf_counter() - self._start - evaluations
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds(), "segments": self.segments}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before, self.segments = state_dict["seconds"], state_dict["segments"]
+
+
+def fit_learning_curve(
+    module: L.LightningModule,
+    checkpoint_dir: str | Path | None = None,
+    accelerator: str = "cpu",
+    callbacks: Sequence[L.Callback] = (),
+) -> tuple[LearningCurve, float, int]:
+    """Train an RL agent (SACModule, PPOModule) to its ``total_steps`` with a :class:`LearningCurve`, no logger:
+    ``(curve, train seconds without evaluations, segments)``; ``callbacks`` are added to the trainer's.
+
+    With ``checkpoint_dir`` the fit resumes: ``<checkpoint_dir>/last.ckpt`` is written at every epoch end (the
+    module's ``steps_per_epoch``) and, through :class:`InterruptCheckpoint`, at the end of the current step on
+    SIGTERM or Ctrl-C (then :class:`TrainingInterrupted` is raised); a call that finds the file continues from it
+    exactly (agent, replay buffer or rollout state, envs, the curve so far, the train time so far), as if never
+    stopped, and ``segments`` counts the fits that made the run. The folder is deleted once the run is complete.
+
+    Example:
+        >>> from entreg.modules.ppo import PPOModule
+        >>> module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=64, n_epochs=1, total_steps=128,
+        ...                    eval_every=64, steps_per_epoch=64, eval_episodes=1)
+        >>> curve, seconds, segments = fit_learning_curve(module)
+        >>> [point["step"] for point in curve.points], seconds > 0, segments
+        ([64, 128], True, 1)
+    """
+    curve, clock = LearningCurve(), TrainClock()
+    callbacks = [curve, clock, *callbacks]
+    resume = None
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        every_epoch = ModelCheckpoint(folder, filename="last", enable_version_counter=False)  # one file, replaced
+        callbacks += [every_epoch, InterruptCheckpoint(folder)]
+        resume = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else None
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    options["enable_checkpointing"] = checkpoint_dir is not None
+    trainer = L.Trainer(max_epochs=-1, accelerator=accelerator, callbacks=callbacks, devices=1, **options)
+    with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose
+        warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+        trainer.fit(module, ckpt_path=resume, weights_only=True)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return curve, clock.seconds(), clock.segments
