@@ -52,7 +52,8 @@ left out for both (Lightning's per-step loop is timed); ``--repeats`` times each
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
 whenever a neighbour is busy). Part ``table`` only prints the tables of the results file, and per (env, budget)
 the policy's std and entropy (nats, all dimensions) at every evaluation of every entreg arm: how much noise each
-arm kept over training.
+arm kept over training. Part ``tensorboard`` writes every run's curve (return, std, entropies) for TensorBoard to
+``--logdir`` (default ``logs/bench_rl``), one run per env, budget, arm and seed: the curves to look at.
 
 Run:
     python scripts/bench_rl.py --envs hopper halfcheetah --budget 20000 --eval-every 5000 --seeds 3
@@ -63,6 +64,7 @@ Run:
     python scripts/bench_rl.py --envs dmc_cheetah_run --budget 1e5 --eval-every 10000 --seeds 3 \
         --arms entreg_sac_authors entreg_sac_era_authors                            # needs entreg[dmc]
     python scripts/bench_rl.py --part table
+    python scripts/bench_rl.py --part tensorboard && tensorboard --logdir logs/bench_rl
     python scripts/bench_rl.py --part speed
     python scripts/bench_rl.py --quick          # tiny settings: checks that the script works (< ~2 minutes)
 
@@ -427,6 +429,24 @@ def compare(env: str, budget: int, arm: str, runs: list[dict[str, Any]], control
     return f"| {env} | {budget:g} | {arm} | {control} | {seeds} | {cells[0]} | {cells[1]} | {reading} |"
 
 
+def write_tensorboard(runs: list[dict[str, Any]], logdir: Path) -> int:
+    """Every run's evaluations as TensorBoard scalars at their env steps: ``eval/return`` and, for entreg's arms,
+    ``policy/std``, ``policy/entropy``, ``policy/gaussian_entropy``; one TensorBoard run per
+    ``<env>/<budget>_every<eval period>/<arm>/seed<seed>``, so that the arms of one env overlay. Returns the count."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for run in runs:
+        name = Path(run["env"].replace("/", "_"), f"{run['budget']}_every{eval_period(run)}", run["arm"])
+        with SummaryWriter(logdir / name / f"seed{run['seed']}") as writer:
+            for step, mean in run["curve"]:
+                writer.add_scalar("eval/return", mean, step)
+            for point in run.get("points", []):
+                for tag in ("policy/std", "policy/entropy", "policy/gaussian_entropy"):
+                    if tag in point:
+                        writer.add_scalar(tag, point[tag], point["step"])
+    return len(runs)
+
+
 # ----------------------------------------------------------------------------------------------- speed
 def sb3_steady(env_id: str, seed: int, steps: int) -> float:
     """SB3 SAC's updates/s over ``steps`` steps after its 100 warm-up steps (construction and warm-up untimed)."""
@@ -488,7 +508,8 @@ def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["quality", "speed", "both", "table"], default="quality")
+    parser.add_argument("--part", choices=["quality", "speed", "both", "table", "tensorboard"], default="quality")
+    parser.add_argument("--logdir", type=Path, default=Path("logs/bench_rl"), help="--part tensorboard: where to")
     parser.add_argument("--envs", nargs="+", default=["hopper", "halfcheetah"], help="configs/env names or env ids")
     parser.add_argument(
         "--arms",
@@ -556,6 +577,9 @@ def main() -> None:
     }
     if args.part == "table":
         print(summary(results["runs"]), noise_curves(results["runs"]), sep="\n\n")
+    if args.part == "tensorboard":
+        count = write_tensorboard(results["runs"], args.logdir)
+        print(f"{count} runs written; look at them with: tensorboard --logdir {shown(args.logdir)}")
     if args.part in ("quality", "both"):
         done = {key(r) for r in results["runs"]}
         for seed in range(args.seeds):

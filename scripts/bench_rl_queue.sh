@@ -20,6 +20,9 @@ ppo)
     # ERA's target sweep on the low-dimensional tasks at the short budget
     step --envs hopper $short $sweep
     step --envs walker2d $short $sweep
+    # 5 seeds, as the 3-seed spreads of ERA and its matched-std control overlap on every env (seeds 3-4 run)
+    step --envs hopper walker2d halfcheetah ant --budget 204800 --eval-every 20480 --seeds 5 \
+        --arms entreg_ppo_era entreg_ppo_matched_std
     # PPO, PPO+ERA and the matched-std control at ~1e6 steps on the four MuJoCo envs
     step --envs hopper halfcheetah walker2d ant $long --arms entreg_ppo entreg_ppo_era entreg_ppo_matched_std
     # the sweep at ~1e6 steps
