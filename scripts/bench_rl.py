@@ -52,8 +52,11 @@ left out for both (Lightning's per-step loop is timed); ``--repeats`` times each
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
 whenever a neighbour is busy). Part ``table`` only prints the tables of the results file, and per (env, budget)
 the policy's std and entropy (nats, all dimensions) at every evaluation of every entreg arm: how much noise each
-arm kept over training. Part ``tensorboard`` writes every run's curve (return, std, entropies) for TensorBoard to
-``--logdir`` (default ``logs/bench_rl``), one run per env, budget, arm and seed: the curves to look at.
+arm kept over training. Part ``ppo_envs``: whether gymnasium's vector env speeds PPO up, the env steps/s of
+``entreg_ppo`` on ``--speed-env`` with ``--env-counts`` envs (1, 4, 8) at the same 2048-step rollout, interleaved,
+``--repeats`` times, median ratio to the first count (more envs change the algorithm: shorter rollouts per env for
+GAE; the benchmark's PPO arms keep SB3's one env). Part ``tensorboard`` writes every run's curve (return, std,
+entropies) for TensorBoard to ``--logdir`` (default ``logs/bench_rl``), one run per env, budget, arm and seed.
 
 Run:
     python scripts/bench_rl.py --envs hopper halfcheetah --budget 20000 --eval-every 5000 --seeds 3
@@ -66,6 +69,7 @@ Run:
     python scripts/bench_rl.py --part table
     python scripts/bench_rl.py --part tensorboard && tensorboard --logdir logs/bench_rl
     python scripts/bench_rl.py --part speed
+    python scripts/bench_rl.py --part ppo_envs --speed-env hopper --repeats 5
     python scripts/bench_rl.py --quick          # tiny settings: checks that the script works (< ~2 minutes)
 
 Nothing is downloaded; gymnasium[mujoco] and stable-baselines3 come with ``pip install "entreg[rl]"``, DeepMind
@@ -91,7 +95,7 @@ from typing import Any
 import entreg.configs
 import numpy as np
 import torch
-from benchkit import ForeignCpu, quiet_libraries, results_path, shown
+from benchkit import ForeignCpu, clean_or_all, quiet_libraries, results_path, shown
 
 from entreg.callbacks import TrainingInterrupted
 from entreg.rl.statistics import bootstrap_ci, difference_ci, iqm, verdict
@@ -284,8 +288,8 @@ def is_arm(arm: str) -> bool:
 # ----------------------------------------------------------------------------------------------- results
 def load(path: Path) -> dict[str, Any]:
     if path.is_file():
-        return {"runs": [], "speed": []} | json.loads(path.read_text())
-    return {"runs": [], "speed": []}
+        return {"runs": [], "speed": [], "ppo_envs": []} | json.loads(path.read_text())
+    return {"runs": [], "speed": [], "ppo_envs": []}
 
 
 def save(path: Path, results: dict[str, Any]) -> None:
@@ -296,7 +300,7 @@ def save(path: Path, results: dict[str, Any]) -> None:
 
 
 def append(path: Path, part: str, item: dict[str, Any]) -> dict[str, Any]:
-    """Append ``item`` to the results file's list ``part`` (``"runs"`` or ``"speed"``) under an exclusive lock,
+    """Append ``item`` to the results file's list ``part`` (``"runs"``, ``"speed"``, ``"ppo_envs"``) under a lock,
     re-reading the file first so that copies of the script running at once keep each other's runs; returns the
     file's new contents."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -506,9 +510,34 @@ def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
     return rows
 
 
+def ppo_env_counts(env_id: str, counts: list[int], rollouts: int, repeats: int) -> list[dict[str, float]]:
+    """PPO's env steps/s (updates included, evaluations not) with ``counts`` envs in its SyncVectorEnv at the same
+    rollout of 2048 steps (``n_steps`` = 2048 / envs), ``rollouts`` rollouts a fit, the counts interleaved and their
+    order reversed every other repeat; the CPU other processes used meanwhile (clean below 0.2 cores)."""
+    from hydra.utils import instantiate
+
+    from entreg.callbacks import fit_learning_curve
+
+    foreign, rows, steps = ForeignCpu(), [], rollouts * PPO_ROLLOUT
+    for repeat in range(repeats):
+        row: dict[str, float] = {}
+        start = foreign.snapshot()
+        for n in counts if repeat % 2 == 0 else counts[::-1]:
+            overrides = [f"model.num_envs={n}", f"model.n_steps={PPO_ROLLOUT // n}", f"model.total_steps={steps}"]
+            overrides += [f"model.steps_per_epoch={steps}", f"model.eval_every={steps}", "model.eval_episodes=1"]
+            module = instantiate(compose_model("entreg_ppo", env_id, ["seed=0", *overrides]), _convert_="all")
+            row[f"envs_{n}"] = steps / fit_learning_curve(module)[1]
+        row["foreign_cores"] = foreign.cores(start, foreign.snapshot()) or math.nan
+        print("  repeat", repeat, ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["quality", "speed", "both", "table", "tensorboard"], default="quality")
+    parts = ["quality", "speed", "both", "table", "tensorboard", "ppo_envs"]
+    parser.add_argument("--part", choices=parts, default="quality")
+    parser.add_argument("--env-counts", nargs="+", type=int, default=[1, 4, 8], help="--part ppo_envs: envs per PPO")
     parser.add_argument("--logdir", type=Path, default=Path("logs/bench_rl"), help="--part tensorboard: where to")
     parser.add_argument("--envs", nargs="+", default=["hopper", "halfcheetah"], help="configs/env names or env ids")
     parser.add_argument(
@@ -527,6 +556,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--speed-env", default="Hopper-v5")
     parser.add_argument("--speed-steps", type=int, default=1000)
+    parser.add_argument("--speed-rollouts", type=int, default=4, help="--part ppo_envs: rollouts of 2048 a fit")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny settings, results to results/bench_rl_quick.json")
@@ -606,6 +636,18 @@ def main() -> None:
             f"speed on {args.speed_env}: entreg/SB3 updates/s median {statistics.median(ratios):.3f} "
             f"(repeats {', '.join(f'{r:.3f}' for r in ratios)})"
         )
+    if args.part == "ppo_envs":
+        if any(PPO_ROLLOUT % n for n in args.env_counts):
+            parser.error(f"--env-counts must divide the rollout of {PPO_ROLLOUT} steps, got {args.env_counts}")
+        rows = ppo_env_counts(resolve_env(args.speed_env), args.env_counts, args.speed_rollouts, args.repeats)
+        used, noisy = clean_or_all(rows, [not r["foreign_cores"] > 0.2 for r in rows], args.repeats)
+        ratios = {n: statistics.median(r[f"envs_{n}"] / r[f"envs_{args.env_counts[0]}"] for r in used)
+                  for n in args.env_counts}  # fmt: skip
+        item = {"env": resolve_env(args.speed_env), "rollouts": args.speed_rollouts, "rows": rows, "ratios": ratios}
+        append(out, "ppo_envs", item | {"noisy": noisy} | meta)
+        print(f"PPO env steps/s vs {args.env_counts[0]} env(s), median over {len(used)} repeats"
+              + (" (NOISY: other processes were busy)" if noisy else "") + ": "
+              + ", ".join(f"{n} envs {r:.2f}x" for n, r in ratios.items()))  # fmt: skip
     print(f"results: {shown(out)}")
 
 
