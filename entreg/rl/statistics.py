@@ -9,6 +9,10 @@ statistical precipice", arXiv 2108.13264): the interquartile mean and a percenti
   resampled on their own): above 0, the treatment helps; below, it hurts; across 0, within noise.
 * :func:`verdict`: that reading of one or several such intervals (e.g. final return and AUC).
 
+With few seeds the percentile bootstrap is optimistic: when both arms come from one normal distribution, the 95%
+difference interval excludes 0 in about 20% of 3-vs-3 comparisons, 7.5% with 5 seeds per arm, 4.5% with 10
+(tested). :func:`iqm` equals rliable's (``scipy.stats.trim_mean(values, 0.25)``).
+
 Example:
     >>> iqm([1.0, 2.0, 3.0, 100.0])
     2.5
