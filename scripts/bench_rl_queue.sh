@@ -23,6 +23,9 @@ ppo)
     # 5 seeds, as the 3-seed spreads of ERA and its matched-std control overlap on every env (seeds 3-4 run)
     step --envs hopper walker2d halfcheetah ant --budget 204800 --eval-every 20480 --seeds 5 \
         --arms entreg_ppo_era entreg_ppo_matched_std
+    # and at the one swept target where 3 seeds said "helps" on Hopper (0 nats per dimension)
+    step --envs hopper walker2d --budget 204800 --eval-every 20480 --seeds 5 \
+        --arms entreg_ppo_era@0 entreg_ppo_matched_std@0
     # PPO, PPO+ERA and the matched-std control at ~1e6 steps on the four MuJoCo envs
     step --envs hopper halfcheetah walker2d ant $long --arms entreg_ppo entreg_ppo_era entreg_ppo_matched_std
     # the sweep at ~1e6 steps
