@@ -442,7 +442,9 @@ def write_tensorboard(runs: list[dict[str, Any]], logdir: Path) -> int:
 
     for run in runs:
         name = Path(run["env"].replace("/", "_"), f"{run['budget']}_every{eval_period(run)}", run["arm"])
-        with SummaryWriter(logdir / name / f"seed{run['seed']}") as writer:
+        folder = logdir / name / f"seed{run['seed']}"
+        shutil.rmtree(folder, ignore_errors=True)  # written again: one event file per run, no repeated curves
+        with SummaryWriter(folder) as writer:
             for step, mean in run["curve"]:
                 writer.add_scalar("eval/return", mean, step)
             for point in run.get("points", []):
@@ -519,16 +521,23 @@ def ppo_env_counts(env_id: str, counts: list[int], rollouts: int, repeats: int) 
 
     from entreg.callbacks import fit_learning_curve
 
-    foreign, rows, steps = ForeignCpu(), [], rollouts * PPO_ROLLOUT
+    def steps_per_s(n: int, rollouts: int) -> float:
+        steps = rollouts * PPO_ROLLOUT
+        overrides = [f"model.num_envs={n}", f"model.n_steps={PPO_ROLLOUT // n}", f"model.total_steps={steps}"]
+        overrides += [f"model.steps_per_epoch={steps}", f"model.eval_every={steps}", "model.eval_episodes=1"]
+        module = instantiate(compose_model("entreg_ppo", env_id, ["seed=0", *overrides]), _convert_="all")
+        return steps / fit_learning_curve(module)[1]
+
+    for n in counts:  # untimed warm-up: first-use costs (imports, MuJoCo model loading) out of the timed fits
+        steps_per_s(n, 1)
+    foreign, rows = ForeignCpu(), []
     for repeat in range(repeats):
         row: dict[str, float] = {}
         start = foreign.snapshot()
         for n in counts if repeat % 2 == 0 else counts[::-1]:
-            overrides = [f"model.num_envs={n}", f"model.n_steps={PPO_ROLLOUT // n}", f"model.total_steps={steps}"]
-            overrides += [f"model.steps_per_epoch={steps}", f"model.eval_every={steps}", "model.eval_episodes=1"]
-            module = instantiate(compose_model("entreg_ppo", env_id, ["seed=0", *overrides]), _convert_="all")
-            row[f"envs_{n}"] = steps / fit_learning_curve(module)[1]
-        row["foreign_cores"] = foreign.cores(start, foreign.snapshot()) or math.nan
+            row[f"envs_{n}"] = steps_per_s(n, rollouts)
+        busy = foreign.cores(start, foreign.snapshot())
+        row["foreign_cores"] = math.nan if busy is None else busy
         print("  repeat", repeat, ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         rows.append(row)
     return rows
@@ -638,10 +647,13 @@ def main() -> None:
             f"(repeats {', '.join(f'{r:.3f}' for r in ratios)})"
         )
     if args.part == "ppo_envs":
-        if any(PPO_ROLLOUT % n for n in args.env_counts):
-            parser.error(f"--env-counts must divide the rollout of {PPO_ROLLOUT} steps, got {args.env_counts}")
+        if any(n < 1 or PPO_ROLLOUT % n for n in args.env_counts) or args.speed_rollouts < 1:
+            parser.error(
+                f"--env-counts must be >= 1 and divide the rollout of {PPO_ROLLOUT} steps (got {args.env_counts}), "
+                f"--speed-rollouts >= 1 (got {args.speed_rollouts})"
+            )
         rows = ppo_env_counts(resolve_env(args.speed_env), args.env_counts, args.speed_rollouts, args.repeats)
-        used, noisy = clean_or_all(rows, [not r["foreign_cores"] > 0.2 for r in rows], args.repeats)
+        used, noisy = clean_or_all(rows, [not r["foreign_cores"] > 0.2 for r in rows], args.repeats)  # NaN: unknown
         ratios = {n: statistics.median(r[f"envs_{n}"] / r[f"envs_{args.env_counts[0]}"] for r in used)
                   for n in args.env_counts}  # fmt: skip
         item = {"env": resolve_env(args.speed_env), "rollouts": args.speed_rollouts, "rows": rows, "ratios": ratios}

@@ -2,8 +2,8 @@
 # The issue-22 benchmark queue in two lanes that share no run, one per core: `ppo` and `sac`. Each lane runs one
 # scripts/bench_rl.py process at a time; each finished run is appended to results/bench_rl.json and skipped when the
 # lane runs again, and a run cut short continues from its checkpoint in results/bench_rl_runs/ (stop a lane with
-# SIGTERM to its process group, e.g. `pkill -TERM -f bench_rl`, and it checkpoints the current step). Run each lane
-# detached from the repository root, e.g.
+# SIGTERM to its process group, `kill -TERM -- -<pgid>`, or both with `pkill -TERM -f bench_rl`: the running run
+# checkpoints its current step). Run each lane detached from the repository root, e.g.
 #     setsid nohup scripts/bench_rl_queue.sh ppo > rl_ppo.log 2>&1 < /dev/null &
 #     setsid nohup scripts/bench_rl_queue.sh sac > rl_sac.log 2>&1 < /dev/null &
 # and commit results/bench_rl.json as runs finish; `python scripts/bench_rl.py --part table` prints the tables.

@@ -67,40 +67,68 @@ def test_both_agents_count_in_env_steps_and_record_the_same_curve(name, tmp_path
 
 
 class StopAt(L.Callback):
-    """Stops a fit after training batch ``at``: with Ctrl-C (InterruptCheckpoint saves that step), or as a crash
+    """Stops a fit after training batch ``at``: by a signal (InterruptCheckpoint saves that step), or as a crash
     (only the checkpoint of the last epoch end is left, as after SIGKILL)."""
 
     def __init__(self, at: int, how: str) -> None:
         self.at, self.how, self.batches = at, how, 0
 
     def on_train_batch_end(self, *args) -> None:
+        import signal
+
         self.batches += 1
         if self.batches == self.at:
-            if self.how == "sigint":
-                import signal
-
-                signal.raise_signal(signal.SIGINT)
-            else:
+            if self.how == "crash":
                 raise RuntimeError("crash")
+            signal.raise_signal(getattr(signal, self.how.upper()))
 
 
-@pytest.mark.parametrize("how", ["sigint", "crash"])
-@pytest.mark.parametrize(("name", "at"), [("sac", 200), ("ppo", 3)])
-def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_path):
-    """A run stopped mid-epoch (SAC at env step 200 of 256, epochs of 128; PPO after its 3rd of 4 rollouts) and
-    fitted again from its folder ends with the uninterrupted run's curve and weights; the folder is then gone."""
+def fit_stopped(name: str, folder: Path, at: int, how: str) -> None:
     from entreg.callbacks import TrainingInterrupted, fit_learning_curve
+
+    with pytest.raises(TrainingInterrupted if how != "crash" else RuntimeError) as stopped:
+        fit_learning_curve(agents()[name], folder, callbacks=[StopAt(at, how)])
+    assert (folder / "last.ckpt").is_file()
+    if how != "crash":
+        assert stopped.value.signal_name == how.upper() and stopped.value.code == 128 + (2 if how == "sigint" else 15)
+
+
+@pytest.mark.parametrize(
+    ("name", "at", "how"), [("sac", 200, "sigint"), ("sac", 200, "crash"), ("ppo", 3, "sigterm"), ("ppo", 3, "crash")]
+)
+def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_path):
+    """A run stopped mid-epoch (SAC at env step 200 of 256, epochs of 128; PPO after its 3rd of 4 rollouts) by
+    Ctrl-C, SIGTERM (raised as TrainingInterrupted, not Lightning's silent exit) or a crash, and fitted again from
+    its folder, ends with the uninterrupted run's curve and weights; the folder is then gone."""
+    from entreg.callbacks import fit_learning_curve
 
     full, full_seconds, segments = fit_learning_curve(uninterrupted := agents()[name])
     assert segments == 1 and full_seconds > 0 and [p["step"] for p in full.points] == [128, 256]
     folder = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted if how == "sigint" else RuntimeError):
-        fit_learning_curve(agents()[name], folder, callbacks=[StopAt(at, how)])
-    assert (folder / "last.ckpt").is_file()
+    fit_stopped(name, folder, at, how)
     curve, seconds, segments = fit_learning_curve(resumed := agents()[name], folder)
     assert segments == 2 and seconds > 0 and not folder.exists()
     assert curve.points == full.points
     torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
+
+
+def test_fit_learning_curve_stopped_at_the_last_step_adds_nothing_and_refuses_other_settings(tmp_path):
+    """Stopped during the last step (after the final evaluation): the resumed fit trains no further (no extra
+    point, env steps stay at the total); a module with other hyperparameters is refused, naming them."""
+    from entreg.callbacks import fit_learning_curve
+
+    full, _, _ = fit_learning_curve(agents()["sac"])
+    folder = tmp_path / "run"
+    fit_stopped("sac", folder, 256, "sigint")
+    other = SACModule("InvertedPendulum-v5", learning_starts=64, batch_size=16, hidden=(8, 8), log_every=64,
+                      **(COMMON | {"seed": 1}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 there, 1 here\)"):
+        fit_learning_curve(other, folder)
+    curve, _, segments = fit_learning_curve(resumed := agents()["sac"], folder)
+    assert curve.points == full.points and resumed.env_steps == 256 and segments == 2
+    checkpoint = {}
+    other.on_save_checkpoint(checkpoint)  # an untrained agent saves too (an empty logging window)
+    assert checkpoint["sac"]["window"]["stats"] is None and checkpoint["sac"]["env_steps"] == 0
 
 
 def test_learning_curve_refuses_a_module_without_evaluations(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Sequence
@@ -14,8 +15,9 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint
+from entreg.callbacks.interrupt_checkpoint import InterruptCheckpoint, TrainingInterrupted
 from entreg.rl.envs import POLICY_TAGS
 
 __all__ = ["LearningCurve", "fit_learning_curve"]
@@ -126,9 +128,10 @@ def fit_learning_curve(
 
     With ``checkpoint_dir`` the fit resumes: ``<checkpoint_dir>/last.ckpt`` is written at every epoch end (the
     module's ``steps_per_epoch``) and, through :class:`InterruptCheckpoint`, at the end of the current step on
-    SIGTERM or Ctrl-C (then :class:`TrainingInterrupted` is raised); a call that finds the file continues from it
-    exactly (agent, replay buffer or rollout state, envs, the curve so far, the train time so far), as if never
-    stopped, and ``segments`` counts the fits that made the run. The folder is deleted once the run is complete.
+    SIGTERM or Ctrl-C (then :class:`TrainingInterrupted` is raised, for SIGTERM too); a call that finds the file
+    continues from it exactly (agent, replay buffer or rollout state, envs, the curve so far, the train time so far),
+    as if never stopped, and ``segments`` counts the fits that made the run; a checkpoint written with other
+    hyperparameters is refused (ValueError naming them). The folder is deleted once the run is complete.
 
     Example:
         >>> from entreg.modules.ppo import PPOModule
@@ -138,20 +141,52 @@ def fit_learning_curve(
         >>> [point["step"] for point in curve.points], seconds > 0, segments
         ([64, 128], True, 1)
     """
-    curve, clock = LearningCurve(), TrainClock()
+    curve, clock, interrupt = LearningCurve(), TrainClock(), None
     callbacks = [curve, clock, *callbacks]
     resume = None
     if checkpoint_dir is not None:
         folder = Path(checkpoint_dir)
         every_epoch = ModelCheckpoint(folder, filename="last", enable_version_counter=False)  # one file, replaced
-        callbacks += [every_epoch, InterruptCheckpoint(folder)]
+        interrupt = InterruptCheckpoint(folder)
+        callbacks += [every_epoch, interrupt]
         resume = folder / "last.ckpt" if (folder / "last.ckpt").is_file() else None
+        if resume is not None:
+            _check_same_run(resume, module)
     options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     options["enable_checkpointing"] = checkpoint_dir is not None
     trainer = L.Trainer(max_epochs=-1, accelerator=accelerator, callbacks=callbacks, devices=1, **options)
-    with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose
-        warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
-        trainer.fit(module, ckpt_path=resume, weights_only=True)
+    try:
+        with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose, and the agents'
+            # batches are placeholders (each step acts in the env), so a mid-epoch resume is exact (tested)
+            warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
+            trainer.fit(module, ckpt_path=resume, weights_only=True)
+    except SIGTERMException:  # Lightning stops on SIGTERM itself, after InterruptCheckpoint's checkpoint
+        raise TrainingInterrupted(signal.SIGTERM, interrupt.saved if interrupt is not None else None) from None
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return curve, clock.seconds(), clock.segments
+
+
+def _check_same_run(path: Path, module: L.LightningModule) -> None:
+    """Refuse to resume ``path`` with a module whose hyperparameters differ from the checkpoint's."""
+    import torch
+
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    ours = dict(module.hparams)
+    differ = sorted(k for k in saved.keys() | ours.keys() if _plain(saved.get(k)) != _plain(ours.get(k)))
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+        raise ValueError(
+            f"{path} was written by a run with other settings ({changes}): delete {path.parent} to start over, or "
+            "resume with the same settings"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (a saved hyperparameter may come back as either)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -248,6 +248,8 @@ class PPOModule(L.LightningModule):
         return self.hparams.seed + self.global_rank * self.hparams.num_envs
 
     def on_train_start(self) -> None:
+        if self.hparams.total_steps is not None and self.env_steps >= self.hparams.total_steps:
+            self.trainer.should_stop = True  # resumed from a checkpoint of a finished run: nothing left to do
         state, self._resume = self._resume, None
         ranks = state["ranks"] if state is not None else None
         if ranks is not None and len(ranks) == self.trainer.world_size:

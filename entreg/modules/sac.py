@@ -227,7 +227,8 @@ class SACModule(L.LightningModule):
         self._episode_return = 0.0
         self._episode_length = 0
         self._resume: dict[str, Any] | None = None
-        self._window: dict[str, Any] = {}
+        self._window: dict[str, Any]
+        self._new_window()
 
     @property
     def training_progress(self) -> tuple[int, int, str]:
@@ -246,6 +247,8 @@ class SACModule(L.LightningModule):
         h = self.hparams
         if self.trainer.world_size > 1:
             raise RuntimeError("SACModule runs on one device (one env, one replay buffer): use devices=1")
+        if self.env_steps >= h.total_steps:  # resumed from a checkpoint of a finished run: nothing left to do
+            self.trainer.should_stop = True
         self.env = make_env(h.env_id, **(h.env_kwargs or {}))
         self.buffer = ReplayBuffer(h.buffer_size, self.obs_dim, self.action_dim, self.device, seed=h.seed)
         self.generator = torch.Generator(device=self.device)
