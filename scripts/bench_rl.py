@@ -632,7 +632,9 @@ def main() -> None:
                     try:
                         run = run_arm(env_id, seed, budget, args.eval_every, args.eval_episodes)
                     except TrainingInterrupted as stop:
-                        raise SystemExit(f"stopped; run the same command again to resume ({stop})") from None
+                        where = stop.ckpt_path and shown(stop.ckpt_path)
+                        print(f"{stop.signal_name}: stopped, state in {where}; the same command resumes", flush=True)
+                        raise SystemExit(stop.code) from None
                     run |= {"env": env_id, "arm": arm, "seed": seed, "budget": budget, "eval_every": args.eval_every}
                     run |= meta
                     print(f"  final {run['curve'][-1][1]:.1f}, {run['updates_per_s']:.1f} updates/s", flush=True)
