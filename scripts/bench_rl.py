@@ -495,28 +495,32 @@ def entreg_steady(env_id: str, seed: int, steps: int) -> float:
     return (module.updates - clock.updates) / (clock.end - clock.start - module.eval_seconds)
 
 
-def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
-    """ABBA-interleaved steady-state updates/s of SB3's and entreg's SAC; the CPU other processes used meanwhile."""
-    foreign = ForeignCpu()
-    arms = {"sb3_sac": sb3_steady, "entreg_sac": entreg_steady}
-    rows = []
+def interleaved(measures: dict[str, Callable[[int], float]], repeats: int) -> list[dict[str, float]]:
+    """Each ``measure(repeat)`` once per repeat, in an order reversed every other repeat (ABBA), with the CPU other
+    processes used during each (``<name>_foreign_cores``, NaN where unknown): one row per repeat."""
+    foreign, names, rows = ForeignCpu(), list(measures), []
     for repeat in range(repeats):
-        order = ["sb3_sac", "entreg_sac"] if repeat % 2 == 0 else ["entreg_sac", "sb3_sac"]
         row: dict[str, float] = {}
-        for arm in order:
+        for name in names if repeat % 2 == 0 else names[::-1]:
             start = foreign.snapshot()
-            row[arm] = arms[arm](env_id, repeat, steps)
-            row[f"{arm}_foreign_cores"] = foreign.cores(start, foreign.snapshot()) or math.nan
-        row["ratio"] = row["entreg_sac"] / row["sb3_sac"]
+            row[name] = measures[name](repeat)
+            busy = foreign.cores(start, foreign.snapshot())
+            row[f"{name}_foreign_cores"] = math.nan if busy is None else busy
         print(f"  repeat {repeat}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
         rows.append(row)
     return rows
 
 
+def speed(env_id: str, steps: int, repeats: int) -> list[dict[str, float]]:
+    """ABBA-interleaved steady-state updates/s of SB3's and entreg's SAC (seeded by the repeat), and their ratio."""
+    measures = {name: functools.partial(fn, env_id, steps=steps) for name, fn in
+                (("sb3_sac", sb3_steady), ("entreg_sac", entreg_steady))}  # fmt: skip
+    return [row | {"ratio": row["entreg_sac"] / row["sb3_sac"]} for row in interleaved(measures, repeats)]
+
+
 def ppo_env_counts(env_id: str, counts: list[int], rollouts: int, repeats: int) -> list[dict[str, float]]:
     """PPO's env steps/s (updates included, evaluations not) with ``counts`` envs in its SyncVectorEnv at the same
-    rollout of 2048 steps (``n_steps`` = 2048 / envs), ``rollouts`` rollouts a fit, the counts interleaved and their
-    order reversed every other repeat; the CPU other processes used meanwhile (clean below 0.2 cores)."""
+    rollout of 2048 steps (``n_steps`` = 2048 / envs), ``rollouts`` rollouts a fit, :func:`interleaved`."""
     from hydra.utils import instantiate
 
     from entreg.callbacks import fit_learning_curve
@@ -530,17 +534,7 @@ def ppo_env_counts(env_id: str, counts: list[int], rollouts: int, repeats: int) 
 
     for n in counts:  # untimed warm-up: first-use costs (imports, MuJoCo model loading) out of the timed fits
         steps_per_s(n, 1)
-    foreign, rows = ForeignCpu(), []
-    for repeat in range(repeats):
-        row: dict[str, float] = {}
-        start = foreign.snapshot()
-        for n in counts if repeat % 2 == 0 else counts[::-1]:
-            row[f"envs_{n}"] = steps_per_s(n, rollouts)
-        busy = foreign.cores(start, foreign.snapshot())
-        row["foreign_cores"] = math.nan if busy is None else busy
-        print("  repeat", repeat, ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
-        rows.append(row)
-    return rows
+    return interleaved({f"envs_{n}": lambda _, n=n: steps_per_s(n, rollouts) for n in counts}, repeats)
 
 
 def main() -> None:
@@ -655,7 +649,8 @@ def main() -> None:
                 f"--speed-rollouts >= 1 (got {args.speed_rollouts})"
             )
         rows = ppo_env_counts(resolve_env(args.speed_env), args.env_counts, args.speed_rollouts, args.repeats)
-        used, noisy = clean_or_all(rows, [not r["foreign_cores"] > 0.2 for r in rows], args.repeats)  # NaN: unknown
+        busy = [any(r[f"envs_{n}_foreign_cores"] > 0.2 for n in args.env_counts) for r in rows]  # NaN: unknown
+        used, noisy = clean_or_all(rows, [not b for b in busy], args.repeats)
         ratios = {n: statistics.median(r[f"envs_{n}"] / r[f"envs_{args.env_counts[0]}"] for r in used)
                   for n in args.env_counts}  # fmt: skip
         item = {"env": resolve_env(args.speed_env), "rollouts": args.speed_rollouts, "rows": rows, "ratios": ratios}

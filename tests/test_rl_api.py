@@ -128,7 +128,7 @@ def test_fit_learning_curve_stopped_at_the_last_step_adds_nothing_and_refuses_ot
     assert curve.points == full.points and resumed.env_steps == 256 and segments == 2
     checkpoint = {}
     other.on_save_checkpoint(checkpoint)  # an untrained agent saves too (an empty logging window)
-    assert checkpoint["sac"]["window"]["stats"] is None and checkpoint["sac"]["env_steps"] == 0
+    assert checkpoint["sac"]["window"]["stats"] == [] and checkpoint["sac"]["env_steps"] == 0
 
 
 def test_learning_curve_refuses_a_module_without_evaluations(tmp_path):

@@ -120,11 +120,10 @@ class TrainClock(L.Callback):
 def fit_learning_curve(
     module: L.LightningModule,
     checkpoint_dir: str | Path | None = None,
-    accelerator: str = "cpu",
     callbacks: Sequence[L.Callback] = (),
 ) -> tuple[LearningCurve, float, int]:
-    """Train an RL agent (SACModule, PPOModule) to its ``total_steps`` with a :class:`LearningCurve`, no logger:
-    ``(curve, train seconds without evaluations, segments)``; ``callbacks`` are added to the trainer's.
+    """Train an RL agent (SACModule, PPOModule) to its ``total_steps`` on the CPU with a :class:`LearningCurve`, no
+    logger: ``(curve, train seconds without evaluations, segments)``; ``callbacks`` are added to the trainer's.
 
     With ``checkpoint_dir`` the fit resumes: ``<checkpoint_dir>/last.ckpt`` is written at every epoch end (the
     module's ``steps_per_epoch``) and, through :class:`InterruptCheckpoint`, at the end of the current step on
@@ -154,7 +153,7 @@ def fit_learning_curve(
             _check_same_run(resume, module)
     options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     options["enable_checkpointing"] = checkpoint_dir is not None
-    trainer = L.Trainer(max_epochs=-1, accelerator=accelerator, callbacks=callbacks, devices=1, **options)
+    trainer = L.Trainer(max_epochs=-1, accelerator="cpu", callbacks=callbacks, devices=1, **options)
     try:
         with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose, and the agents'
             # batches are placeholders (each step acts in the env), so a mid-epoch resume is exact (tested)

@@ -260,11 +260,7 @@ class SACModule(L.LightningModule):
             return
         self.generator.set_state(state["generator"])
         if state.get("window") is not None:  # checkpoints from before the window was saved have none
-            window = state["window"]
-            rows = window["stats"] if window["stats"] is not None else []
-            self._window = {"stats": [dict(zip(window["keys"], row, strict=True)) for row in rows]} | {
-                key: window[key] for key in ("updates", "steps", "time")
-            }
+            self._window = state["window"] | {"stats": [dict(stats) for stats in state["window"]["stats"]]}
         if state["buffer"] is not None:
             self.buffer.load_state_dict(state["buffer"])
         else:
@@ -418,15 +414,8 @@ class SACModule(L.LightningModule):
             "obs": torch.from_numpy(np.asarray(self._obs)).clone() if env_state is not None else None,
             "episode_return": self._episode_return,
             "episode_length": self._episode_length,
-            "window": self._window_state(),
-        }
-
-    def _window_state(self) -> dict[str, Any]:
-        """The logging window so far (update statistics as one tensor), so that a resumed run logs the same means."""
-        w = self._window
-        stats = torch.stack([torch.stack(list(s.values())) for s in w["stats"]]) if w["stats"] else None
-        return {"keys": list(w["stats"][0]) if w["stats"] else [], "stats": stats} | {
-            key: w[key] for key in ("updates", "steps", "time")
+            # the logging window so far, so that a resumed run logs the same means
+            "window": self._window | {"stats": [dict(stats) for stats in self._window["stats"]]},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
