@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arms = {name: ARMS[name] for name in (args.arms or ARMS)}
     out = args.out or results_path(__file__, "bench_grpo" if args.task == "ring" else "bench_grpo_digits")
     torch.set_num_threads(args.threads)
-    quiet_libraries("module(s) in eval mode", "IterableDataset` has `__len__`", "`Trainer.fit` stopped")
+    quiet_libraries("module(s) in eval mode", "`Trainer.fit` stopped")
     started = time.perf_counter()
     task = TASKS[args.task]
     grpo = Arms(task, base_checkpoint(task, args.base_steps, args.cache_dir))

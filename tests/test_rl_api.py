@@ -37,10 +37,11 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     return L.Trainer(**(options | kwargs))
 
 
-def agents() -> dict[str, L.LightningModule]:
+def agents(**overrides) -> dict[str, L.LightningModule]:
     """SAC and PPO on InvertedPendulum with the same run length, periods and evaluation settings."""
-    sac = SACModule("InvertedPendulum-v5", learning_starts=64, batch_size=16, hidden=(8, 8), log_every=64, **COMMON)
-    ppo = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=1, hidden=(8, 8), **COMMON)
+    common = COMMON | overrides
+    sac = SACModule("InvertedPendulum-v5", learning_starts=64, batch_size=16, hidden=(8, 8), log_every=64, **common)
+    ppo = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=32, n_epochs=1, hidden=(8, 8), **common)
     return {"sac": sac, "ppo": ppo}
 
 
@@ -83,11 +84,11 @@ class StopAt(L.Callback):
             signal.raise_signal(getattr(signal, self.how.upper()))
 
 
-def fit_stopped(name: str, folder: Path, at: int, how: str) -> None:
+def fit_stopped(name: str, folder: Path, at: int, how: str, **overrides) -> None:
     from entreg.callbacks import TrainingInterrupted, fit_learning_curve
 
     with pytest.raises(TrainingInterrupted if how != "crash" else RuntimeError) as stopped:
-        fit_learning_curve(agents()[name], folder, callbacks=[StopAt(at, how)])
+        fit_learning_curve(agents(**overrides)[name], folder, callbacks=[StopAt(at, how)])
     assert (folder / "last.ckpt").is_file()
     if how != "crash":
         assert stopped.value.signal_name == how.upper() and stopped.value.code == 128 + (2 if how == "sigint" else 15)
@@ -110,6 +111,35 @@ def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_pat
     assert segments == 2 and seconds > 0 and not folder.exists()
     assert curve.points == full.points
     torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
+
+
+class EpochEnds(L.Callback):
+    """The agent's env steps at every epoch end."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.steps.append(module.env_steps)
+
+
+@pytest.mark.parametrize(("name", "at"), [("sac", 200), ("ppo", 3)])
+def test_a_run_resumed_mid_epoch_ends_its_epochs_where_the_uninterrupted_run_does(name, at, tmp_path):
+    """Stopped mid-epoch (SAC at env step 200, PPO after its 3rd rollout, at 192; epochs of 128 steps), the resumed
+    fit finishes that epoch at 256, not a whole epoch after the stop, and Lightning does not warn that the data
+    cannot resume (the agent's checkpoint holds its position; the loader's items are placeholders)."""
+    import warnings
+
+    from entreg.callbacks import fit_learning_curve
+
+    folder = tmp_path / "run"
+    fit_stopped(name, folder, at, "sigterm", total_steps=384)
+    ends = EpochEnds()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_learning_curve(agents(total_steps=384)[name], folder, callbacks=[ends])
+    assert ends.steps == [256, 384]
+    assert not [w for w in caught if "not resumable" in str(w.message)]
 
 
 def test_fit_learning_curve_stopped_at_the_last_step_adds_nothing_and_refuses_other_settings(tmp_path):

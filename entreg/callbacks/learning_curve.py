@@ -155,10 +155,8 @@ def fit_learning_curve(
     options["enable_checkpointing"] = checkpoint_dir is not None
     trainer = L.Trainer(max_epochs=-1, accelerator="cpu", callbacks=callbacks, devices=1, **options)
     try:
-        with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose, and the agents'
-            # batches are placeholders (each step acts in the env), so a mid-epoch resume is exact (tested)
+        with warnings.catch_warnings():  # resuming: the folder holds the checkpoint on purpose
             warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
-            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
             trainer.fit(module, ckpt_path=resume, weights_only=True)
     except SIGTERMException:  # Lightning stops on SIGTERM itself, after InterruptCheckpoint's checkpoint
         raise TrainingInterrupted(signal.SIGTERM, interrupt.saved if interrupt is not None else None) from None

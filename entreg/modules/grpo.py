@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from entreg.distributions import HALF_LOG_2PI_E
 from entreg.flow.grpo import ADVANTAGE_STDS, KL_ESTIMATOR, group_advantages, kde_entropy_bonus
@@ -29,25 +29,13 @@ from entreg.flow.sampling import Velocity, time_grid
 from entreg.flow.sde import gaussian_kl, get_step_type
 from entreg.flow.variants import GRPOVariant, get_variant
 from entreg.modules.ema import log_samples
+from entreg.modules.epoch_steps import epoch_steps_loader
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss
 
 __all__ = ["GRPOIterations", "GRPOModule", "check_grpo_settings", "grpo_settings"]
 Reward = Callable[[Tensor, "Tensor | None"], Tensor]
 COST_KEYS = ("sample_forwards", "train_forward_backwards", "reward_calls")
-
-
-class _Iterations(IterableDataset):
-    """``length`` dummy items per epoch: GRPO draws its own prompts and noise (seeded by the iteration)."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
 
 
 @dataclass
@@ -296,7 +284,8 @@ class GRPOIterations(L.LightningModule):
     # --- training --------------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Iterations(self.hparams.iterations_per_epoch), batch_size=None)
+        # an item per iteration: GRPO draws its own prompts and noise (seeded by the iteration)
+        return epoch_steps_loader(self.hparams.iterations_per_epoch, lambda: self.iteration)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-4)

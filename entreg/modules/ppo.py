@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -13,9 +12,10 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from entreg.distributions import HALF_LOG_2PI_E, gaussian_log_prob
+from entreg.modules.epoch_steps import epoch_steps_loader
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.policy_gradient import clipped_surrogate_loss, masked_mean, value_loss
@@ -26,17 +26,6 @@ from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import GaussianActorCritic, Rollout, RolloutCollector, normalize_advantages
 
 __all__ = ["PPOModule"]
-
-
-class _Rollouts(IterableDataset):
-    """``length`` dummy items per epoch: every training step collects its own rollout. Iterable, so that under
-    DDP no sampler splits the items over the ranks; without ``__len__``, which Lightning warns about."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.length))
 
 
 class PPOModule(L.LightningModule):
@@ -274,7 +263,7 @@ class PPOModule(L.LightningModule):
             self.collector = None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Rollouts(self.rollouts_per_epoch()), batch_size=None)
+        return epoch_steps_loader(self.rollouts_per_epoch(), lambda: self.rollouts)  # an item per rollout
 
     def rollouts_per_epoch(self) -> int:
         """Rollouts per Lightning epoch: the fewest whole rollouts (over all ranks) that cover ``steps_per_epoch``."""

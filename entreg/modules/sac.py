@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from entreg.loggers import log_metrics
+from entreg.modules.epoch_steps import epoch_steps_loader
 from entreg.nn.era import GaussianERA
 from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.buffer import ReplayBuffer
@@ -237,7 +238,7 @@ class SACModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.hparams.steps_per_epoch), batch_size=None)  # one item per env step
+        return epoch_steps_loader(self.hparams.steps_per_epoch, lambda: self.env_steps)  # an item per env step
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, foreach=True)
