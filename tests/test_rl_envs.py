@@ -140,6 +140,19 @@ def test_dm_control_task_is_a_flat_seeded_gymnasium_env():
     env.close()
 
 
+def test_dm_control_envs_do_not_repeat_mujocos_deprecation_of_the_suites_xml(caplog):
+    """dm_control's cheetah XML uses ``settotalmass``, which MuJoCo deprecates with a warning at every build (every
+    evaluation episode set): that one message is dropped, other warnings of dm_control's logger still pass."""
+    pytest.importorskip("shimmy")
+    pytest.importorskip("dm_control")
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        make_env("dm_control/cheetah-run-v0").close()
+        logging.getLogger("absl").warning("another MuJoCo warning")
+    assert "settotalmass" not in caplog.text and "another MuJoCo warning" in caplog.text
+
+
 def test_dm_control_ids_say_how_to_install_them(monkeypatch):
     import builtins
 

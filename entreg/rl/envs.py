@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -137,6 +138,15 @@ def _register_dm_control(gym: ModuleType) -> None:
             'DeepMind Control envs need dm_control and shimmy: pip install "entreg[dmc]" (or "shimmy[dm-control]>=2.0")'
         ) from err
     gym.register_envs(shimmy)
+    absl = logging.getLogger("absl")  # where dm_control sends MuJoCo's warnings
+    if _suite_deprecation not in absl.filters:
+        absl.addFilter(_suite_deprecation)
+
+
+def _suite_deprecation(record: logging.LogRecord) -> bool:
+    """False for MuJoCo's deprecation of ``settotalmass``, which dm_control's own suite XML (cheetah, ...) still
+    uses: logged at every env build (every evaluation), and nothing a user can change."""
+    return "compiler attribute 'settotalmass' is deprecated" not in record.getMessage()
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, **kwargs: Any) -> Any:
