@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The issue-22 benchmark queue in two lanes that share no run, one per core: `ppo` and `sac`. Each lane runs one
-# scripts/bench_rl.py process at a time; each finished run is appended to results/bench_rl.json and skipped when the
-# lane runs again, and a run cut short continues from its checkpoint in results/bench_rl_runs/ (stop a lane with
-# SIGTERM to its process group, `kill -TERM -- -<pgid>`, or both with `pkill -TERM -f bench_rl`: the running run
-# checkpoints its current step). Run each lane detached from the repository root, e.g.
+# The issue-22 benchmark queue in two lanes that share no run, one per core: `ppo` (PPO, then SAC envs the other lane
+# does not run) and `sac`. Each lane runs one scripts/bench_rl.py process at a time; each finished run is appended to
+# results/bench_rl.json and skipped when the lane runs again, and a run cut short continues from its checkpoint in
+# results/bench_rl_runs/ (stop a lane with SIGTERM to its process group, `kill -TERM -- -<pgid>`, or both with `pkill
+# -TERM -f bench_rl`: the running run checkpoints its current step). Run each lane detached from the repository root,
+# e.g.
 #     setsid nohup scripts/bench_rl_queue.sh ppo > rl_ppo.log 2>&1 < /dev/null &
 #     setsid nohup scripts/bench_rl_queue.sh sac > rl_sac.log 2>&1 < /dev/null &
 # and commit results/bench_rl.json as runs finish; `python scripts/bench_rl.py --part table` prints the tables.
-# Nothing else should be timed on the machine while it runs.
+# Nothing else should be timed on the machine while it runs. Edit this file only by replacing it (write a copy, then
+# `mv` it here): bash reads a running lane's script as it goes, and an edit in place changes what a lane runs next.
 set -u
 cd "$(dirname "$0")/.."
 python="${ENTREG_VENV:-.venv}/bin/python"
@@ -15,6 +17,8 @@ step() { echo "=== $(date -u +%FT%TZ) $*"; nice -n 10 "$python" scripts/bench_rl
 short="--budget 204800 --eval-every 20480 --seeds 3"
 long="--budget 1003520 --eval-every 20480 --seeds 3"  # ~1e6 env steps in whole 2048-step rollouts
 sweep="--arms entreg_ppo_era entreg_ppo_matched_std --targets -1 -0.5 0 0.25"
+sac="--budget 100000 --eval-every 10000 --seeds 3"  # 2e5 updates a run: ~1.8 h on one CPU core
+sac_arms="entreg_sac_authors entreg_sac_era_authors"
 case "${1:-}" in
 ppo)
     # ERA's target sweep on the low-dimensional tasks at the short budget
@@ -28,16 +32,18 @@ ppo)
         --arms entreg_ppo_era@0 entreg_ppo_matched_std@0
     # PPO, PPO+ERA and the matched-std control at ~1e6 steps on the four MuJoCo envs
     step --envs hopper halfcheetah walker2d ant $long --arms entreg_ppo entreg_ppo_era entreg_ppo_matched_std
-    # the sweep at ~1e6 steps
-    step --envs hopper walker2d $long $sweep
+    # then this lane takes the SAC envs the sac lane does not run (no run is in both lanes)
+    step --envs halfcheetah $sac --arms $sac_arms
+    step --envs dmc_quadruped_run $sac --arms $sac_arms
+    # the targets that tied the default at 204800 steps, at ~1e6 (-1 and -0.5 cost there)
+    step --envs hopper walker2d $long --arms entreg_ppo_era entreg_ppo_matched_std --targets 0 0.25
     ;;
 sac)
-    # ERA's released SAC with and without ERA, 1e5 steps (2e5 updates a run: ~1.8 h on one CPU core), where the
-    # authors report SAC first (DeepMind Control), then MuJoCo
-    step --envs dmc_cheetah_run --budget 100000 --eval-every 10000 --seeds 3 \
-        --arms entreg_sac_authors entreg_sac_era_authors
-    step --envs hopper halfcheetah --budget 100000 --eval-every 10000 --seeds 3 \
-        --arms entreg_sac_authors entreg_sac_era_authors
+    # ERA's released SAC with and without ERA, 1e5 steps, where the authors report SAC first (DeepMind Control),
+    # then MuJoCo (HalfCheetah and quadruped-run are in the ppo lane, after its PPO runs)
+    step --envs dmc_cheetah_run $sac --arms $sac_arms
+    step --envs hopper $sac --arms $sac_arms
+    step --envs dmc_walker_walk $sac --arms $sac_arms
     ;;
 *)
     echo "usage: $0 ppo|sac" >&2
