@@ -1,5 +1,5 @@
 """Shared test utilities: a logger that records every logged value, a trainer factory, outputs recorded
-by hand, and a sampler that splits a global batch across DDP ranks."""
+by hand, a sampler that splits a global batch across DDP ranks, and an env with non-finite transitions."""
 
 from __future__ import annotations
 
@@ -136,3 +136,33 @@ class RankInterleaved(torch.utils.data.Sampler):
     def __len__(self) -> int:
         rank, world = self._rank_world()
         return len(range(rank, self.size, world))
+
+
+def nan_pendulum_id() -> str:
+    """The gymnasium id of InvertedPendulum-v5 with a NaN reward every 7th step and a NaN observation every 11th
+    (the agents' non-finite-transition tests), registered on first use."""
+    import gymnasium as gym
+
+    env_id = "entreg-test/NaNInvertedPendulum-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=_nan_pendulum, disable_env_checker=True)
+    return env_id
+
+
+def _nan_pendulum(**kwargs: Any) -> Any:
+    import gymnasium as gym
+    import numpy as np
+
+    class NaNEvery7thRewardAnd11thObservation(gym.Wrapper):
+        def __init__(self, env: Any) -> None:
+            super().__init__(env)
+            self.t = 0
+
+        def step(self, action: Any) -> tuple:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.t += 1
+            reward = float("nan") if self.t % 7 == 0 else reward
+            obs = np.full_like(obs, np.nan) if self.t % 11 == 0 else obs
+            return obs, reward, terminated, truncated, info
+
+    return NaNEvery7thRewardAnd11thObservation(gym.make("InvertedPendulum-v5", **kwargs))

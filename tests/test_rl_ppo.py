@@ -21,7 +21,7 @@ from entreg.nn import GaussianERA
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, normalize_advantages
-from tests.helpers import RecordingLogger, make_trainer
+from tests.helpers import RecordingLogger, make_trainer, nan_pendulum_id
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
 
@@ -184,27 +184,6 @@ def ppo(env_id: str = "InvertedPendulum-v5", **kwargs) -> PPOModule:
     return PPOModule(env_id, **{**options, **kwargs})
 
 
-class NaNInjector:
-    """Wraps an env: every 7th step's reward and every 11th step's observation are NaN."""
-
-    def __new__(cls, **kwargs):
-        import gymnasium as gym
-
-        class _Wrapper(gym.Wrapper):
-            def __init__(self, env):
-                super().__init__(env)
-                self.t = 0
-
-            def step(self, action):
-                obs, reward, terminated, truncated, info = self.env.step(action)
-                self.t += 1
-                reward = math.nan if self.t % 7 == 0 else reward
-                obs = np.full_like(obs, np.nan) if self.t % 11 == 0 else obs
-                return obs, reward, terminated, truncated, info
-
-        return _Wrapper(gym.make("InvertedPendulum-v5", **kwargs))
-
-
 class FiniteWeights(L.Callback):
     def __init__(self) -> None:
         self.checked = 0
@@ -218,12 +197,7 @@ class FiniteWeights(L.Callback):
 
 @needs_mujoco
 def test_nan_rewards_and_observations_are_masked_and_weights_stay_finite(tmp_path):
-    import gymnasium as gym
-
-    env_id = "entreg-test/NaNInvertedPendulum-v0"
-    if env_id not in gym.registry:
-        gym.register(env_id, entry_point=NaNInjector, disable_env_checker=True)
-    module, logger, check = ppo(env_id), RecordingLogger(), FiniteWeights()
+    module, logger, check = ppo(nan_pendulum_id()), RecordingLogger(), FiniteWeights()
     with pytest.warns(RuntimeWarning, match="non-finite observation or reward"):
         make_trainer(tmp_path, max_epochs=3, logger=logger, callbacks=[check]).fit(module)
     assert check.checked == 3 and module.skipped_updates == 0

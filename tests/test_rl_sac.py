@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -388,30 +387,10 @@ def test_resume_of_a_non_mujoco_env_warns_and_resets_it(tmp_path):
     assert resumed.env_steps == 80 and len(resumed.buffer) == 80
 
 
-class NaNInjector:
-    """InvertedPendulum whose reward is NaN every 7th step and whose observation is NaN every 11th step."""
-
-    def __new__(cls, **kwargs):
-        class _Wrapper(gym.Wrapper):
-            def __init__(self, env):
-                super().__init__(env)
-                self.t = 0
-
-            def step(self, action):
-                obs, reward, terminated, truncated, info = self.env.step(action)
-                self.t += 1
-                reward = math.nan if self.t % 7 == 0 else reward
-                obs = np.full_like(obs, np.nan) if self.t % 11 == 0 else obs
-                return obs, reward, terminated, truncated, info
-
-        return _Wrapper(gym.make("InvertedPendulum-v5", **kwargs))
-
-
 def test_nan_rewards_and_observations_are_skipped_and_weights_stay_finite(tmp_path):
-    env_id = "entreg-test/NaNInvertedPendulumSAC-v0"
-    if env_id not in gym.registry:
-        gym.register(env_id, entry_point=NaNInjector, disable_env_checker=True)
-    module = sac(env_id, total_steps=150, learning_starts=20, eval_every=0)
+    from tests.helpers import nan_pendulum_id
+
+    module = sac(nan_pendulum_id(), total_steps=150, learning_starts=20, eval_every=0)
     with pytest.warns(RuntimeWarning, match="non-finite reward or observation"):
         make_trainer(tmp_path, callbacks=[FiniteWeights()]).fit(module)
     expected = len({t for t in range(1, 151) if t % 7 == 0 or t % 11 == 0})
