@@ -145,7 +145,8 @@ def _register_dm_control(gym: ModuleType) -> None:
 
 def _suite_deprecation(record: logging.LogRecord) -> bool:
     """False for MuJoCo's deprecation of ``settotalmass``, which dm_control's own suite XML (cheetah, ...) still
-    uses: logged at every env build (every evaluation), and nothing a user can change."""
+    uses: logged at every env build (every evaluation), and nothing a user can change. Once a DeepMind Control env
+    is made, the message is dropped for the whole process (MuJoCo's text names no file), a user's own XML too."""
     return "compiler attribute 'settotalmass' is deprecated" not in record.getMessage()
 
 
