@@ -17,7 +17,9 @@ class EpochSteps(IterableDataset):
     its checkpoint restores): a run stopped mid-epoch and resumed ends that epoch where the uninterrupted run does,
     and its later epochs (and epoch-end checkpoints) fall on the same steps. Iterable, so that under DDP no sampler
     splits the items over the ranks; without ``__len__``, which Lightning warns about on an ``IterableDataset`` and
-    which would be wrong in a resumed epoch.
+    which would be wrong in a resumed epoch. So Lightning sees epochs of unknown length: its fractional
+    ``limit_train_batches``/``val_check_interval`` are refused (the module's own periods, in its steps, are the way to
+    set them) and the progress bar shows no total.
 
     Example:
         >>> list(EpochSteps(4, taken=lambda: 0))  # a fresh run: a whole epoch
