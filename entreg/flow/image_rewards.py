@@ -187,8 +187,9 @@ class CLIPScore(nn.Module):
 
         model_dir = _local_dir(model_path, type(self).__name__)
         processor_dir = _local_dir(processor_path or model_path, type(self).__name__)
-        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval().requires_grad_(False)
-        self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)
+        model = CLIPModel.from_pretrained(model_dir, local_files_only=True)  # offline-ok: a local folder only
+        self.model = model.eval().requires_grad_(False)
+        self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)  # offline-ok
         image_processor = self.processor.image_processor
         size = image_processor.crop_size
         self.size = (int(size["height"]), int(size["width"])) if "height" in size else (int(size), int(size))
