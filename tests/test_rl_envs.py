@@ -166,3 +166,19 @@ def test_dm_control_ids_say_how_to_install_them(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", without_shimmy)
     with pytest.raises(ImportError, match=r"entreg\[dmc\]"):
         make_env("dm_control/cheetah-run-v0")
+
+
+def test_dm_control_import_does_not_warn_that_a_headless_machine_has_no_display():
+    """dm_control's import tries GLFW, which warns when DISPLAY is unset before dm_control falls back to EGL or
+    OSMesa; entreg drops that one warning (its import runs in a fresh process, with DISPLAY unset and warnings on)."""
+    pytest.importorskip("shimmy")
+    pytest.importorskip("dm_control")
+    import os
+    import subprocess
+    import sys
+
+    code = "from entreg.rl.envs import make_env; make_env('dm_control/cheetah-run-v0').close(); print('made')"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MUJOCO_GL", "WAYLAND_DISPLAY")}
+    run = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "made" in run.stdout, run.stderr
+    assert "DISPLAY" not in run.stderr, run.stderr

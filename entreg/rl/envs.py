@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -130,9 +131,13 @@ def make_env(env_id: str, seed: int | None = None, **kwargs: Any) -> Any:
 
 
 def _register_dm_control(gym: ModuleType) -> None:
-    """Register shimmy's ``dm_control/...`` ids with gymnasium, or say how to install them."""
+    """Register shimmy's ``dm_control/...`` ids with gymnasium, or say how to install them. On a machine without a
+    display, GLFW's warning that DISPLAY is missing (at dm_control's import, before it falls back to EGL or OSMesa
+    rendering, which training does not use) is dropped; other warnings of the import pass."""
     try:
-        import shimmy
+        with warnings.catch_warnings():  # dm_control tries GLFW first; without a display it falls back to EGL/OSMesa
+            warnings.filterwarnings("ignore", message=r".*The DISPLAY environment variable is missing")
+            import shimmy
     except ImportError as err:
         raise ImportError(
             'DeepMind Control envs need dm_control and shimmy: pip install "entreg[dmc]" (or "shimmy[dm-control]>=2.0")'
