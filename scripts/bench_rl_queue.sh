@@ -32,6 +32,9 @@ ppo)
         --arms entreg_ppo_era@0 entreg_ppo_matched_std@0
     # PPO, PPO+ERA and the matched-std control at ~1e6 steps on the four MuJoCo envs
     step --envs hopper halfcheetah walker2d ant $long --arms entreg_ppo entreg_ppo_era entreg_ppo_matched_std
+    # seeds 3-4 of ERA and its control at ~1e6, as at 204800 steps (their 3-seed spreads overlapped on every env)
+    step --envs hopper halfcheetah walker2d ant --budget 1003520 --eval-every 20480 --seeds 5 \
+        --arms entreg_ppo_era entreg_ppo_matched_std
     # then this lane takes the SAC envs the sac lane does not run (no run is in both lanes)
     step --envs halfcheetah $sac --arms $sac_arms
     step --envs dmc_quadruped_run $sac --arms $sac_arms
