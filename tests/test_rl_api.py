@@ -114,13 +114,15 @@ def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_pat
 
 
 class EpochEnds(L.Callback):
-    """The agent's env steps at every epoch end."""
+    """The agent's env steps (and the epoch) at every epoch end."""
 
     def __init__(self) -> None:
         self.steps: list[int] = []
+        self.epochs: list[tuple[int, int]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.steps.append(module.env_steps)
+        self.epochs.append((trainer.current_epoch, module.env_steps))
 
 
 @pytest.mark.parametrize(("name", "at"), [("sac", 200), ("ppo", 3)])
@@ -140,6 +142,23 @@ def test_a_run_resumed_mid_epoch_ends_its_epochs_where_the_uninterrupted_run_doe
         fit_learning_curve(agents(total_steps=384)[name], folder, callbacks=[ends])
     assert ends.steps == [256, 384]
     assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["sac", "ppo"])
+def test_a_run_that_ended_mid_epoch_and_is_extended_keeps_the_uninterrupted_epochs(name, tmp_path):
+    """A run whose total (192 env steps) ends mid-epoch (epochs of 128): Lightning counts that epoch as done. Resumed
+    from its checkpoint with a longer total (512), its epochs end at the steps and numbers of the uninterrupted
+    512-step run (epoch 2 at 384, epoch 3 at 512), and it stops at the same epoch count, not one epoch later."""
+    full, ends = agents(total_steps=512)[name], EpochEnds()
+    trainer(tmp_path, callbacks=[ends]).fit(full)
+    assert ends.epochs == [(0, 128), (1, 256), (2, 384), (3, 512)]
+    short = trainer(tmp_path)
+    short.fit(agents(total_steps=192)[name])
+    assert short.current_epoch == 2 and short.lightning_module.env_steps == 192  # the cut epoch 1 counts as done
+    short.save_checkpoint(tmp_path / "short.ckpt")
+    extended, resumed = trainer(tmp_path, callbacks=[ends := EpochEnds()]), agents(total_steps=512)[name]
+    extended.fit(resumed, ckpt_path=tmp_path / "short.ckpt")
+    assert ends.epochs == [(2, 384), (3, 512)] and extended.current_epoch == 4 and resumed.env_steps == 512
 
 
 def test_fit_learning_curve_stopped_at_the_last_step_adds_nothing_and_refuses_other_settings(tmp_path):

@@ -285,7 +285,7 @@ class GRPOIterations(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         # an item per iteration: GRPO draws its own prompts and noise (seeded by the iteration)
-        return epoch_steps_loader(self.hparams.iterations_per_epoch, lambda: self.iteration)
+        return epoch_steps_loader(self, self.hparams.iterations_per_epoch, lambda: self.iteration)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.AdamW, lr=1e-4)

@@ -263,7 +263,7 @@ class PPOModule(L.LightningModule):
             self.collector = None
 
     def train_dataloader(self) -> DataLoader:
-        return epoch_steps_loader(self.rollouts_per_epoch(), lambda: self.rollouts)  # an item per rollout
+        return epoch_steps_loader(self, self.rollouts_per_epoch(), lambda: self.rollouts)  # an item per rollout
 
     def rollouts_per_epoch(self) -> int:
         """Rollouts per Lightning epoch: the fewest whole rollouts (over all ranks) that cover ``steps_per_epoch``."""

@@ -238,7 +238,7 @@ class SACModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def train_dataloader(self) -> DataLoader:
-        return epoch_steps_loader(self.hparams.steps_per_epoch, lambda: self.env_steps)  # an item per env step
+        return epoch_steps_loader(self, self.hparams.steps_per_epoch, lambda: self.env_steps)  # an item per env step
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, foreach=True)
