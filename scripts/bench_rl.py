@@ -53,7 +53,8 @@ left out for both (Lightning's per-step loop is timed); ``--repeats`` times each
 parts run with ``--threads`` torch threads (default 1: on a shared 2-core machine 2-thread parallel regions stall
 whenever a neighbour is busy). Part ``table`` only prints the tables of the results file, and per (env, budget)
 the policy's std and entropy (nats, all dimensions) at every evaluation of every entreg arm: how much noise each
-arm kept over training. Part ``ppo_envs``: whether gymnasium's vector env speeds PPO up, the env steps/s of
+arm kept over training; part ``readme`` prints the README's table (the arms of ``ARM_NAMES`` with at least
+``MIN_SEEDS`` seeds, no sweeps). Part ``ppo_envs``: whether gymnasium's vector env speeds PPO up, the env steps/s of
 ``entreg_ppo`` on ``--speed-env`` with ``--env-counts`` envs (1, 4, 8) at the same 2048-step rollout, interleaved,
 ``--repeats`` times, median ratio to the first count (more envs change the algorithm: shorter rollouts per env for
 GAE; the benchmark's PPO arms keep SB3's one env). Part ``tensorboard`` writes every run's curve (return, std,
@@ -68,6 +69,7 @@ Run:
     python scripts/bench_rl.py --envs dmc_cheetah_run --budget 1e5 --eval-every 10000 --seeds 3 \
         --arms entreg_sac_authors entreg_sac_era_authors                            # needs entreg[dmc]
     python scripts/bench_rl.py --part table
+    python scripts/bench_rl.py --part readme    # the README's table
     python scripts/bench_rl.py --part tensorboard && tensorboard --logdir logs/bench_rl
     python scripts/bench_rl.py --part speed
     python scripts/bench_rl.py --part ppo_envs --speed-env hopper --repeats 5
@@ -211,6 +213,18 @@ CONTROLS = {
     "entreg_ppo_era": ("entreg_ppo_matched_std", "entreg_ppo"),
     "entreg_sac_era": ("entreg_sac",),
     "entreg_sac_era_authors": ("entreg_sac_authors",),
+}
+# the arms' names in the README's table (--part readme)
+ARM_NAMES = {
+    "sb3_sac": "SB3 SAC",
+    "entreg_sac": "entreg SAC",
+    "entreg_sac_era": "entreg SAC+ERA",
+    "entreg_sac_authors": "ERA's SAC agent, no ERA",
+    "entreg_sac_era_authors": "ERA's SAC agent + ERA",
+    "sb3_ppo": "SB3 PPO",
+    "entreg_ppo": "entreg PPO",
+    "entreg_ppo_era": "entreg PPO+ERA",
+    "entreg_ppo_matched_std": "entreg PPO std 0.40 (control)",
 }
 
 
@@ -358,14 +372,26 @@ def policy_std(runs: list[dict[str, Any]]) -> str:
     return f"{first:.2f} → {last:.2f}"
 
 
-def summary(runs: list[dict[str, Any]]) -> str:
-    """Per (env, steps, eval period) and arm: final and AUC return as IQM [95% bootstrap CI] and mean ± std over
-    seeds, the policy's std, time and speed; then, per ERA arm and control arm present, the bootstrap CI of the
-    difference of IQMs and whether ERA helps (CI above 0), hurts (below) or is within noise."""
+def grouped(runs: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, list[dict[str, Any]]]]:
+    """Runs by (env, budget, eval period), then by arm."""
     groups: dict[tuple[str, int, int], dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         group = (run["env"], run["budget"], eval_period(run))
         groups.setdefault(group, {}).setdefault(run["arm"], []).append(run)
+    return groups
+
+
+def returns(runs: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(final returns, AUC returns) of the seeds' runs."""
+    final, auc = zip(*map(final_and_auc, runs), strict=True)
+    return list(final), list(auc)
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per (env, steps, eval period) and arm: final and AUC return as IQM [95% bootstrap CI] and mean ± std over
+    seeds, the policy's std, time and speed; then, per ERA arm and control arm present, the bootstrap CI of the
+    difference of IQMs and whether ERA helps (CI above 0), hurts (below) or is within noise."""
+    groups = grouped(runs)
     lines = ["| env | steps | eval every | arm | seeds | final IQM [95% CI] | final mean ± std | AUC IQM [95% CI] | "
              "AUC mean ± std | policy std first → last | train s | speed | speed vs SB3 |"]  # fmt: skip
     lines.append("|---" * 13 + "|")
@@ -376,7 +402,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
     for (env, budget, every), arms in sorted(groups.items()):
         for arm, rs in sorted(arms.items()):
             baseline = {r["seed"]: r["updates_per_s"] for r in arms.get(f"sb3_{algorithm(arm)}", [])}
-            final, auc = (list(v) for v in zip(*map(final_and_auc, rs), strict=True))
+            final, auc = returns(rs)
             ratios = [r["updates_per_s"] / baseline[r["seed"]] for r in rs if r["seed"] in baseline]
             ratio = f"{statistics.median(ratios):.2f}" if ratios and not arm.startswith("sb3") else "-"
             lines.append(
@@ -391,6 +417,21 @@ def summary(runs: list[dict[str, Any]]) -> str:
                 if control in arms:
                     comparisons.append(compare(env, budget, arm, rs, control, arms[control]))
     return "\n".join([*lines, "", *comparisons])
+
+
+def readme_table(runs: list[dict[str, Any]]) -> str:
+    """The README's table: per env, budget and arm without a target suffix (sweeps are in ``summary``) with at least
+    ``MIN_SEEDS`` seeds, the final and AUC return as IQM [95% bootstrap CI] and mean ± std, and the policy's std."""
+    lines = ["| env | env steps | arm | seeds | final IQM [95% CI] | final mean ± std | AUC IQM [95% CI] | "
+             "AUC mean ± std | policy std first → last |", "|---" * 9 + "|"]  # fmt: skip
+    for (env, budget, _), arms in sorted(grouped(runs).items(), key=lambda item: (item[0][0], item[0][1])):
+        for arm in (name for name in ARM_NAMES if len(arms.get(name, ())) >= MIN_SEEDS):
+            final, auc = returns(arms[arm])
+            lines.append(
+                f"| {env} | {budget:,} | {ARM_NAMES[arm]} | {len(final)} | {interval(final)} | {spread(final)} | "
+                f"{interval(auc)} | {spread(auc)} | {policy_std(arms[arm])} |"
+            )
+    return "\n".join(lines)
 
 
 def noise_curves(runs: list[dict[str, Any]]) -> str:
@@ -539,7 +580,7 @@ def ppo_env_counts(env_id: str, counts: list[int], rollouts: int, repeats: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parts = ["quality", "speed", "both", "table", "tensorboard", "ppo_envs"]
+    parts = ["quality", "speed", "both", "table", "readme", "tensorboard", "ppo_envs"]
     parser.add_argument("--part", choices=parts, default="quality")
     parser.add_argument("--env-counts", nargs="+", type=int, default=[1, 4, 8], help="--part ppo_envs: envs per PPO")
     parser.add_argument("--logdir", type=Path, default=Path("logs/bench_rl"), help="--part tensorboard: where to")
@@ -611,6 +652,8 @@ def main() -> None:
     }
     if args.part == "table":
         print(summary(results["runs"]), noise_curves(results["runs"]), sep="\n\n")
+    if args.part == "readme":
+        print(readme_table(results["runs"]))
     if args.part == "tensorboard":
         count = write_tensorboard(results["runs"], args.logdir)
         print(f"{count} runs written; look at them with: tensorboard --logdir {shown(args.logdir)}")
