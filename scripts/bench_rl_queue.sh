@@ -36,8 +36,8 @@ ppo)
     step --envs hopper halfcheetah walker2d ant --budget 1003520 --eval-every 20480 --seeds 5 \
         --arms entreg_ppo_era entreg_ppo_matched_std
     # then this lane takes the SAC envs the sac lane does not run (no run is in both lanes)
-    step --envs halfcheetah $sac --arms $sac_arms
-    step --envs dmc_quadruped_run $sac --arms $sac_arms
+    # (seeds are the outer loop: both envs get seed 0 of both arms first)
+    step --envs halfcheetah dmc_quadruped_run $sac --arms $sac_arms
     # the targets that tied the default at 204800 steps, at ~1e6 (-1 and -0.5 cost there)
     step --envs hopper walker2d $long --arms entreg_ppo_era entreg_ppo_matched_std --targets 0 0.25
     ;;
@@ -45,8 +45,7 @@ sac)
     # ERA's released SAC with and without ERA, 1e5 steps, where the authors report SAC first (DeepMind Control),
     # then MuJoCo (HalfCheetah and quadruped-run are in the ppo lane, after its PPO runs)
     step --envs dmc_cheetah_run $sac --arms $sac_arms
-    step --envs hopper $sac --arms $sac_arms
-    step --envs dmc_walker_walk $sac --arms $sac_arms
+    step --envs hopper dmc_walker_walk $sac --arms $sac_arms  # seed 0 of both envs first
     ;;
 *)
     echo "usage: $0 ppo|sac" >&2
