@@ -21,11 +21,11 @@ class EpochSteps(IterableDataset):
     done) and is extended keeps the uninterrupted run's epoch numbers from there on: its next epoch also takes the
     rest of the cut one, and its epoch-end checkpoints and ``max_epochs`` fall on the same steps. (Where ``taken()``
     is already past the epoch's end, as after a resume with a smaller ``per_epoch``, the epoch takes the steps left in
-    ``taken()``'s own ``per_epoch`` block.) Iterable, so that under DDP no sampler
-    splits the items over the ranks; without ``__len__``, which Lightning warns about on an ``IterableDataset`` and
-    which would be wrong in a resumed epoch. So Lightning sees epochs of unknown length: its fractional
-    ``limit_train_batches``/``val_check_interval`` are refused (the module's own periods, in its steps, are the way to
-    set them) and the progress bar shows no total.
+    ``taken()``'s own ``per_epoch`` block.) Iterable, so that under DDP no sampler splits the items over the ranks;
+    without ``__len__``, which Lightning warns about on an ``IterableDataset`` and which would be wrong in a resumed
+    epoch. So Lightning sees epochs of unknown length: its fractional ``limit_train_batches``/``val_check_interval``
+    are refused (the module's own periods, in its steps, are the way to set them) and the progress bar shows no
+    total.
 
     Example:
         >>> list(EpochSteps(4, taken=lambda: 0, epoch=lambda: 0))  # a fresh run: a whole epoch
