@@ -424,7 +424,7 @@ def readme_table(runs: list[dict[str, Any]]) -> str:
     ``MIN_SEEDS`` seeds, the final and AUC return as IQM [95% bootstrap CI] and mean ± std, and the policy's std."""
     lines = ["| env | env steps | arm | seeds | final IQM [95% CI] | final mean ± std | AUC IQM [95% CI] | "
              "AUC mean ± std | policy std first → last |", "|---" * 9 + "|"]  # fmt: skip
-    for (env, budget, _), arms in sorted(grouped(runs).items(), key=lambda item: (item[0][0], item[0][1])):
+    for (env, budget, _), arms in sorted(grouped(runs).items(), key=lambda item: item[0]):
         for arm in (name for name in ARM_NAMES if len(arms.get(name, ())) >= MIN_SEEDS):
             final, auc = returns(arms[arm])
             lines.append(

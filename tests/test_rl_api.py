@@ -117,11 +117,13 @@ class EpochEnds(L.Callback):
     """The agent's env steps (and the epoch) at every epoch end."""
 
     def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.epochs: list[tuple[int, int]] = []
+        self.epochs: list[tuple[int, int]] = []  # (epoch, env steps)
+
+    @property
+    def steps(self) -> list[int]:
+        return [steps for _, steps in self.epochs]
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.steps.append(module.env_steps)
         self.epochs.append((trainer.current_epoch, module.env_steps))
 
 
