@@ -20,12 +20,13 @@ Arms:
 * entreg's, each the config ``entreg-train model=<config> env=<env>`` composes (``MODEL_CONFIGS``), with the run
   length and evaluation grid of the arguments: ``entreg_sac`` (model=sac: SB3's defaults), ``entreg_sac_era``
   (model=sac_era), ``entreg_sac_authors`` and ``entreg_sac_era_authors`` (ERA's released agent without and with
-  ERA), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era`` (model=ppo_era)
-  and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does, no floor; the
-  control arm that separates ERA's entropy floor from its initial noise). A suffix ``@<nats>`` sets the arm's target
-  per action dimension (ERA's ``era_entropy_per_dim``, the matched arm's ``init_entropy_per_dim``), e.g.
-  ``entreg_ppo_era@-0.5``; ``--targets`` adds every target arm (``TARGET_ARMS``) once per value. Without a suffix the
-  target is the config's.
+  ERA), ``entreg_sac_authors_matched_std`` (model=sac_authors_matched_std: the agent without ERA, its std starting
+  where ERA's does), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era``
+  (model=ppo_era) and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does,
+  no floor). The matched arms are the controls that separate ERA's entropy floor from its initial noise. A suffix
+  ``@<nats>`` sets the arm's target per action dimension (ERA's ``era_entropy_per_dim``, the matched arms'
+  ``init_entropy_per_dim``), e.g. ``entreg_ppo_era@-0.5``; ``--targets`` adds every target arm (``TARGET_ARMS``) once
+  per value. Without a suffix the target is the config's.
 * the baselines (``ARMS``): ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer
   1e6, batch 256, tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
   ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs, lr 3e-4,
@@ -67,7 +68,7 @@ Run:
     python scripts/bench_rl.py --envs hopper walker2d --budget 1e6 --eval-every 20480 --seeds 3 \
         --arms entreg_ppo_era entreg_ppo_matched_std --targets -1 -0.5 0 0.25       # ERA's target sweep
     python scripts/bench_rl.py --envs dmc_cheetah_run --budget 1e5 --eval-every 10000 --seeds 3 \
-        --arms entreg_sac_authors entreg_sac_era_authors                            # needs entreg[dmc]
+        --arms entreg_sac_authors entreg_sac_era_authors entreg_sac_authors_matched_std   # needs entreg[dmc]
     python scripts/bench_rl.py --part table
     python scripts/bench_rl.py --part readme    # the README's table
     python scripts/bench_rl.py --part tensorboard && tensorboard --logdir logs/bench_rl
@@ -199,6 +200,7 @@ MODEL_CONFIGS = {
     "entreg_sac_era": "sac_era",
     "entreg_sac_authors": "sac_authors",
     "entreg_sac_era_authors": "sac_era_authors",
+    "entreg_sac_authors_matched_std": "sac_authors_matched_std",
     "entreg_ppo": "ppo",
     "entreg_ppo_era": "ppo_era",
     "entreg_ppo_matched_std": "ppo_matched_std",
@@ -206,13 +208,16 @@ MODEL_CONFIGS = {
 # the key that an arm's "@<nats>" suffix sets: ERA's target, or the matched control's initial entropy per dimension
 TARGET_KEYS = ("era_entropy_per_dim", "init_entropy_per_dim")
 # the arms whose config has a target (TARGET_KEYS): --targets runs them once per value
-TARGET_ARMS = ("entreg_sac_era", "entreg_sac_era_authors", "entreg_ppo_era", "entreg_ppo_matched_std")
+TARGET_ARMS = (
+    "entreg_sac_era", "entreg_sac_era_authors", "entreg_sac_authors_matched_std", "entreg_ppo_era",
+    "entreg_ppo_matched_std",
+)  # fmt: skip
 MIN_SEEDS = 3  # per arm, for a verdict
 # per ERA arm, its control arms (the same suffix): the comparisons table says whether ERA helps, hurts or is noise
 CONTROLS = {
     "entreg_ppo_era": ("entreg_ppo_matched_std", "entreg_ppo"),
     "entreg_sac_era": ("entreg_sac",),
-    "entreg_sac_era_authors": ("entreg_sac_authors",),
+    "entreg_sac_era_authors": ("entreg_sac_authors_matched_std", "entreg_sac_authors"),
 }
 # the arms' names in the README's table (--part readme)
 ARM_NAMES = {
@@ -221,6 +226,7 @@ ARM_NAMES = {
     "entreg_sac_era": "entreg SAC+ERA",
     "entreg_sac_authors": "ERA's SAC agent, no ERA",
     "entreg_sac_era_authors": "ERA's SAC agent + ERA",
+    "entreg_sac_authors_matched_std": "ERA's SAC agent, ERA's initial std (control)",
     "sb3_ppo": "SB3 PPO",
     "entreg_ppo": "entreg PPO",
     "entreg_ppo_era": "entreg PPO+ERA",

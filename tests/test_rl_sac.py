@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from entreg.distributions import HALF_LOG_2PI_E
 from entreg.entropy import gaussian_entropy
 from entreg.nn.era import GaussianERA
 from entreg.rl.buffer import ReplayBatch
@@ -277,6 +278,34 @@ def test_era_authors_networks_and_bounds():
         SAC(5, 3, action_bound=0.0)
 
 
+def test_sac_matched_std_starts_at_eras_initial_entropy_without_its_floor(compose_train):
+    from hydra.utils import instantiate
+
+    matched = compose_train("model=sac_authors_matched_std", "~backbone").model
+    era = compose_train("model=sac_era_authors", "~backbone").model
+    plain = compose_train("model=sac_authors", "~backbone").model
+    assert matched.init_entropy_per_dim == era.era_entropy_per_dim and matched.era_entropy_per_dim is None
+    assert {k: v for k, v in matched.items() if k != "init_entropy_per_dim"} == {
+        k: v for k, v in plain.items() if k != "init_entropy_per_dim"
+    }  # otherwise the agent without ERA
+    control, floor = (instantiate(cfg, env_id="HalfCheetah-v5", _convert_="all").sac for cfg in (matched, era))
+    obs = torch.randn(32, 17) * 3
+    _, log_std = control.actor(obs)
+    _, era_log_std = floor.actor(obs)
+    torch.testing.assert_close(log_std, torch.full_like(log_std, 0.25 - HALF_LOG_2PI_E))  # std 0.31 in every state
+    torch.testing.assert_close(gaussian_entropy(log_std), gaussian_entropy(era_log_std))  # 6 x 0.25 nats
+    log_std.sum().backward()
+    head = control.actor.net[-1]
+    assert head.weight.grad[6:].abs().sum() > 0 and head.bias.grad[6:].abs().sum() > 0  # learned: no floor
+    assert control.learn_alpha and not floor.learn_alpha  # the temperature stays: only the start is ERA's
+    with pytest.raises(ValueError, match="init_entropy_per_dim"):
+        sac(init_entropy_per_dim=0.25, era_entropy_per_dim=0.25)
+    with pytest.raises(ValueError, match=r"log_std_init must be in \[-8.0, 0.0\], got 0.5"):
+        GaussianActor(5, 3, log_std_min=-8.0, log_std_max=0.0, log_std_init=0.5)
+    with pytest.raises(ValueError, match="log_std_init"):
+        GaussianActor(5, 3, era=GaussianERA(3), log_std_init=-1.0)
+
+
 def test_sac_rejects_invalid_settings():
     for kwargs, match in [
         ({"gamma": 1.5}, "gamma"),
@@ -429,11 +458,12 @@ def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
     assert float(trainer.callback_metrics["eval/return"]) >= 900
 
 
-@pytest.mark.parametrize("model", ["sac_authors", "sac_era_authors"])
+@pytest.mark.parametrize("model", ["sac_authors", "sac_era_authors", "sac_authors_matched_std"])
 def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_train, tmp_path):
     """ERA's released agent (its config: orthogonal init, LayerNorm critics with AdamW, 2 updates per step, the
-    truncated Gaussian; with and without ERA) scaled down as the test above: 64-64 networks, lr 3e-3, tau 0.05, 500
-    random steps instead of 5000; with seeds 0-1 both balance (1000) by 2000 steps."""
+    truncated Gaussian; without ERA, with it, and its control started at ERA's std) scaled down as the test above:
+    64-64 networks, lr 3e-3, tau 0.05, 500 random steps instead of 5000; with seeds 0-1 the first two balance (1000)
+    by 2000 steps."""
     from hydra.utils import instantiate
 
     cfg = compose_train(f"model={model}", "~backbone", "model.env_id=InvertedPendulum-v5").model

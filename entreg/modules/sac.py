@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from entreg.distributions import HALF_LOG_2PI_E
 from entreg.loggers import log_metrics
 from entreg.modules.epoch_steps import epoch_steps_loader
 from entreg.nn.era import GaussianERA
@@ -49,6 +50,12 @@ class SACModule(L.LightningModule):
     (``squash="tanh"``: the paper's tanh squashing). With a one-dimensional action (InvertedPendulum) ERA has
     nothing to distribute and the std is the constant exp(H0 - 0.5 ln(2 pi e)).
 
+    Control arm for ERA's initial noise (``init_entropy_per_dim``; ``model=sac_authors_matched_std``): ERA's actor
+    starts with the Gaussian's entropy at ``era_entropy_per_dim * dim(A)`` (cheetah-run at 0.25 nats: mean std 0.34),
+    the plain head higher (mean std 0.85, 1.2 nats per dimension); ``init_entropy_per_dim`` starts plain SAC's
+    log-std at ``init_entropy_per_dim - 0.5 ln(2 pi e)`` in every state (the head's log-std weights zero, its biases
+    that value, both learned), so the two start with the same entropy and differ in the floor (and the temperature).
+
     Non-finite data: a transition whose reward or next observation is NaN or infinite is not stored (counted
     in ``train/skipped_transitions``, with a warning); a non-finite next observation also ends the episode (the
     env is reset), so the policy never acts on it. The weights therefore only ever see finite data.
@@ -80,6 +87,8 @@ class SACModule(L.LightningModule):
         ent_coef, initial_alpha, target_entropy: temperature, ``"auto"`` (dual ascent from ``initial_alpha``
             towards ``target_entropy``, default -dim(A)) or a fixed value.
         hidden, activation, log_std_min, log_std_max: actor and critic MLPs, the actor's log-std clamp.
+        init_entropy_per_dim: plain SAC only: the Gaussian's initial entropy in nats per action dimension in every
+            state (ERA's control arm; None: the head's initialisation).
         era_entropy_per_dim, era_log_std_min, era_log_std_max: SAC+ERA (None: plain SAC).
         era_delta, era_learn_delta, era_delta_lr: the paper's compensation delta (:class:`entreg.nn.GaussianERA`):
             a constant (0: off, as ERA's released code), or learned from that initial value by projected descent on
@@ -129,6 +138,7 @@ class SACModule(L.LightningModule):
         activation: str = "relu",
         log_std_min: float = -20.0,
         log_std_max: float = 2.0,
+        init_entropy_per_dim: float | None = None,
         era_entropy_per_dim: float | None = None,
         era_log_std_min: float = -8.0,
         era_log_std_max: float = 0.0,
@@ -193,6 +203,9 @@ class SACModule(L.LightningModule):
             )
         elif era_delta or era_learn_delta:
             raise ValueError("era_delta and era_learn_delta compensate ERA's target: set era_entropy_per_dim too")
+        if init_entropy_per_dim is not None and era is not None:
+            raise ValueError("init_entropy_per_dim sets plain SAC's initial std: ERA sets its own (era_*)")
+        log_std_init = None if init_entropy_per_dim is None else init_entropy_per_dim - HALF_LOG_2PI_E
         with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
             torch.manual_seed(seed)
             self.sac = SAC(
@@ -214,6 +227,7 @@ class SACModule(L.LightningModule):
                 critic_layer_norm=critic_layer_norm,
                 critic_loss_weight=critic_loss_weight,
                 action_bound=action_bound,
+                log_std_init=log_std_init,
             )
         self.env_steps = 0
         self.updates = 0

@@ -14,7 +14,9 @@ ERA's code truncates to [-b, b] with b = 1 - 1e-6 and clips the centre to the sa
 default 1 is the interval itself): the sample is b times a draw truncated to [-1, 1] with centre tanh(mean) / b and
 std / b, its log-density lowered by D log b.
 
-Without ``era`` the log-std comes from the head and is clamped to [log_std_min, log_std_max] (SB3: [-20, 2]).
+Without ``era`` the log-std comes from the head and is clamped to [log_std_min, log_std_max] (SB3: [-20, 2]);
+``log_std_init`` starts it at one value in every state (the log-std head's weights zero, its biases that value), the
+start of a control arm with ERA's initial entropy and no floor.
 With ``era`` (:class:`entreg.nn.GaussianERA`) the head's second half are raw scores and ERA sets the log-stds so
 that the entropy of the Gaussian N(mean, std) (before squashing or truncation) equals the ERA target in every
 state; with one action dimension this is a constant std, exp(target - 0.5 ln(2 pi e)).
@@ -56,6 +58,8 @@ class GaussianActor(nn.Module):
             1 for the log-std (or ERA score) head, as ERA's released actor (False: PyTorch's default, as SB3's SAC).
         action_bound: b in (0, 1]: the truncated Gaussian lives on [-b, b], its centre clipped to it (ERA's code:
             1 - 1e-6); ignored by ``squash="tanh"``.
+        log_std_init: without ``era``: the log-std in every state at initialisation, in [log_std_min, log_std_max]
+            (the head's log-std weights zero, its biases this value; both learned). None: the head's initialisation.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class GaussianActor(nn.Module):
         squash: Squash = "tanh",
         ortho_init: bool = False,
         action_bound: float = 1.0,
+        log_std_init: float | None = None,
     ) -> None:
         super().__init__()
         if obs_dim < 1 or action_dim < 1:
@@ -82,6 +87,11 @@ class GaussianActor(nn.Module):
             raise ValueError(f"era was built for action_dim={era.action_dim}, the actor has {action_dim}")
         if not 0.0 < action_bound <= 1.0:
             raise ValueError(f"action_bound must be in (0, 1], got {action_bound}")
+        if log_std_init is not None:
+            if era is not None:
+                raise ValueError("log_std_init sets the initial std without ERA: ERA sets its own")
+            if not log_std_min <= log_std_init <= log_std_max:
+                raise ValueError(f"log_std_init must be in [{log_std_min}, {log_std_max}], got {log_std_init}")
         self.action_dim = action_dim
         self.action_bound = float(action_bound)
         self.squash: Squash = squash
@@ -90,6 +100,9 @@ class GaussianActor(nn.Module):
         self.net = mlp(obs_dim, tuple(hidden), 2 * action_dim, activation, math.sqrt(2) if ortho_init else None)
         if ortho_init:  # the log-std head: gain 1 (ERA's `log_std_scale`)
             nn.init.orthogonal_(self.net[-1].weight.data[action_dim:], gain=1.0)
+        if log_std_init is not None:
+            nn.init.zeros_(self.net[-1].weight.data[action_dim:])
+            nn.init.constant_(self.net[-1].bias.data[action_dim:], log_std_init)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-std of the Gaussian before squashing/truncation, each (..., action_dim)."""

@@ -165,6 +165,7 @@ class SAC(nn.Module):
         critic_layer_norm: LayerNorm after the critics' hidden layers.
         critic_loss_weight: w in L = w sum_i mean((Q_i - y)^2) (SB3: 0.5; ERA's code: 1).
         action_bound: the truncation interval [-b, b] of ``squash="truncated"`` (ERA's code: 1 - 1e-6).
+        log_std_init: without ``era``, the actor's log-std in every state at initialisation (None: the head's).
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class SAC(nn.Module):
         critic_layer_norm: bool = False,
         critic_loss_weight: float = 0.5,
         action_bound: float = 1.0,
+        log_std_init: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
@@ -208,8 +210,9 @@ class SAC(nn.Module):
         self.target_entropy = float(-action_dim if target_entropy is None else target_entropy)
         squash = squash or ("tanh" if era is None else "truncated")
         self.actor = GaussianActor(
-            obs_dim, action_dim, hidden, activation, log_std_min, log_std_max, era, squash, ortho_init, action_bound
-        )
+            obs_dim, action_dim, hidden, activation, log_std_min, log_std_max, era, squash, ortho_init, action_bound,
+            log_std_init,
+        )  # fmt: skip
         critic = (obs_dim, action_dim, hidden, activation, num_q, critic_layer_norm, ortho_init)
         self.critic = QEnsemble(*critic)
         self.critic_target = QEnsemble(*critic)
