@@ -2,18 +2,18 @@
 Stable-Baselines3. The script composes configs, runs them and prints tables; the learning curve is the package's
 (:class:`entreg.callbacks.LearningCurve`), the statistics too (:mod:`entreg.rl.statistics`).
 
-Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` (configs/env names such as ``hopper``,
-or env ids) for ``--budget`` env steps with seeds ``0..--seeds-1``; seeds are the outer loop, envs the middle one and
-arms the inner one, so the arms alternate and a stopped run still covers every arm. Every ``--eval-every`` steps and
-at the end, the policy is evaluated on ``--eval-episodes`` deterministic episodes seeded 10000, 10001, ... (the same
-for every arm). Each finished (env, arm, seed, budget, eval period) is appended to ``results/bench_rl.json`` at once,
-under a file lock, and skipped when the script runs again: a benchmark resumes where it stopped and can be spread
-over sessions, machines and copies of the script (``--fresh`` starts over). An unfinished entreg run resumes too: it
-is checkpointed at every evaluation and, on SIGTERM or Ctrl-C, at the current step (``--checkpoints``, default
-``results/bench_rl_runs/<run>/last.ckpt``; :func:`entreg.callbacks.fit_learning_curve`), and the same command
-continues it exactly where it stopped (tested equal to an uninterrupted run); its record counts the ``segments``.
-Copies of the script running at once must be given different runs (envs, arms or seeds): a run in progress is not
-claimed.
+Part ``quality``: every arm of ``--arms`` trains on every env of ``--envs`` (configs/env names such as ``hopper``, or
+env ids) for ``--budget`` env steps with seeds ``--first-seed..--seeds-1`` (from 0); seeds are the outer loop, envs the
+middle one and arms the inner one, so the arms alternate and a stopped run still covers every arm. Every
+``--eval-every`` steps and at the end, the policy is evaluated on ``--eval-episodes`` deterministic episodes seeded
+10000, 10001, ... (the same for every arm). Each finished (env, arm, seed, budget, eval period) is appended to
+``results/bench_rl.json`` at once, under a file lock, and skipped when the script runs again: a benchmark resumes where
+it stopped and can be spread over sessions, machines and copies of the script (``--fresh`` starts over). An unfinished
+entreg run resumes too: it is checkpointed at every evaluation and, on SIGTERM or Ctrl-C, at the current step
+(``--checkpoints``, default ``results/bench_rl_runs/<run>/last.ckpt``; :func:`entreg.callbacks.fit_learning_curve`), and
+the same command continues it exactly where it stopped (tested equal to an uninterrupted run); its record counts the
+``segments``. Copies of the script running at once must be given different runs (envs, arms or seeds, e.g. ``--seeds 1``
+and ``--first-seed 1 --seeds 2``): a run in progress is not claimed.
 
 Arms:
 
@@ -603,6 +603,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--budget", type=float, default=1e5, help="env steps per run")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds --first-seed..--seeds-1")
     parser.add_argument("--eval-every", type=int, default=5000)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--speed-env", default="Hopper-v5")
@@ -633,6 +634,8 @@ def main() -> None:
         with_target = [arm for arm in args.arms if arm in TARGET_ARMS]
         args.arms = [a for a in args.arms if a not in with_target]
         args.arms += [f"{a}@{t:g}" for t in args.targets for a in with_target]
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(f"--first-seed must be in [0, --seeds) = [0, {args.seeds}), got {args.first_seed}")
     unknown = [arm for arm in args.arms if not is_arm(arm)]
     if unknown:
         parser.error(f"unknown arms {unknown}; known: {sorted([*ARMS, *MODEL_CONFIGS])} (entreg arms with @<nats>)")
@@ -665,7 +668,7 @@ def main() -> None:
         print(f"{count} runs written; look at them with: tensorboard --logdir {shown(args.logdir)}")
     if args.part in ("quality", "both"):
         done = {key(r) for r in results["runs"]}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             for env_id in envs:
                 for arm in args.arms:
                     if (env_id, arm, seed, budget, args.eval_every) in done:
