@@ -17,16 +17,17 @@ and ``--first-seed 1 --seeds 2``): a run in progress is not claimed.
 
 Arms:
 
-* entreg's, each the config ``entreg-train model=<config> env=<env>`` composes (``MODEL_CONFIGS``), with the run
-  length and evaluation grid of the arguments: ``entreg_sac`` (model=sac: SB3's defaults), ``entreg_sac_era``
-  (model=sac_era), ``entreg_sac_authors`` and ``entreg_sac_era_authors`` (ERA's released agent without and with
-  ERA), ``entreg_sac_authors_matched_std`` (model=sac_authors_matched_std: the agent without ERA, its std starting
-  where ERA's does), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era``
-  (model=ppo_era) and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does,
-  no floor). The matched arms are the controls that separate ERA's entropy floor from its initial noise. A suffix
+* entreg's, each the config ``entreg-train model=<config> env=<env>`` composes (``MODEL_CONFIGS``), with the run length
+  and evaluation grid of the arguments: ``entreg_sac`` (model=sac: SB3's defaults), ``entreg_sac_era`` (model=sac_era),
+  ``entreg_sac_authors`` and ``entreg_sac_era_authors`` (ERA's released agent without and with ERA),
+  ``entreg_sac_authors_matched_std`` (model=sac_authors_matched_std: the agent without ERA, its std starting where ERA's
+  does), ``entreg_sac_authors_matched_target`` (model=sac_authors_matched_target: that control with its temperature
+  targeting ERA's entropy), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era``
+  (model=ppo_era) and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does, no
+  floor). The matched arms are the controls that separate ERA's entropy floor from its initial noise. A suffix
   ``@<nats>`` sets the arm's target per action dimension (ERA's ``era_entropy_per_dim``, the matched arms'
-  ``init_entropy_per_dim``), e.g. ``entreg_ppo_era@-0.5``; ``--targets`` adds every target arm (``TARGET_ARMS``) once
-  per value. Without a suffix the target is the config's.
+  ``init_entropy_per_dim`` and the temperature control's ``target_entropy_per_dim`` too), e.g. ``entreg_ppo_era@-0.5``;
+  ``--targets`` adds every target arm (``TARGET_ARMS``) once per value. Without a suffix the target is the config's.
 * the baselines (``ARMS``): ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer
   1e6, batch 256, tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
   ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs, lr 3e-4,
@@ -201,23 +202,29 @@ MODEL_CONFIGS = {
     "entreg_sac_authors": "sac_authors",
     "entreg_sac_era_authors": "sac_era_authors",
     "entreg_sac_authors_matched_std": "sac_authors_matched_std",
+    "entreg_sac_authors_matched_target": "sac_authors_matched_target",
     "entreg_ppo": "ppo",
     "entreg_ppo_era": "ppo_era",
     "entreg_ppo_matched_std": "ppo_matched_std",
 }
-# the key that an arm's "@<nats>" suffix sets: ERA's target, or the matched control's initial entropy per dimension
-TARGET_KEYS = ("era_entropy_per_dim", "init_entropy_per_dim")
+# the keys that an arm's "@<nats>" suffix sets, those of its config that are set: ERA's target, or the matched
+# controls' initial entropy and temperature target, per action dimension
+TARGET_KEYS = ("era_entropy_per_dim", "init_entropy_per_dim", "target_entropy_per_dim")
 # the arms whose config has a target (TARGET_KEYS): --targets runs them once per value
 TARGET_ARMS = (
-    "entreg_sac_era", "entreg_sac_era_authors", "entreg_sac_authors_matched_std", "entreg_ppo_era",
-    "entreg_ppo_matched_std",
+    "entreg_sac_era", "entreg_sac_era_authors", "entreg_sac_authors_matched_std", "entreg_sac_authors_matched_target",
+    "entreg_ppo_era", "entreg_ppo_matched_std",
 )  # fmt: skip
 MIN_SEEDS = 3  # per arm, for a verdict
 # per ERA arm, its control arms (the same suffix): the comparisons table says whether ERA helps, hurts or is noise
 CONTROLS = {
     "entreg_ppo_era": ("entreg_ppo_matched_std", "entreg_ppo"),
     "entreg_sac_era": ("entreg_sac",),
-    "entreg_sac_era_authors": ("entreg_sac_authors_matched_std", "entreg_sac_authors"),
+    "entreg_sac_era_authors": (
+        "entreg_sac_authors_matched_std",
+        "entreg_sac_authors_matched_target",
+        "entreg_sac_authors",
+    ),
 }
 # the arms' names in the README's table (--part readme)
 ARM_NAMES = {
@@ -227,6 +234,7 @@ ARM_NAMES = {
     "entreg_sac_authors": "ERA's SAC agent, no ERA",
     "entreg_sac_era_authors": "ERA's SAC agent + ERA",
     "entreg_sac_authors_matched_std": "ERA's SAC agent, ERA's initial std (control)",
+    "entreg_sac_authors_matched_target": "ERA's SAC agent, temperature at ERA's entropy (control)",
     "sb3_ppo": "SB3 PPO",
     "entreg_ppo": "entreg PPO",
     "entreg_ppo_era": "entreg PPO+ERA",
@@ -258,7 +266,7 @@ def resolve_env(name: str) -> str:
 
 def compose_model(arm: str, env_id: str, overrides: list[str]) -> Any:
     """The model config ``entreg-train model=<arm's config> env=<env's config> <overrides>`` would build, with the
-    arm's ``@<nats>`` suffix on its target key."""
+    arm's ``@<nats>`` suffix on its target keys."""
     from hydra import compose, initialize_config_module
 
     base, target = split_arm(arm)
@@ -268,7 +276,8 @@ def compose_model(arm: str, env_id: str, overrides: list[str]) -> Any:
         keys = [k for k in TARGET_KEYS if cfg.model.get(k) is not None]
         if not keys:
             raise ValueError(f"{arm}: model={MODEL_CONFIGS[base]} has no target to set ({' or '.join(TARGET_KEYS)})")
-        cfg.model[keys[0]] = target
+        for key in keys:
+            cfg.model[key] = target
     return cfg.model
 
 

@@ -40,6 +40,8 @@ a)
     step --envs dmc_cheetah_run $sac --arms $sac_arms
     # its control started at ERA's std (no floor): does the floor or the smaller initial noise make ERA's lead?
     step --envs dmc_cheetah_run $sac --arms entreg_sac_authors_matched_std
+    # and with its temperature targeting ERA's entropy too: the same start and level, no floor (the level or the floor?)
+    step --envs dmc_cheetah_run $sac --arms entreg_sac_authors_matched_target
     step --envs halfcheetah dmc_quadruped_run $sac --arms $sac_arms  # seeds outermost: seed 0 of both envs first
     # the targets that tied the default at 204800 steps, at ~1e6 (-1 and -0.5 cost there)
     step --envs hopper $long --arms entreg_ppo_era entreg_ppo_matched_std --targets 0 0.25

@@ -306,6 +306,36 @@ def test_sac_matched_std_starts_at_eras_initial_entropy_without_its_floor(compos
         GaussianActor(5, 3, era=GaussianERA(3), log_std_init=-1.0)
 
 
+def test_sac_matched_target_moves_the_temperatures_target_to_eras_entropy(compose_train):
+    from hydra.utils import instantiate
+
+    target = compose_train("model=sac_authors_matched_target", "~backbone").model
+    matched = compose_train("model=sac_authors_matched_std", "~backbone").model
+    era = compose_train("model=sac_era_authors", "~backbone").model
+    assert target.target_entropy_per_dim == target.init_entropy_per_dim == era.era_entropy_per_dim
+    assert {k: v for k, v in target.items() if k != "target_entropy_per_dim"} == {
+        k: v for k, v in matched.items() if k != "target_entropy_per_dim"
+    }  # otherwise the control started at ERA's std
+    control, started = (instantiate(cfg, env_id="HalfCheetah-v5", _convert_="all").sac for cfg in (target, matched))
+    assert control.target_entropy == pytest.approx(6 * 0.25) and started.target_entropy == -6.0
+    assert control.learn_alpha and control.era is None  # ERA's level, held by the temperature instead of a floor
+    torch.testing.assert_close(control.actor(torch.randn(4, 17))[1], torch.full((4, 6), 0.25 - HALF_LOG_2PI_E))
+    # the same policy, 0.5 nats per dimension below ERA's (the Gaussian's -1.5 nats, the truncated policy's less):
+    # below 1.5 nats the control's temperature rises, above -6 the other's falls
+    batch = _batch(17, 6, size=256)
+    for sac_, rises in ((control, True), (started, False)):
+        sac_.actor.net[-1].bias.data[6:] -= 0.5
+        before = float(sac_.log_alpha)
+        sac_.update(batch, *sac_.optimizers(lambda params: torch.optim.Adam(params, lr=1e-2)))
+        assert (float(sac_.log_alpha) > before) == rises
+    with pytest.raises(ValueError, match=r"give the temperature's target once: target_entropy=-1.0 \(nats\)"):
+        sac(target_entropy=-1.0, target_entropy_per_dim=0.25)
+    for kwargs in ({"ent_coef": 0.1}, {"era_entropy_per_dim": 0.25}):
+        with pytest.raises(ValueError, match=r"a temperature target \(target_entropy=0.25\) needs the learned"):
+            sac(target_entropy_per_dim=0.25, **kwargs)
+    sac(target_entropy_per_dim=0.25, era_entropy_per_dim=0.25, entropy_in_losses=True)  # ERA's ablation has alpha
+
+
 def test_sac_rejects_invalid_settings():
     for kwargs, match in [
         ({"gamma": 1.5}, "gamma"),
@@ -458,12 +488,17 @@ def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
     assert float(trainer.callback_metrics["eval/return"]) >= 900
 
 
-@pytest.mark.parametrize("model", ["sac_authors", "sac_era_authors", "sac_authors_matched_std"])
+@pytest.mark.parametrize(
+    "model", ["sac_authors", "sac_era_authors", "sac_authors_matched_std", "sac_authors_matched_target"]
+)
 def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_train, tmp_path):
     """ERA's released agent (its config: orthogonal init, LayerNorm critics with AdamW, 2 updates per step, the
-    truncated Gaussian; without ERA, with it, and its control started at ERA's std) scaled down as the test above:
-    64-64 networks, lr 3e-3, tau 0.05, 500 random steps instead of 5000; with seeds 0-1 the first two balance (1000)
-    by 2000 steps."""
+    truncated Gaussian; without ERA, with it, and its two controls, started at ERA's std and with the temperature at
+    ERA's entropy too) scaled down as the test above: 64-64 networks, lr 3e-3, tau 0.05, 500 random steps instead of
+    5000; with seeds 0-1 the first two balance (1000) by 2000 steps. The temperature control balances with seed 0 (1000
+    at 2500 steps); with seed 1 it is at 111 then, its target holding alpha near 6. Every learned temperature holds its
+    target: the acting policy's entropy over the last 1000 steps is within 0.03 nats of it with seed 0 (-0.99 and -0.98
+    for -1, 0.23 for 0.25), and ERA's Gaussian (one dimension: a constant std) has exactly its 0.25 nats."""
     from hydra.utils import instantiate
 
     cfg = compose_train(f"model={model}", "~backbone", "model.env_id=InvertedPendulum-v5").model
@@ -477,7 +512,12 @@ def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_tra
     trainer = make_trainer(tmp_path)
     trainer.fit(module)
     assert module.updates == 2 * (2500 - 500)
-    assert float(trainer.callback_metrics["eval/return"]) >= 900
+    metrics = trainer.callback_metrics
+    assert float(metrics["eval/return"]) >= 900
+    if module.sac.learn_alpha:
+        assert float(metrics["policy/entropy"]) == pytest.approx(float(metrics["train/target_entropy"]), abs=0.1)
+    else:
+        assert float(metrics["policy/gaussian_entropy"]) == pytest.approx(0.25, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- configs and CLI

@@ -55,6 +55,12 @@ class SACModule(L.LightningModule):
     the plain head higher (mean std 0.85, 1.2 nats per dimension); ``init_entropy_per_dim`` starts plain SAC's
     log-std at ``init_entropy_per_dim - 0.5 ln(2 pi e)`` in every state (the head's log-std weights zero, its biases
     that value, both learned), so the two start with the same entropy and differ in the floor (and the temperature).
+    Its temperature learns to hold -dim(A) nats, far below ERA's level, and within the first 1e4 updates the std falls
+    to the plain agent's. The second control (``target_entropy_per_dim``; ``model=sac_authors_matched_target``) also
+    moves the temperature's target to ERA's nats per dimension: the same start and the same level, held on average
+    over the batch by SAC's dual ascent and the alpha log pi terms instead of in every state by ERA's activation. The
+    rule holds the acting policy's -mean log pi, which truncation lowers below the Gaussian's entropy (its variance is
+    smaller), so at the same nats the control's Gaussian is at least as wide as ERA's.
 
     Non-finite data: a transition whose reward or next observation is NaN or infinite is not stored (counted
     in ``train/skipped_transitions``, with a warning); a non-finite next observation also ends the episode (the
@@ -86,6 +92,8 @@ class SACModule(L.LightningModule):
         gamma, tau: discount and Polyak coefficient.
         ent_coef, initial_alpha, target_entropy: temperature, ``"auto"`` (dual ascent from ``initial_alpha``
             towards ``target_entropy``, default -dim(A)) or a fixed value.
+        target_entropy_per_dim: the temperature's target in nats per action dimension instead (``target_entropy``
+            = this times dim(A); ERA's second control arm). Either target needs the learned temperature.
         hidden, activation, log_std_min, log_std_max: actor and critic MLPs, the actor's log-std clamp.
         init_entropy_per_dim: plain SAC only: the Gaussian's initial entropy in nats per action dimension in every
             state (ERA's control arm; None: the head's initialisation).
@@ -134,6 +142,7 @@ class SACModule(L.LightningModule):
         ent_coef: str | float = "auto",
         initial_alpha: float = 1.0,
         target_entropy: float | None = None,
+        target_entropy_per_dim: float | None = None,
         hidden: tuple[int, ...] = (256, 256),
         activation: str = "relu",
         log_std_min: float = -20.0,
@@ -206,6 +215,13 @@ class SACModule(L.LightningModule):
         if init_entropy_per_dim is not None and era is not None:
             raise ValueError("init_entropy_per_dim sets plain SAC's initial std: ERA sets its own (era_*)")
         log_std_init = None if init_entropy_per_dim is None else init_entropy_per_dim - HALF_LOG_2PI_E
+        if target_entropy is not None and target_entropy_per_dim is not None:
+            raise ValueError(
+                f"give the temperature's target once: target_entropy={target_entropy} (nats) or "
+                f"target_entropy_per_dim={target_entropy_per_dim} (nats per action dimension)"
+            )
+        if target_entropy_per_dim is not None:
+            target_entropy = target_entropy_per_dim * self.action_dim
         with torch.random.fork_rng(devices=[]):  # the initial weights follow `seed`, not the global RNG
             torch.manual_seed(seed)
             self.sac = SAC(

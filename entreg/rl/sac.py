@@ -156,7 +156,7 @@ class SAC(nn.Module):
         ent_coef: ``"auto"`` (learned alpha, initial value ``initial_alpha``) or a fixed alpha >= 0; ignored
             with ``era`` unless ``entropy_in_losses``.
         initial_alpha: initial temperature for ``"auto"`` (SB3: 1.0).
-        target_entropy: H_target of the temperature rule (None: -action_dim).
+        target_entropy: H_target of the temperature rule (None: -action_dim); only with the learned temperature.
         log_std_min, log_std_max: the actor's log-std clamp without ERA (SB3: -20, 2).
         era: a :class:`entreg.nn.GaussianERA` for SAC+ERA.
         squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA, as ERA's code).
@@ -219,6 +219,12 @@ class SAC(nn.Module):
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.requires_grad_(False)
         self.learn_alpha = self.entropy_in_losses and auto
+        if target_entropy is not None and not self.learn_alpha:
+            raise ValueError(
+                f"a temperature target (target_entropy={target_entropy}) needs the learned temperature: ent_coef='auto'"
+                f" and the alpha log pi terms in the losses (ERA drops them unless entropy_in_losses=True), got "
+                f"ent_coef={ent_coef!r}, entropy_in_losses={self.entropy_in_losses}"
+            )
         alpha = initial_alpha if auto else float(ent_coef)
         log_alpha = torch.tensor(math.log(alpha) if alpha > 0 else -math.inf)
         if self.learn_alpha:
