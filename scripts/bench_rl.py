@@ -22,12 +22,14 @@ Arms:
   ``entreg_sac_authors`` and ``entreg_sac_era_authors`` (ERA's released agent without and with ERA),
   ``entreg_sac_authors_matched_std`` (model=sac_authors_matched_std: the agent without ERA, its std starting where ERA's
   does), ``entreg_sac_authors_matched_target`` (model=sac_authors_matched_target: that control with its temperature
-  targeting ERA's entropy), ``entreg_ppo`` (model=ppo: SB3's defaults with RL-Zoo's normalisation), ``entreg_ppo_era``
-  (model=ppo_era) and ``entreg_ppo_matched_std`` (model=ppo_matched_std: plain PPO whose std starts where ERA's does, no
-  floor). The matched arms are the controls that separate ERA's entropy floor from its initial noise. A suffix
-  ``@<nats>`` sets the arm's target per action dimension (ERA's ``era_entropy_per_dim``, the matched arms'
-  ``init_entropy_per_dim`` and the temperature control's ``target_entropy_per_dim`` too), e.g. ``entreg_ppo_era@-0.5``;
-  ``--targets`` adds every target arm (``TARGET_ARMS``) once per value. Without a suffix the target is the config's.
+  targeting ERA's entropy), ``entreg_sac_authors_matched_gaussian`` (model=sac_authors_matched_gaussian: its temperature
+  holding the Gaussian's entropy, the quantity ERA sets, instead of -log pi), ``entreg_ppo`` (model=ppo: SB3's defaults
+  with RL-Zoo's normalisation), ``entreg_ppo_era`` (model=ppo_era) and ``entreg_ppo_matched_std``
+  (model=ppo_matched_std: plain PPO whose std starts where ERA's does, no floor). The matched arms are the controls that
+  separate ERA's entropy floor from its initial noise. A suffix ``@<nats>`` sets the arm's target per action dimension
+  (ERA's ``era_entropy_per_dim``, the matched arms' ``init_entropy_per_dim`` and the temperature control's
+  ``target_entropy_per_dim`` too), e.g. ``entreg_ppo_era@-0.5``; ``--targets`` adds every target arm (``TARGET_ARMS``)
+  once per value. Without a suffix the target is the config's.
 * the baselines (``ARMS``): ``sb3_sac``: ``stable_baselines3.SAC("MlpPolicy")`` with its defaults (lr 3e-4, buffer
   1e6, batch 256, tau 0.005, gamma 0.99, learning_starts 100, one update per step, 256-256 ReLU, ent_coef "auto");
   ``sb3_ppo``: ``stable_baselines3.PPO("MlpPolicy")`` with its defaults (n_steps 2048, batch 64, 10 epochs, lr 3e-4,
@@ -203,6 +205,7 @@ MODEL_CONFIGS = {
     "entreg_sac_era_authors": "sac_era_authors",
     "entreg_sac_authors_matched_std": "sac_authors_matched_std",
     "entreg_sac_authors_matched_target": "sac_authors_matched_target",
+    "entreg_sac_authors_matched_gaussian": "sac_authors_matched_gaussian",
     "entreg_ppo": "ppo",
     "entreg_ppo_era": "ppo_era",
     "entreg_ppo_matched_std": "ppo_matched_std",
@@ -213,7 +216,7 @@ TARGET_KEYS = ("era_entropy_per_dim", "init_entropy_per_dim", "target_entropy_pe
 # the arms whose config has a target (TARGET_KEYS): --targets runs them once per value
 TARGET_ARMS = (
     "entreg_sac_era", "entreg_sac_era_authors", "entreg_sac_authors_matched_std", "entreg_sac_authors_matched_target",
-    "entreg_ppo_era", "entreg_ppo_matched_std",
+    "entreg_sac_authors_matched_gaussian", "entreg_ppo_era", "entreg_ppo_matched_std",
 )  # fmt: skip
 MIN_SEEDS = 3  # per arm, for a verdict
 # per ERA arm, its control arms (the same suffix): the comparisons table says whether ERA helps, hurts or is noise
@@ -223,6 +226,7 @@ CONTROLS = {
     "entreg_sac_era_authors": (
         "entreg_sac_authors_matched_std",
         "entreg_sac_authors_matched_target",
+        "entreg_sac_authors_matched_gaussian",
         "entreg_sac_authors",
     ),
 }
@@ -235,6 +239,7 @@ ARM_NAMES = {
     "entreg_sac_era_authors": "ERA's SAC agent + ERA",
     "entreg_sac_authors_matched_std": "ERA's SAC agent, ERA's initial std (control)",
     "entreg_sac_authors_matched_target": "ERA's SAC agent, temperature at ERA's entropy (control)",
+    "entreg_sac_authors_matched_gaussian": "ERA's SAC agent, temperature at ERA's Gaussian entropy (control)",
     "sb3_ppo": "SB3 PPO",
     "entreg_ppo": "entreg PPO",
     "entreg_ppo_era": "entreg PPO+ERA",

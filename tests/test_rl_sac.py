@@ -336,6 +336,42 @@ def test_sac_matched_target_moves_the_temperatures_target_to_eras_entropy(compos
     sac(target_entropy_per_dim=0.25, era_entropy_per_dim=0.25, entropy_in_losses=True)  # ERA's ablation has alpha
 
 
+def test_sac_matched_gaussian_holds_the_gaussians_entropy_at_eras_level(compose_train):
+    """The third control: the temperature holds the Gaussian's entropy (ERA's quantity), not -log pi."""
+    from hydra.utils import instantiate
+
+    gaussian = compose_train("model=sac_authors_matched_gaussian", "~backbone").model
+    target = compose_train("model=sac_authors_matched_target", "~backbone").model
+    assert gaussian.temperature_entropy == "gaussian" and target.temperature_entropy == "policy"
+    assert {k: v for k, v in gaussian.items() if k != "temperature_entropy"} == {
+        k: v for k, v in target.items() if k != "temperature_entropy"
+    }  # otherwise the second control
+    # both start with the Gaussian exactly at ERA's 1.5 nats on HalfCheetah (0.25 per dimension); the truncated
+    # policy's -log pi is below it, so only the second control's temperature rises, the third's gradient is zero
+    batch = _batch(17, 6, size=256)
+    for cfg, rises in ((gaussian, False), (target, True)):
+        sac_ = instantiate(cfg, env_id="HalfCheetah-v5", _convert_="all").sac
+        before = float(sac_.log_alpha)
+        stats = sac_.update(batch, *sac_.optimizers(lambda params: torch.optim.SGD(params, lr=1e-2)))
+        assert float(stats["gaussian_entropy"]) == pytest.approx(1.5, abs=1e-5)
+        assert float(stats["policy_entropy"]) < 1.5
+        if rises:
+            assert float(sac_.log_alpha) > before
+        else:
+            assert float(sac_.log_alpha) == pytest.approx(before, abs=1e-6)  # SGD: a step of lr x gradient
+    # and below the target (0.5 nats per dimension narrower) its temperature rises too
+    sac_ = instantiate(gaussian, env_id="HalfCheetah-v5", _convert_="all").sac
+    sac_.actor.net[-1].bias.data[6:] -= 0.5
+    before = float(sac_.log_alpha)
+    sac_.update(batch, *sac_.optimizers(lambda params: torch.optim.Adam(params, lr=1e-2)))
+    assert float(sac_.log_alpha) > before
+    with pytest.raises(ValueError, match=r"temperature_entropy must be one of \('policy', 'gaussian'\), got 'gauss'"):
+        SAC(5, 3, temperature_entropy="gauss")
+    for kwargs in ({"ent_coef": 0.1}, {"era": GaussianERA(3)}):
+        with pytest.raises(ValueError, match=r"temperature_entropy='gaussian' sets the learned temperature's rule"):
+            SAC(5, 3, temperature_entropy="gaussian", **kwargs)
+
+
 def test_sac_rejects_invalid_settings():
     for kwargs, match in [
         ({"gamma": 1.5}, "gamma"),
@@ -489,16 +525,25 @@ def test_inverted_pendulum_reaches_900(era, steps, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model", ["sac_authors", "sac_era_authors", "sac_authors_matched_std", "sac_authors_matched_target"]
+    "model",
+    [
+        "sac_authors",
+        "sac_era_authors",
+        "sac_authors_matched_std",
+        "sac_authors_matched_target",
+        "sac_authors_matched_gaussian",
+    ],
 )
 def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_train, tmp_path):
     """ERA's released agent (its config: orthogonal init, LayerNorm critics with AdamW, 2 updates per step, the
-    truncated Gaussian; without ERA, with it, and its two controls, started at ERA's std and with the temperature at
-    ERA's entropy too) scaled down as the test above: 64-64 networks, lr 3e-3, tau 0.05, 500 random steps instead of
-    5000; with seeds 0-1 the first two balance (1000) by 2000 steps. The temperature control balances with seed 0 (1000
-    at 2500 steps); with seed 1 it is at 111 then, its target holding alpha near 6. Every learned temperature holds its
-    target: the acting policy's entropy over the last 1000 steps is within 0.03 nats of it with seed 0 (-0.99 and -0.98
-    for -1, 0.23 for 0.25), and ERA's Gaussian (one dimension: a constant std) has exactly its 0.25 nats."""
+    truncated Gaussian; without ERA, with it, and its three controls, started at ERA's std, with the temperature at
+    ERA's entropy too, and holding the Gaussian's entropy there) scaled down as the test above: 64-64 networks, lr
+    3e-3, tau 0.05, 500 random steps instead of 5000; with seeds 0-1 the first two balance (1000) by 2000 steps. The
+    temperature control balances with seed 0 (1000 at 2500 steps); with seed 1 it is at 111 then, its target holding
+    alpha near 6. Every learned temperature holds its target: the entropy it holds (the acting policy's; the
+    Gaussian's for the third control) over the last 1000 steps is within 0.03 nats of it with seed 0 (-0.99 and
+    -0.98 for -1, 0.23 for 0.25; the third control is checked at 0.1), and ERA's Gaussian (one dimension: a constant
+    std) has exactly its 0.25 nats."""
     from hydra.utils import instantiate
 
     cfg = compose_train(f"model={model}", "~backbone", "model.env_id=InvertedPendulum-v5").model
@@ -515,7 +560,8 @@ def test_inverted_pendulum_reaches_900_with_the_authors_agent(model, compose_tra
     metrics = trainer.callback_metrics
     assert float(metrics["eval/return"]) >= 900
     if module.sac.learn_alpha:
-        assert float(metrics["policy/entropy"]) == pytest.approx(float(metrics["train/target_entropy"]), abs=0.1)
+        held = "policy/entropy" if module.sac.temperature_entropy == "policy" else "policy/gaussian_entropy"
+        assert float(metrics[held]) == pytest.approx(float(metrics["train/target_entropy"]), abs=0.1)
     else:
         assert float(metrics["policy/gaussian_entropy"]) == pytest.approx(0.25, abs=1e-5)
 

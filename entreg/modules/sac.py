@@ -21,7 +21,7 @@ from entreg.nn.optim import OptimizerFactory, optimizer_or_default
 from entreg.rl.buffer import ReplayBuffer
 from entreg.rl.envs import POLICY_TAGS, Evaluation, evaluate, get_env_state, make_env, set_env_state
 from entreg.rl.policies import Squash
-from entreg.rl.sac import SAC
+from entreg.rl.sac import SAC, TemperatureEntropy
 
 __all__ = ["SACModule"]
 
@@ -60,7 +60,10 @@ class SACModule(L.LightningModule):
     also moves the temperature's target to ERA's nats per dimension: the same start and the same level, held on average
     over the states by SAC's dual ascent and the alpha log pi terms instead of in every state by ERA's activation. The
     rule holds the acting policy's -mean log pi, which truncation lowers below the Gaussian's entropy (its variance is
-    smaller), so at the same nats the control's Gaussian is at least as wide as ERA's.
+    smaller), so at the same nats the control's Gaussian is at least as wide as ERA's (cheetah-run: std 0.65-0.69
+    against ERA's 0.36-0.40). The third control (``temperature_entropy="gaussian"``;
+    ``model=sac_authors_matched_gaussian``) holds the Gaussian's entropy instead, the quantity ERA sets, so its noise
+    is ERA's on average over states and it differs from ERA in the floor per state and the alpha log pi terms.
 
     Non-finite data: a transition whose reward or next observation is NaN or infinite is not stored (counted
     in ``train/skipped_transitions``, with a warning); a non-finite next observation also ends the episode (the
@@ -94,6 +97,8 @@ class SACModule(L.LightningModule):
             towards ``target_entropy``, default -dim(A)) or a fixed value.
         target_entropy_per_dim: the temperature's target in nats per action dimension instead (``target_entropy``
             = this times dim(A); ERA's second control arm). Either target needs the learned temperature.
+        temperature_entropy: what the temperature holds at its target: ``"policy"`` (-mean log pi of the acting
+            policy, SAC) or ``"gaussian"`` (the Gaussian's entropy before squashing, as ERA; its third control arm).
         hidden, activation, log_std_min, log_std_max: actor and critic MLPs, the actor's log-std clamp.
         init_entropy_per_dim: plain SAC only: the Gaussian's initial entropy in nats per action dimension in every
             state (ERA's control arm; None: the head's initialisation).
@@ -143,6 +148,7 @@ class SACModule(L.LightningModule):
         initial_alpha: float = 1.0,
         target_entropy: float | None = None,
         target_entropy_per_dim: float | None = None,
+        temperature_entropy: TemperatureEntropy = "policy",
         hidden: tuple[int, ...] = (256, 256),
         activation: str = "relu",
         log_std_min: float = -20.0,
@@ -234,6 +240,7 @@ class SACModule(L.LightningModule):
                 ent_coef=ent_coef,
                 initial_alpha=initial_alpha,
                 target_entropy=target_entropy,
+                temperature_entropy=temperature_entropy,
                 log_std_min=log_std_min,
                 log_std_max=log_std_max,
                 era=era,

@@ -9,7 +9,8 @@ One update, in the order of Stable-Baselines3's SAC so that a side-by-side run i
 
 1. a ~ pi(.|s) (reparameterised), with log pi(a|s);
 2. temperature: J(log alpha) = -mean(log alpha * (log pi(a|s) + H_target)), H_target = -dim(A), with
-   alpha = exp(log alpha) read *before* this step for the losses below;
+   alpha = exp(log alpha) read *before* this step for the losses below (``temperature_entropy="gaussian"``:
+   the Gaussian's entropy before squashing in place of -log pi, the quantity ERA sets);
 3. critics: y = r + gamma (1 - terminated) (min_i Q'_i(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s'),
    L = 0.5 sum_i mean((Q_i(s, a_replay) - y)^2); steps 2 and 3 share one optimizer step (their gradients are
    independent, so this equals SB3's two steps);
@@ -55,7 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,8 @@ from entreg.nn.mlp import mlp, resolve_act_layer
 from entreg.nn.optim import OptimizerFactory
 from entreg.rl.buffer import ReplayBatch
 from entreg.rl.policies import GaussianActor, Squash
+
+TemperatureEntropy = Literal["policy", "gaussian"]
 
 __all__ = ["SAC", "QEnsemble", "ReplayBatch"]
 
@@ -157,6 +160,9 @@ class SAC(nn.Module):
             with ``era`` unless ``entropy_in_losses``.
         initial_alpha: initial temperature for ``"auto"`` (SB3: 1.0).
         target_entropy: H_target of the temperature rule (None: -action_dim); only with the learned temperature.
+        temperature_entropy: the entropy the temperature rule holds at ``target_entropy``: ``"policy"``, the acting
+            policy's -mean log pi (SAC, SB3), or ``"gaussian"``, the mean entropy of the Gaussian before squashing or
+            truncation (the quantity ERA sets; ERA's third control arm). Only with the learned temperature.
         log_std_min, log_std_max: the actor's log-std clamp without ERA (SB3: -20, 2).
         era: a :class:`entreg.nn.GaussianERA` for SAC+ERA.
         squash: ``"tanh"`` or ``"truncated"`` (None: tanh for SAC, truncated for ERA, as ERA's code).
@@ -190,6 +196,7 @@ class SAC(nn.Module):
         critic_loss_weight: float = 0.5,
         action_bound: float = 1.0,
         log_std_init: float | None = None,
+        temperature_entropy: TemperatureEntropy = "policy",
     ) -> None:
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
@@ -225,6 +232,17 @@ class SAC(nn.Module):
                 f" and the alpha log pi terms in the losses (ERA drops them unless entropy_in_losses=True), got "
                 f"ent_coef={ent_coef!r}, entropy_in_losses={self.entropy_in_losses}"
             )
+        if temperature_entropy not in get_args(TemperatureEntropy):
+            raise ValueError(
+                f"temperature_entropy must be one of {get_args(TemperatureEntropy)}, got {temperature_entropy!r}"
+            )
+        if temperature_entropy != "policy" and not self.learn_alpha:
+            raise ValueError(
+                f"temperature_entropy={temperature_entropy!r} sets the learned temperature's rule: it needs "
+                f"ent_coef='auto' and the alpha log pi terms, got ent_coef={ent_coef!r}, "
+                f"entropy_in_losses={self.entropy_in_losses}"
+            )
+        self.temperature_entropy = temperature_entropy
         alpha = initial_alpha if auto else float(ent_coef)
         log_alpha = torch.tensor(math.log(alpha) if alpha > 0 else -math.inf)
         if self.learn_alpha:
@@ -270,7 +288,8 @@ class SAC(nn.Module):
         loss = self._critic_loss(batch, alpha, generator)
         critic_loss = loss.detach()
         if self.learn_alpha:
-            loss = loss - (self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+            entropy = -log_prob if self.temperature_entropy == "policy" else gaussian_entropy(log_std)
+            loss = loss - (self.log_alpha * (self.target_entropy - entropy.detach())).mean()
         critic_optimizer.zero_grad()
         backward(loss)
         critic_optimizer.step()
