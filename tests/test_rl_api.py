@@ -175,6 +175,14 @@ def test_fit_learning_curve_stopped_at_the_last_step_adds_nothing_and_refuses_ot
                       **(COMMON | {"seed": 1}))  # fmt: skip
     with pytest.raises(ValueError, match=r"other settings \(seed: 0 there, 1 here\)"):
         fit_learning_curve(other, folder)
+    # a checkpoint from before an option existed resumes at the option's default, and only there
+    checkpoint = torch.load(folder / "last.ckpt", weights_only=False)
+    del checkpoint["hyper_parameters"]["temperature_entropy"]
+    torch.save(checkpoint, folder / "last.ckpt")
+    gaussian = SACModule("InvertedPendulum-v5", learning_starts=64, batch_size=16, hidden=(8, 8), log_every=64,
+                         temperature_entropy="gaussian", **COMMON)  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings \(temperature_entropy: 'policy' there, 'gaussian' here\)"):
+        fit_learning_curve(gaussian, folder)
     curve, _, segments = fit_learning_curve(resumed := agents()["sac"], folder)
     assert curve.points == full.points and resumed.env_steps == 256 and segments == 2
     checkpoint = {}

@@ -3,6 +3,7 @@ a fit that collects it and resumes where it was stopped."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -166,11 +167,18 @@ def fit_learning_curve(
 
 
 def _check_same_run(path: Path, module: L.LightningModule) -> None:
-    """Refuse to resume ``path`` with a module whose hyperparameters differ from the checkpoint's."""
+    """Refuse to resume ``path`` with a module whose hyperparameters differ from the checkpoint's. A hyperparameter
+    that the checkpoint lacks (it predates the option) matches when the module has it at its default."""
     import torch
 
     saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     ours = dict(module.hparams)
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(type(module).__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name not in saved
+    }
+    saved = {**defaults, **saved}
     differ = sorted(k for k in saved.keys() | ours.keys() if _plain(saved.get(k)) != _plain(ours.get(k)))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
