@@ -284,12 +284,13 @@ class SAC(nn.Module):
         synchronisation): losses, alpha, mean Q, the policy entropy estimate -mean log pi, the mean entropy of the
         Gaussian before squashing, its mean std and (with ERA) delta after the update."""
         actions_pi, log_prob, log_std = self.actor.sample(batch.obs, generator)
+        gaussian = gaussian_entropy(log_std.detach())  # per state: the temperature's rule ("gaussian") and the stats
         alpha = self.log_alpha.detach().exp()
         loss = self._critic_loss(batch, alpha, generator)
         critic_loss = loss.detach()
         if self.learn_alpha:
-            entropy = -log_prob if self.temperature_entropy == "policy" else gaussian_entropy(log_std)
-            loss = loss - (self.log_alpha * (self.target_entropy - entropy.detach())).mean()
+            entropy = -log_prob.detach() if self.temperature_entropy == "policy" else gaussian
+            loss = loss - (self.log_alpha * (self.target_entropy - entropy)).mean()
         critic_optimizer.zero_grad()
         backward(loss)
         critic_optimizer.step()
@@ -309,7 +310,7 @@ class SAC(nn.Module):
             "alpha": alpha,
             "q": q_pi.detach().mean(),
             "policy_entropy": policy_entropy,
-            "gaussian_entropy": gaussian_entropy(log_std.detach()).mean(),
+            "gaussian_entropy": gaussian.mean(),
             "std": log_std.detach().exp().mean(),
         }
         if self.era is not None:
