@@ -42,9 +42,9 @@ a)
     step --envs dmc_cheetah_run $sac --arms entreg_sac_authors_matched_std
     # and with its temperature targeting ERA's entropy too: the same start and level, no floor (the level or the floor?)
     step --envs dmc_cheetah_run $sac --arms entreg_sac_authors_matched_target
+    step --envs halfcheetah dmc_quadruped_run $sac --arms $sac_arms  # seeds outermost: seed 0 of both envs first
     # and holding the Gaussian's entropy there, ERA's quantity (the second control's Gaussian is wider than ERA's)
     step --envs dmc_cheetah_run $sac --arms entreg_sac_authors_matched_gaussian
-    step --envs halfcheetah dmc_quadruped_run $sac --arms $sac_arms  # seeds outermost: seed 0 of both envs first
     # the targets that tied the default at 204800 steps, at ~1e6 (-1 and -0.5 cost there)
     step --envs hopper $long --arms entreg_ppo_era entreg_ppo_matched_std --targets 0 0.25
     ;;
