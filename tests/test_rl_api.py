@@ -197,19 +197,28 @@ def test_learning_curve_refuses_a_module_without_evaluations(tmp_path):
         trainer(tmp_path, max_steps=1, callbacks=[LearningCurve()]).fit(BoringModel())
 
 
-def test_ppo_evaluates_after_the_rollout_that_reaches_each_multiple_and_keeps_the_old_names(tmp_path):
-    module = PPOModule("InvertedPendulum-v5", n_steps=64, batch_size=64, n_epochs=1, total_steps=320, eval_every=100)
-    curve = LearningCurve()
-    trainer(tmp_path, callbacks=[curve]).fit(module)
+def test_ppo_evaluates_and_ends_epochs_after_the_rollout_that_reaches_each_multiple_and_keeps_the_old_names(
+    tmp_path,
+):
+    options = {"n_steps": 64, "batch_size": 64, "n_epochs": 1, "hidden": (8, 8), "eval_episodes": 1}
+    module = PPOModule("InvertedPendulum-v5", total_steps=320, eval_every=100, **options)
+    curve, ends = LearningCurve(), EpochEnds()
+    trainer(tmp_path, callbacks=[curve, ends]).fit(module)
     assert [p["step"] for p in curve.points] == [128, 256, 320]  # crosses 100, 200 (and 300: at the end, 320)
-    assert module.rollouts_per_epoch() == 1
-    assert PPOModule("InvertedPendulum-v5", n_steps=64, steps_per_epoch=130).rollouts_per_epoch() == 3
+    assert ends.steps == [64, 128, 192, 256, 320]  # no steps_per_epoch: a rollout per epoch
+    module = PPOModule("InvertedPendulum-v5", total_steps=448, eval_every=130, steps_per_epoch=130, **options)
+    curve, ends = LearningCurve(), EpochEnds()
+    trainer(tmp_path, callbacks=[curve, ends]).fit(module)
+    # past 130, 260, 390: epochs of 3, 2 and 2 rollouts (whole epochs of 3 would end at 192, 384, 448), each with
+    # the evaluation that ranks its checkpoint
+    assert ends.steps == [p["step"] for p in curve.points] == [192, 320, 448]
     with pytest.warns(DeprecationWarning) as warned:
-        old = PPOModule("InvertedPendulum-v5", n_steps=64, total_timesteps=128, rollouts_per_epoch=2)
+        old = PPOModule("InvertedPendulum-v5", total_timesteps=256, rollouts_per_epoch=2, eval_every=0, **options)
     assert {str(w.message).split(" is ")[0] for w in warned} == {
         "PPOModule: total_timesteps", "PPOModule: rollouts_per_epoch",
     }  # fmt: skip
-    assert old.hparams.total_steps == 128 and old.rollouts_per_epoch() == 2
+    trainer(tmp_path, callbacks=[ends := EpochEnds()]).fit(old)
+    assert old.hparams.total_steps == 256 and ends.steps == [128, 256]  # epochs of 2 rollouts
     with pytest.raises(ValueError, match="not both"):
         PPOModule("InvertedPendulum-v5", n_steps=64, steps_per_epoch=128, rollouts_per_epoch=2)
 

@@ -257,6 +257,29 @@ def test_ddp_resume_restores_every_rank_and_continues_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
 
 
+class EpochEndSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.steps.append(pl_module.env_steps)
+
+
+@needs_mujoco
+def test_a_resume_on_fewer_ranks_keeps_the_epochs_at_the_same_env_steps(tmp_path):
+    """An epoch of 512 env steps is 2 rollouts on 2 ranks (2 envs x 64 steps each) and 4 on 1 rank: resumed on 1
+    rank after the first epoch, the run ends its epochs at 1024 and 1536 env steps, as on 2 ranks (with the epochs
+    counted in rollouts, as before, they ended at 768 and 1792)."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ddp", save_last=True)
+    trainer = make_trainer(tmp_path, devices=2, strategy="ddp_fork", enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(ppo(steps_per_epoch=512))
+    ends = EpochEndSteps()
+    trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=False, callbacks=[ends])
+    with pytest.warns(UserWarning, match="no env and noise state for 1 rank"):
+        trainer.fit(module := ppo(steps_per_epoch=512), ckpt_path=tmp_path / "ddp" / "last.ckpt", weights_only=True)
+    assert ends.steps == [1024, 1536] and module.rollouts == 2 + 8
+
+
 def fit(tmp_path: Path, epochs: int, resume: Path | None = None, **kwargs) -> tuple[PPOModule, RecordingLogger]:
     module, logger = ppo(eval_every=256, eval_episodes=1, **kwargs), RecordingLogger()  # every 2nd rollout
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -25,7 +25,9 @@ class EpochSteps(IterableDataset):
     without ``__len__``, which Lightning warns about on an ``IterableDataset`` and which would be wrong in a resumed
     epoch. So Lightning sees epochs of unknown length: its fractional ``limit_train_batches``/``val_check_interval``
     are refused (the module's own periods, in its steps, are the way to set them) and the progress bar shows no
-    total.
+    total. With ``step`` each item covers that many of the counted units (a PPO rollout: its env steps over all ranks,
+    ``taken()`` the env steps done): an epoch ends at the first item that reaches its end, so the ends stay at the
+    same counts if ``step`` changes at a resume (another number of ranks).
 
     Example:
         >>> list(EpochSteps(4, taken=lambda: 0, epoch=lambda: 0))  # a fresh run: a whole epoch
@@ -34,19 +36,26 @@ class EpochSteps(IterableDataset):
         [0, 1]
         >>> len(list(EpochSteps(4, taken=lambda: 6, epoch=lambda: 2)))  # stopped itself at 6, extended: to step 12
         6
+        >>> len(list(EpochSteps(300, taken=lambda: 256, epoch=lambda: 0, step=lambda: 128)))  # rollouts to 384 >= 300
+        1
     """
 
-    def __init__(self, per_epoch: int, taken: Callable[[], int], epoch: Callable[[], int]) -> None:
+    def __init__(
+        self, per_epoch: int, taken: Callable[[], int], epoch: Callable[[], int], step: Callable[[], int] = lambda: 1
+    ) -> None:
         if per_epoch < 1:
             raise ValueError(f"per_epoch must be >= 1 training step, got {per_epoch}")
-        self.per_epoch, self.taken, self.epoch = per_epoch, taken, epoch
+        self.per_epoch, self.taken, self.epoch, self.step = per_epoch, taken, epoch, step
 
     def __iter__(self) -> Iterator[int]:
         taken, end = self.taken(), (self.epoch() + 1) * self.per_epoch
-        return iter(range(end - taken if end > taken else self.per_epoch - taken % self.per_epoch))
+        left = end - taken if end > taken else self.per_epoch - taken % self.per_epoch
+        return iter(range(-(-left // self.step())))  # whole items: the last one reaches the end
 
 
-def epoch_steps_loader(module: LightningModule, per_epoch: int, taken: Callable[[], int]) -> DataLoader:
+def epoch_steps_loader(
+    module: LightningModule, per_epoch: int, taken: Callable[[], int], step: Callable[[], int] = lambda: 1
+) -> DataLoader:
     """A ``DataLoader`` of :class:`EpochSteps` items for ``module``'s fit (epochs from its trainer), one at a time
     (what ``train_dataloader`` returns)."""
-    return DataLoader(EpochSteps(per_epoch, taken, lambda: module.trainer.current_epoch), batch_size=None)
+    return DataLoader(EpochSteps(per_epoch, taken, lambda: module.trainer.current_epoch, step), batch_size=None)

@@ -79,7 +79,8 @@ class PPOModule(L.LightningModule):
 
     Checkpoints hold the weights, optimizer, normalisers, counters, every rank's noise generator and, for MuJoCo
     envs, every env's exact simulator state, RNG and time-limit counter, so a resumed run continues exactly as
-    the uninterrupted run (with the same number of ranks). Other envs are reset on resume (a warning says so).
+    the uninterrupted run (with the same number of ranks; with another, the envs and noise are reseeded, with a
+    warning, and the epochs still end at the same env steps). Other envs are reset on resume (a warning says so).
 
     Args:
         env_id: gymnasium id, e.g. ``"Hopper-v5"``; ``env_kwargs`` go to ``gymnasium.make``
@@ -98,8 +99,9 @@ class PPOModule(L.LightningModule):
         era_entropy_per_dim, era_log_std_min, era_log_std_max: PPO+ERA (None: plain PPO).
         optimizer: factory ``params -> Optimizer``; default Adam(lr=3e-4, eps=1e-5).
         total_steps: stop after this many env steps over all ranks (None: the trainer's limits decide).
-        steps_per_epoch: env steps per Lightning epoch (checkpoints are written at epoch ends), rounded up to whole
-            rollouts (None: one rollout).
+        steps_per_epoch: epoch length in env steps over all ranks: a Lightning epoch (checkpoints are written at
+            epoch ends) ends after the rollout that reaches each multiple, also when a resume changes the number of
+            ranks (None: one rollout).
         eval_every, eval_episodes, eval_seed: evaluation period in env steps (0: only at the end of
             ``total_steps``), episodes and their first seed.
         seed: seed of the initial weights, the envs and the action noise (a run is reproducible from it).
@@ -263,17 +265,14 @@ class PPOModule(L.LightningModule):
             self.collector = None
 
     def train_dataloader(self) -> DataLoader:
-        return epoch_steps_loader(self, self.rollouts_per_epoch(), lambda: self.rollouts)  # an item per rollout
+        h = self.hparams  # an item per rollout
+        if h.steps_per_epoch is None:  # epochs of one rollout, or of the deprecated count of rollouts
+            return epoch_steps_loader(self, h.rollouts_per_epoch or 1, lambda: self.rollouts)
+        return epoch_steps_loader(self, h.steps_per_epoch, lambda: self.env_steps, self._rollout_steps)
 
-    def rollouts_per_epoch(self) -> int:
-        """Rollouts per Lightning epoch: the fewest whole rollouts (over all ranks) that cover ``steps_per_epoch``."""
-        h = self.hparams
-        if h.rollouts_per_epoch is not None:
-            return h.rollouts_per_epoch
-        if h.steps_per_epoch is None:
-            return 1
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return math.ceil(h.steps_per_epoch / (h.n_steps * h.num_envs * world))
+    def _rollout_steps(self) -> int:
+        """Env steps of one rollout over all ranks."""
+        return self.hparams.n_steps * self.hparams.num_envs * self.trainer.world_size
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         factory = optimizer_or_default(self.optimizer_factory, torch.optim.Adam, lr=3e-4, eps=1e-5, foreach=True)
@@ -291,8 +290,7 @@ class PPOModule(L.LightningModule):
         update_start = time.perf_counter()
         stats = self._update(data)
         now = time.perf_counter()
-        world = self.trainer.world_size
-        steps = h.n_steps * h.num_envs * world
+        steps = self._rollout_steps()
         self.rollouts += 1
         self.env_steps += steps
         metrics = {
