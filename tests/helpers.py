@@ -1,5 +1,6 @@
 """Shared test utilities: a logger that records every logged value, a trainer factory, outputs recorded
-by hand, a sampler that splits a global batch across DDP ranks, and an env with non-finite transitions."""
+by hand, a sampler that splits a global batch across DDP ranks, an env with non-finite transitions and an RL agent's
+epoch ends."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from torch import Tensor
+
+
+class EpochEnds(L.Callback):
+    """An RL agent's env steps (and the epoch) at every epoch end."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, int]] = []  # (epoch, env steps)
+
+    @property
+    def steps(self) -> list[int]:
+        return [steps for _, steps in self.epochs]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epochs.append((trainer.current_epoch, module.env_steps))
 
 
 class RecordingLogger(Logger):

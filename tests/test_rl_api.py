@@ -22,6 +22,7 @@ pytest.importorskip("mujoco")
 from entreg.modules.ppo import PPOModule
 from entreg.modules.sac import SACModule
 from entreg.rl.envs import Evaluation
+from tests.helpers import EpochEnds
 
 CONFIG_DIR = Path(entreg.configs.__file__).parent
 RL_MODELS = sorted(
@@ -111,20 +112,6 @@ def test_fit_learning_curve_resumes_a_stopped_run_exactly(name, at, how, tmp_pat
     assert segments == 2 and seconds > 0 and not folder.exists()
     assert curve.points == full.points
     torch.testing.assert_close(resumed.state_dict(), uninterrupted.state_dict(), rtol=0, atol=0)
-
-
-class EpochEnds(L.Callback):
-    """The agent's env steps (and the epoch) at every epoch end."""
-
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, int]] = []  # (epoch, env steps)
-
-    @property
-    def steps(self) -> list[int]:
-        return [steps for _, steps in self.epochs]
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.epochs.append((trainer.current_epoch, module.env_steps))
 
 
 @pytest.mark.parametrize(("name", "at"), [("sac", 200), ("ppo", 3)])

@@ -21,7 +21,7 @@ from entreg.nn import GaussianERA
 from entreg.rl.gae import gae
 from entreg.rl.normalization import RunningMeanStd
 from entreg.rl.ppo import GaussianActorCritic, RolloutCollector, normalize_advantages
-from tests.helpers import RecordingLogger, make_trainer, nan_pendulum_id
+from tests.helpers import EpochEnds, RecordingLogger, make_trainer, nan_pendulum_id
 
 needs_mujoco = pytest.mark.skipif(importlib.util.find_spec("mujoco") is None, reason="needs gymnasium[mujoco]")
 
@@ -257,14 +257,6 @@ def test_ddp_resume_restores_every_rank_and_continues_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
 
 
-class EpochEndSteps(L.Callback):
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.steps.append(pl_module.env_steps)
-
-
 @needs_mujoco
 def test_a_resume_on_fewer_ranks_keeps_the_epochs_at_the_same_env_steps(tmp_path):
     """An epoch of 512 env steps is 2 rollouts on 2 ranks (2 envs x 64 steps each) and 4 on 1 rank: resumed on 1
@@ -273,7 +265,7 @@ def test_a_resume_on_fewer_ranks_keeps_the_epochs_at_the_same_env_steps(tmp_path
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ddp", save_last=True)
     trainer = make_trainer(tmp_path, devices=2, strategy="ddp_fork", enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(ppo(steps_per_epoch=512))
-    ends = EpochEndSteps()
+    ends = EpochEnds()
     trainer = make_trainer(tmp_path, max_epochs=3, enable_checkpointing=False, callbacks=[ends])
     with pytest.warns(UserWarning, match="no env and noise state for 1 rank"):
         trainer.fit(module := ppo(steps_per_epoch=512), ckpt_path=tmp_path / "ddp" / "last.ckpt", weights_only=True)

@@ -265,8 +265,10 @@ class PPOModule(L.LightningModule):
             self.collector = None
 
     def train_dataloader(self) -> DataLoader:
-        h = self.hparams  # an item per rollout
-        if h.steps_per_epoch is None:  # epochs of one rollout, or of the deprecated count of rollouts
+        """An item per rollout: epochs of ``steps_per_epoch`` env steps, else of one rollout (or the deprecated
+        ``rollouts_per_epoch``)."""
+        h = self.hparams
+        if h.steps_per_epoch is None:
             return epoch_steps_loader(self, h.rollouts_per_epoch or 1, lambda: self.rollouts)
         return epoch_steps_loader(self, h.steps_per_epoch, lambda: self.env_steps, self._rollout_steps)
 
